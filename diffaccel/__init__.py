@@ -1,0 +1,36 @@
+"""diffaccel: make diffusers pipelines faster, smaller and steerable without forking them.
+
+Example:
+    >>> import diffaccel
+    >>> from diffaccel.testing import tiny_pipeline
+    >>> pipe = diffaccel.accelerate(tiny_pipeline("sd"), diffaccel.EncoderReuseConfig("uniform:3"))
+    >>> _ = pipe("a red circle", num_inference_steps=6, output_type="np")
+    >>> pipe.acceleration_stats.features["encoder_reuse"].key_steps
+    (0, 3)
+    >>> pipe = diffaccel.restore(pipe)
+"""
+
+from .acceleration import AccelerationStats, accelerate, restore
+from .errors import DiffaccelError, UnsupportedCombinationError, UnsupportedPipelineError
+from .features.encoder_reuse import EncoderReuseConfig, EncoderReuseStats
+from .features.key_steps import ExplicitSchedule, FasterDiffusionSchedule, UniformSchedule, parse_schedule
+
+# Importing the drop-in classes registers them, so accelerate() uses them for their base classes.
+from . import pipelines as _pipelines  # noqa: E402,F401  (diffaccel.pipelines maps to ./pipelines)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AccelerationStats",
+    "DiffaccelError",
+    "EncoderReuseConfig",
+    "EncoderReuseStats",
+    "ExplicitSchedule",
+    "FasterDiffusionSchedule",
+    "UniformSchedule",
+    "UnsupportedCombinationError",
+    "UnsupportedPipelineError",
+    "accelerate",
+    "parse_schedule",
+    "restore",
+]

@@ -1,0 +1,541 @@
+"""UNet encoder propagation (Faster Diffusion, Li et al., "Faster Diffusion: Rethinking the Role
+of UNet Encoder in Diffusion Models", 2023).
+
+A UNet's encoder features (the skip connections and the mid-block output) change slowly across
+denoising steps while its decoder features do not. At *key steps* the full UNet runs and the
+encoder outputs are cached; at the other steps ``conv_in``, the down blocks and the mid block are
+skipped and only the decoder runs, on the cached features and the current timestep's embedding.
+
+Because a non-key step's decoder input no longer depends on the latents, the decoder passes of
+a key step and the non-key steps that follow it can run as one batched call (*parallel
+decoding*); the later steps then return outputs computed in advance.
+
+Everything is built on diffusers' hook registry: one hook on the UNet counts steps and picks the
+mode, small hooks on ``conv_in``, each down block and the mid block capture or replay their
+outputs, and a hook on the ControlNet (if any) replays the key step's residuals. The UNet's own
+``forward`` still does all the glue (time embedding, ControlNet residual sums, up blocks), so
+nothing of diffusers is copied here.
+
+Example:
+    >>> import diffaccel
+    >>> from diffaccel.testing import tiny_pipeline
+    >>> pipe = tiny_pipeline("sd")
+    >>> pipe = diffaccel.accelerate(pipe, diffaccel.EncoderReuseConfig(schedule="uniform:2"))
+    >>> _ = pipe("a red circle", num_inference_steps=4, output_type="np")
+    >>> pipe.acceleration_stats.features["encoder_reuse"].encoder_evaluations
+    2
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+from ..errors import UnsupportedCombinationError, UnsupportedPipelineError
+from .base import AttachedFeature, FeatureConfig
+from .key_steps import KeyStepSchedule, ScheduleLike, parse_schedule
+
+UNET_HOOK = "diffaccel.encoder_reuse"
+FEATURE_HOOK = "diffaccel.encoder_reuse.feature"
+CONTROLNET_HOOK = "diffaccel.encoder_reuse.controlnet"
+
+# Pipelines that call the UNet more than once per denoising step, or feed it per-step adapter
+# residuals: reusing encoder features there would give wrong images, so they are refused.
+_UNSUPPORTED_PIPELINES = {
+    "StableDiffusionSAGPipeline": "it calls the UNet twice per step (self-attention guidance)",
+    "StableDiffusionPanoramaPipeline": "it calls the UNet once per view window per step",
+    "StableDiffusionAttendAndExcitePipeline": "it runs extra UNet passes with gradients per step",
+    "StableDiffusionDiffEditPipeline": "it calls the UNet for mask estimation and inversion",
+    "StableDiffusionAdapterPipeline": "T2I-Adapter residuals are added inside the encoder",
+    "StableDiffusionXLAdapterPipeline": "T2I-Adapter residuals are added inside the encoder",
+}
+
+
+@dataclass(frozen=True)
+class EncoderReuseConfig(FeatureConfig):
+    """Configuration of UNet encoder propagation.
+
+    Args:
+        schedule: key steps, as a :class:`~diffaccel.features.key_steps.KeyStepSchedule`, a
+            string (``"faster-diffusion"``, ``"uniform:N"``, ``"all"``, ``"0,1,5,10"``) or a
+            list of step indices. Step 0 is always a key step.
+        parallel: run the decoder passes of a key step and its following non-key steps as one
+            batched call. ``None`` (default) turns it on when the UNet is on CUDA.
+        noise_injection: prior noise injection coefficient (the paper uses 0.003): late in
+            sampling, ``noise_injection * initial_noise`` is added to the latents before each
+            step. 0 turns it off. The initial noise is the initial latents divided by the
+            scheduler's ``init_noise_sigma``.
+        noise_injection_below: inject only at timesteps below this fraction of the scheduler's
+            ``num_train_timesteps`` (the paper: 0.5).
+
+    Example:
+        >>> EncoderReuseConfig(schedule="uniform:3", parallel=False).schedule
+        UniformSchedule(interval=3)
+    """
+
+    name = "encoder_reuse"
+
+    schedule: ScheduleLike = "faster-diffusion"
+    parallel: bool | None = None
+    noise_injection: float = 0.0
+    noise_injection_below: float = 0.5
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "schedule", parse_schedule(self.schedule))
+        if self.parallel is not None and not isinstance(self.parallel, bool):
+            raise ValueError(f"EncoderReuseConfig.parallel must be True, False or None, got {self.parallel!r}")
+        if not isinstance(self.noise_injection, (int, float)) or not 0.0 <= self.noise_injection <= 1.0:
+            raise ValueError(f"EncoderReuseConfig.noise_injection must be in [0, 1], got {self.noise_injection!r}")
+        if not isinstance(self.noise_injection_below, (int, float)) or not 0.0 < self.noise_injection_below <= 1.0:
+            raise ValueError(
+                f"EncoderReuseConfig.noise_injection_below must be in (0, 1], got {self.noise_injection_below!r}"
+            )
+
+    def attach(self, pipe: Any) -> "EncoderReuse":
+        return EncoderReuse(self, pipe)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schedule": self.schedule.describe(),
+            "parallel": self.parallel,
+            "noise_injection": self.noise_injection,
+            "noise_injection_below": self.noise_injection_below,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "EncoderReuseConfig":
+        return cls(**data)
+
+
+@dataclass
+class EncoderReuseStats:
+    """What encoder propagation did in one pipeline call.
+
+    ``encoder_evaluations`` counts full UNet passes (the key steps), ``decoder_evaluations``
+    counts decoder passes (one per denoising step), ``batched_decoder_calls`` the UNet calls
+    they took (fewer with parallel decoding), ``parallel_fallbacks`` the precomputed steps that
+    had to be recomputed because the step's inputs differed from the key step's.
+    """
+
+    num_steps: int = 0
+    key_steps: tuple[int, ...] = ()
+    parallel: bool = False
+    encoder_evaluations: int = 0
+    decoder_evaluations: int = 0
+    batched_decoder_calls: int = 0
+    parallel_fallbacks: int = 0
+    controlnet_evaluations: int = 0
+    controlnet_reused: int = 0
+    noise_injections: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form, for JSON reports."""
+        return asdict(self)
+
+
+@dataclass
+class _Precomputed:
+    timestep: torch.Tensor
+    inputs: dict[str, Any]
+    output: torch.Tensor
+
+
+@dataclass
+class _ReuseState:
+    """State shared by the hooks of one UNet during one pipeline call."""
+
+    config: EncoderReuseConfig
+    active: bool = False
+    parallel: bool = False
+    pipe: Any = None
+    mode: str = "passthrough"  # "capture" | "replay" | "passthrough"
+    key_batch: int = 0  # batch of the key step's own input while capturing in a batched call
+    expand: int = 1  # how many steps a batched call holds
+    step: int = 0
+    num_steps: int | None = None
+    key_steps: frozenset[int] = frozenset()
+    loop_timesteps: torch.Tensor | None = None
+    features: dict[str, Any] = field(default_factory=dict)
+    precomputed: dict[int, _Precomputed] = field(default_factory=dict)
+    controlnet: tuple[Any, Any] | None = None  # (output, conditioning_scale) of the last key step
+    initial_noise: torch.Tensor | None = None
+    scheduler_steps: int = 0
+    stats: EncoderReuseStats = field(default_factory=EncoderReuseStats)
+
+    def start(self, pipe: Any, parallel: bool) -> None:
+        self.active, self.pipe, self.parallel = True, pipe, parallel
+        self.step, self.num_steps, self.key_steps, self.loop_timesteps = 0, None, frozenset(), None
+        self.scheduler_steps, self.initial_noise, self.controlnet = 0, None, None
+        self.features, self.precomputed = {}, {}
+        self.stats = EncoderReuseStats(parallel=parallel)
+
+    def finish(self) -> EncoderReuseStats:
+        stats = self.stats
+        self.active, self.pipe, self.mode = False, None, "passthrough"
+        self.features, self.precomputed, self.controlnet = {}, {}, None
+        self.loop_timesteps, self.initial_noise = None, None
+        return stats
+
+    def ensure_schedule(self) -> None:
+        """Fix the loop length and key steps at the first hooked call of a pipeline call."""
+        if self.num_steps is not None:
+            return
+        num_steps = getattr(self.pipe, "_num_timesteps", None) or len(self.pipe.scheduler.timesteps)
+        key_steps = self.config.schedule.key_steps(int(num_steps))
+        self.num_steps, self.key_steps = int(num_steps), frozenset(key_steps)
+        self.stats.num_steps, self.stats.key_steps = int(num_steps), tuple(key_steps)
+
+    def is_key(self, step: int) -> bool:
+        return step in self.key_steps
+
+
+def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tensors(v, fn) for v in obj)
+    return obj
+
+
+def _repeat_batch(obj: Any, batch: int, times: int) -> Any:
+    """Repeat every tensor whose first dimension is ``batch`` ``times`` times along it."""
+
+    def repeat(t: torch.Tensor) -> torch.Tensor:
+        if t.ndim == 0 or t.shape[0] != batch:
+            return t
+        return t.repeat(times, *([1] * (t.ndim - 1)))
+
+    return _map_tensors(obj, repeat)
+
+
+def _take_batch(obj: Any, total: int, keep: int) -> Any:
+    """Keep the first ``keep`` rows of every tensor whose first dimension is ``total``."""
+    return _map_tensors(obj, lambda t: t[:keep] if t.ndim > 0 and t.shape[0] == total else t)
+
+
+def _same_inputs(a: Any, b: Any) -> bool:
+    """Whether two nested UNet inputs are equal (identity first, then values)."""
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_inputs(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_inputs(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return False
+    return a == b
+
+
+def _same_timestep(a: Any, b: torch.Tensor) -> bool:
+    a = torch.as_tensor(a).flatten()
+    return bool(torch.all(a.to(b.device, torch.float64) == b.to(torch.float64)))
+
+
+class _FeatureHook(ModelHook):
+    """On ``conv_in``, a down block or the mid block: capture outputs at key steps, replay them after."""
+
+    def __init__(self, state: _ReuseState, key: str) -> None:
+        super().__init__()
+        self.state, self.key = state, key
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        state, original = self.state, self.fn_ref.original_forward
+        if not state.active or state.mode == "passthrough":
+            return original(*args, **kwargs)
+        if state.mode == "replay":
+            return state.features[self.key]
+        if state.expand == 1:
+            output = original(*args, **kwargs)
+            state.features[self.key] = output
+            return output
+        # Batched key step: the encoder runs on the key step's own rows only, the decoder on all.
+        total = state.key_batch * state.expand
+        args, kwargs = _take_batch((args, kwargs), total, state.key_batch)
+        output = original(*args, **kwargs)
+        state.features[self.key] = output
+        return _repeat_batch(output, state.key_batch, state.expand)
+
+
+class _ControlNetHook(ModelHook):
+    """On the ControlNet: non-key steps reuse the key step's residuals (the UNet skips its encoder there)."""
+
+    def __init__(self, state: _ReuseState) -> None:
+        super().__init__()
+        self.state = state
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        state, original = self.state, self.fn_ref.original_forward
+        if not state.active:
+            return original(*args, **kwargs)
+        state.ensure_schedule()
+        scale = kwargs.get("conditioning_scale", 1.0)
+        if not state.is_key(state.step) and state.controlnet is not None and state.controlnet[1] == scale:
+            state.stats.controlnet_reused += 1
+            return state.controlnet[0]
+        # A key step, or a conditioning scale that changed since the key step
+        # (control_guidance_start/end): compute.
+        output = original(*args, **kwargs)
+        state.stats.controlnet_evaluations += 1
+        if state.is_key(state.step):
+            state.controlnet = (output, scale)
+        return output
+
+
+class _UNetHook(ModelHook):
+    """On the UNet: counts denoising steps and runs each as a key step or a decoder-only step."""
+
+    _is_stateful = True
+
+    def __init__(self, state: _ReuseState) -> None:
+        super().__init__()
+        self.state = state
+        self._signature: inspect.Signature | None = None
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        self._signature = inspect.signature(module.forward)
+        return module
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.state.finish()
+        return module
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        state, original = self.state, self.fn_ref.original_forward
+        if not state.active:
+            return original(*args, **kwargs)
+        inputs = dict(self._signature.bind(*args, **kwargs).arguments)
+        return_dict = inputs.pop("return_dict", True)
+        if inputs.get("down_intrablock_additional_residuals") is not None:
+            raise UnsupportedCombinationError(
+                "encoder reuse cannot be combined with T2I-Adapter residuals "
+                "(down_intrablock_additional_residuals): they are added inside the skipped encoder"
+            )
+        state.ensure_schedule()
+        step = state.step
+        if step >= state.num_steps:
+            raise UnsupportedCombinationError(
+                f"the UNet was called {step + 1} times in a {state.num_steps}-step denoising loop: encoder reuse "
+                "needs exactly one UNet call per step (pipelines that call it more often are not supported)"
+            )
+        if step == 0:
+            state.loop_timesteps = self._locate_loop_timesteps(inputs["timestep"])
+        elif state.loop_timesteps is not None and not _same_timestep(inputs["timestep"], state.loop_timesteps[step]):
+            raise UnsupportedCombinationError(
+                f"denoising step {step} called the UNet at timestep {float(torch.as_tensor(inputs['timestep']).flatten()[0])}, "
+                f"expected {float(state.loop_timesteps[step])}: encoder reuse needs one UNet call per step"
+            )
+        try:
+            if state.is_key(step):
+                sample = self._key_step(original, inputs)
+            else:
+                sample = self._reuse_step(original, inputs)
+        finally:
+            state.mode = "passthrough"
+        state.step += 1
+        return UNet2DConditionOutput(sample=sample) if return_dict else (sample,)
+
+    def _locate_loop_timesteps(self, timestep: Any) -> torch.Tensor | None:
+        """The timesteps of the pipeline's loop: the scheduler's, from the first call's timestep on."""
+        state = self.state
+        timesteps = state.pipe.scheduler.timesteps
+        matches = (timesteps.to(torch.float64) == float(torch.as_tensor(timestep).flatten()[0])).nonzero()
+        if len(matches) == 0 or len(timesteps) - int(matches[0]) < state.num_steps:
+            return None
+        start = int(matches[0])
+        return timesteps[start : start + state.num_steps]
+
+    def _following_reuse_steps(self, step: int) -> list[int]:
+        state = self.state
+        steps = []
+        for later in range(step + 1, state.num_steps):
+            if state.is_key(later):
+                break
+            steps.append(later)
+        return steps
+
+    def _key_step(self, original: Callable[..., Any], inputs: dict[str, Any]) -> torch.Tensor:
+        state = self.state
+        state.features, state.precomputed = {}, {}
+        state.stats.encoder_evaluations += 1
+        ahead = self._following_reuse_steps(state.step) if state.parallel else []
+        if ahead and state.loop_timesteps is None:
+            state.stats.parallel_fallbacks += len(ahead)
+            ahead = []
+        state.stats.batched_decoder_calls += 1
+        state.stats.decoder_evaluations += 1 + len(ahead)
+        if not ahead:
+            state.mode, state.expand = "capture", 1
+            return original(**inputs, return_dict=False)[0]
+
+        sample, timestep = inputs["sample"], inputs["timestep"]
+        batch, times = sample.shape[0], 1 + len(ahead)
+        step_timesteps = torch.stack(
+            [torch.as_tensor(timestep).flatten()[0].to(state.loop_timesteps.dtype).to(sample.device)]
+            + [state.loop_timesteps[j].to(sample.device) for j in ahead]
+        )
+        batched = _repeat_batch({k: v for k, v in inputs.items() if k != "timestep"}, batch, times)
+        batched["timestep"] = step_timesteps.repeat_interleave(batch)
+        state.mode, state.key_batch, state.expand = "capture", batch, times
+        try:
+            outputs = original(**batched, return_dict=False)[0].chunk(times)
+        finally:
+            state.expand = 1
+        reference = {k: v for k, v in inputs.items() if k not in ("sample", "timestep")}
+        for j, output in zip(ahead, outputs[1:]):
+            state.precomputed[j] = _Precomputed(state.loop_timesteps[j], reference, output)
+        return outputs[0]
+
+    def _reuse_step(self, original: Callable[..., Any], inputs: dict[str, Any]) -> torch.Tensor:
+        state = self.state
+        if not state.features:
+            raise UnsupportedCombinationError(f"step {state.step} is not a key step but no encoder features are cached")
+        cached_batch = state.features["conv_in"].shape[0]
+        if inputs["sample"].shape[0] != cached_batch:
+            raise UnsupportedCombinationError(
+                f"the UNet batch changed from {cached_batch} at the key step to {inputs['sample'].shape[0]} at step "
+                f"{state.step}: cached encoder features cannot be reused across batch sizes"
+            )
+        ready = state.precomputed.pop(state.step, None)
+        if ready is not None:
+            rest = {k: v for k, v in inputs.items() if k not in ("sample", "timestep")}
+            if _same_timestep(inputs["timestep"], ready.timestep) and _same_inputs(rest, ready.inputs):
+                return ready.output
+            # The step's conditioning differs from the key step's: decode it on its own.
+            state.stats.parallel_fallbacks += 1
+        state.stats.decoder_evaluations += 1
+        state.stats.batched_decoder_calls += 1
+        state.mode = "replay"
+        return original(**inputs, return_dict=False)[0]
+
+
+def _wrap_scheduler_step(state: _ReuseState, scheduler: Any) -> Callable[[], None]:
+    """Prior noise injection at the scheduler seam; returns the function that unwraps it."""
+    config = state.config
+    threshold = config.noise_injection_below * scheduler.config.num_train_timesteps
+    sigma = float(getattr(scheduler, "init_noise_sigma", 1.0))
+    step_fn = scheduler.step
+
+    def step(model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        index = state.scheduler_steps
+        state.scheduler_steps += 1
+        if index == 0:
+            state.initial_noise = sample.detach().clone() / sigma
+        result = step_fn(model_output, timestep, sample, *args, **kwargs)
+        if state.loop_timesteps is None:
+            raise UnsupportedCombinationError(
+                "prior noise injection could not locate the denoising loop's timesteps in the scheduler"
+            )
+        if index + 1 >= len(state.loop_timesteps) or float(state.loop_timesteps[index + 1]) >= threshold:
+            return result
+        state.stats.noise_injections += 1
+        added = config.noise_injection * state.initial_noise
+        if isinstance(result, tuple):
+            return (result[0] + added.to(result[0].dtype), *result[1:])
+        result.prev_sample = result.prev_sample + added.to(result.prev_sample.dtype)
+        return result
+
+    scheduler.step = step
+
+    def unwrap() -> None:
+        if scheduler.__dict__.get("step") is step:
+            del scheduler.step
+
+    return unwrap
+
+
+def _registry(module: torch.nn.Module) -> HookRegistry:
+    return HookRegistry.check_if_exists_or_initialize(module)
+
+
+def _remove_hook(module: torch.nn.Module, name: str) -> None:
+    registry = getattr(module, "_diffusers_hook", None)
+    if registry is None:
+        return
+    registry.remove_hook(name, recurse=False)
+    if not registry.hooks:
+        # Leave the module exactly as it was: no registry, no instance-level forward.
+        del module._diffusers_hook
+        module.__dict__.pop("forward", None)
+
+
+class EncoderReuse(AttachedFeature):
+    """Encoder propagation installed on a pipeline's UNet (and ControlNet); see the module docs."""
+
+    def __init__(self, config: EncoderReuseConfig, pipe: Any) -> None:
+        unet = getattr(pipe, "unet", None)
+        if not isinstance(unet, UNet2DConditionModel):
+            raise UnsupportedPipelineError(
+                f"encoder reuse needs a pipeline whose denoiser is a UNet2DConditionModel (StableDiffusion, "
+                f"StableDiffusionXL, their img2img/inpaint/ControlNet variants); {type(pipe).__name__} has "
+                f"{type(unet).__name__ if unet is not None else 'no unet'}"
+            )
+        base_names = {cls.__name__ for cls in type(pipe).__mro__}
+        for name, reason in _UNSUPPORTED_PIPELINES.items():
+            if name in base_names:
+                raise UnsupportedPipelineError(f"encoder reuse does not support {name}: {reason}")
+        self.config = config
+        self.unet = unet
+        self.controlnet = getattr(pipe, "controlnet", None)
+        self.state = _ReuseState(config)
+        self._unwrap_scheduler: Callable[[], None] | None = None
+        self._modules: list[tuple[torch.nn.Module, str]] = []
+        detach_from_modules(unet, self.controlnet)
+        self._hook(unet.conv_in, _FeatureHook(self.state, "conv_in"), FEATURE_HOOK)
+        for index, block in enumerate(unet.down_blocks):
+            self._hook(block, _FeatureHook(self.state, f"down_blocks.{index}"), FEATURE_HOOK)
+        if unet.mid_block is not None:
+            self._hook(unet.mid_block, _FeatureHook(self.state, "mid_block"), FEATURE_HOOK)
+        if isinstance(self.controlnet, torch.nn.Module):
+            self._hook(self.controlnet, _ControlNetHook(self.state), CONTROLNET_HOOK)
+        # The UNet hook goes last so that it wraps whatever forward the module had.
+        self._hook(unet, _UNetHook(self.state), UNET_HOOK)
+
+    def _hook(self, module: torch.nn.Module, hook: ModelHook, name: str) -> None:
+        _registry(module).register_hook(hook, name)
+        self._modules.append((module, name))
+
+    def begin_call(self, pipe: Any, call_kwargs: Mapping[str, Any]) -> None:
+        steps = call_kwargs.get("num_inference_steps")
+        if isinstance(steps, int) and steps > 0:
+            self.config.schedule.key_steps(steps)  # an explicit schedule out of range fails before any model work
+        parallel = self.config.parallel
+        if parallel is None:
+            parallel = self.unet.device.type == "cuda"
+        if pipe.unet is not self.unet:
+            raise UnsupportedCombinationError("the pipeline's UNet was replaced after diffaccel.accelerate(); call it again")
+        self.state.start(pipe, parallel)
+        if self.config.noise_injection > 0:
+            self._unwrap_scheduler = _wrap_scheduler_step(self.state, pipe.scheduler)
+
+    def end_call(self) -> EncoderReuseStats:
+        if self._unwrap_scheduler is not None:
+            self._unwrap_scheduler()
+            self._unwrap_scheduler = None
+        return self.state.finish()
+
+    def detach(self, pipe: Any) -> None:
+        for module, name in reversed(self._modules):
+            _remove_hook(module, name)
+        self._modules = []
+
+
+def detach_from_modules(unet: torch.nn.Module, controlnet: Any = None) -> None:
+    """Remove any encoder-reuse hooks from a UNet (and ControlNet), e.g. left by a shared pipeline."""
+    modules = [unet, *unet.modules()]
+    if isinstance(controlnet, torch.nn.Module):
+        modules.append(controlnet)
+    for module in modules:
+        for name in (UNET_HOOK, FEATURE_HOOK, CONTROLNET_HOOK):
+            registry = getattr(module, "_diffusers_hook", None)
+            if registry is not None and name in registry.hooks:
+                _remove_hook(module, name)

@@ -1,0 +1,166 @@
+"""Key-step schedules: at which denoising steps the full UNet (encoder included) runs.
+
+Step indices count the iterations of the pipeline's denoising loop, starting at 0. Step 0 is
+always a key step: the first step has no cached encoder features to reuse.
+
+Example:
+    >>> UniformSchedule(3).key_steps(10)
+    (0, 3, 6, 9)
+    >>> FasterDiffusionSchedule().key_steps(50)
+    (0, 1, 2, 3, 5, 10, 15, 25, 35)
+    >>> parse_schedule("0,1,4").key_steps(8)
+    (0, 1, 4)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+# Key steps of the non-uniform 50-step schedule of Faster Diffusion (Li et al., 2023):
+# dense at the start, where encoder features still change quickly.
+FASTER_DIFFUSION_KEY_STEPS_50 = (0, 1, 2, 3, 5, 10, 15, 25, 35)
+
+
+class KeyStepSchedule:
+    """Base class: maps a number of denoising steps to the sorted tuple of key steps."""
+
+    def key_steps(self, num_steps: int) -> tuple[int, ...]:
+        """Return the sorted key steps for a loop of ``num_steps`` iterations."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """A short string that :func:`parse_schedule` turns back into this schedule."""
+        raise NotImplementedError
+
+
+def _check_num_steps(num_steps: int) -> None:
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+
+
+@dataclass(frozen=True)
+class UniformSchedule(KeyStepSchedule):
+    """A key step every ``interval`` steps: 0, interval, 2*interval, ...
+
+    Example:
+        >>> UniformSchedule(2).key_steps(5)
+        (0, 2, 4)
+    """
+
+    interval: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.interval, int) or isinstance(self.interval, bool) or self.interval < 1:
+            raise ValueError(f"UniformSchedule.interval must be an int >= 1, got {self.interval!r}")
+
+    def key_steps(self, num_steps: int) -> tuple[int, ...]:
+        _check_num_steps(num_steps)
+        return tuple(range(0, num_steps, self.interval))
+
+    def describe(self) -> str:
+        return f"uniform:{self.interval}"
+
+
+@dataclass(frozen=True)
+class FasterDiffusionSchedule(KeyStepSchedule):
+    """The paper's non-uniform schedule: key steps 0,1,2,3,5,10,15,25,35 of 50.
+
+    For another number of steps the 50-step key steps are scaled proportionally and rounded
+    (duplicates dropped), so the schedule keeps its shape: dense early, sparse late.
+
+    Example:
+        >>> FasterDiffusionSchedule().key_steps(25)
+        (0, 1, 2, 5, 8, 12, 18)
+    """
+
+    def key_steps(self, num_steps: int) -> tuple[int, ...]:
+        _check_num_steps(num_steps)
+        if num_steps == 50:
+            return FASTER_DIFFUSION_KEY_STEPS_50
+        scaled = {min(num_steps - 1, round(k * num_steps / 50)) for k in FASTER_DIFFUSION_KEY_STEPS_50}
+        return tuple(sorted(scaled))
+
+    def describe(self) -> str:
+        return "faster-diffusion"
+
+
+@dataclass(frozen=True)
+class ExplicitSchedule(KeyStepSchedule):
+    """An explicit list of key steps; must contain 0, be non-negative and free of duplicates.
+
+    Steps beyond the loop's length raise ``ValueError`` when the schedule is applied.
+
+    Example:
+        >>> ExplicitSchedule((0, 4, 2)).key_steps(6)
+        (0, 2, 4)
+    """
+
+    steps: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        steps = tuple(self.steps)
+        if not steps:
+            raise ValueError("ExplicitSchedule.steps must not be empty")
+        if any(not isinstance(s, int) or isinstance(s, bool) for s in steps):
+            raise ValueError(f"ExplicitSchedule.steps must be ints, got {steps!r}")
+        if min(steps) < 0:
+            raise ValueError(f"ExplicitSchedule.steps must be >= 0, got {steps!r}")
+        if len(set(steps)) != len(steps):
+            raise ValueError(f"ExplicitSchedule.steps has duplicates: {steps!r}")
+        if 0 not in steps:
+            raise ValueError(f"ExplicitSchedule.steps must contain step 0 (the first step is always a key step), got {steps!r}")
+        object.__setattr__(self, "steps", tuple(sorted(steps)))
+
+    def key_steps(self, num_steps: int) -> tuple[int, ...]:
+        _check_num_steps(num_steps)
+        if self.steps[-1] >= num_steps:
+            raise ValueError(
+                f"key step {self.steps[-1]} is out of range for a denoising loop of {num_steps} steps "
+                f"(valid: 0..{num_steps - 1})"
+            )
+        return self.steps
+
+    def describe(self) -> str:
+        return ",".join(str(s) for s in self.steps)
+
+
+ScheduleLike = Union[KeyStepSchedule, str, Sequence[int]]
+
+
+def parse_schedule(spec: ScheduleLike) -> KeyStepSchedule:
+    """Turn a schedule, a string or a list of steps into a :class:`KeyStepSchedule`.
+
+    Strings: ``"faster-diffusion"`` (alias ``"paper"``), ``"uniform:N"`` (alias ``"every:N"``),
+    ``"all"`` (every step a key step, i.e. no reuse), or a comma-separated list ``"0,1,5,10"``.
+
+    Example:
+        >>> parse_schedule("uniform:3")
+        UniformSchedule(interval=3)
+    """
+    if isinstance(spec, KeyStepSchedule):
+        return spec
+    if isinstance(spec, str):
+        text = spec.strip().lower()
+        if text in ("faster-diffusion", "paper"):
+            return FasterDiffusionSchedule()
+        if text == "all":
+            return UniformSchedule(1)
+        kind, sep, arg = text.partition(":")
+        if sep and kind in ("uniform", "every"):
+            try:
+                return UniformSchedule(int(arg))
+            except ValueError:
+                raise ValueError(f"bad uniform schedule {spec!r}: expected 'uniform:N' with an int N >= 1") from None
+        try:
+            return ExplicitSchedule(tuple(int(part) for part in text.split(",") if part.strip()))
+        except ValueError as err:
+            if "invalid literal" in str(err):
+                raise ValueError(
+                    f"unknown key-step schedule {spec!r}: use 'faster-diffusion', 'uniform:N', 'all' "
+                    "or a comma-separated list of steps such as '0,1,5,10'"
+                ) from None
+            raise
+    if isinstance(spec, (list, tuple, range)):
+        return ExplicitSchedule(tuple(spec))
+    raise ValueError(f"schedule must be a KeyStepSchedule, a string or a list of ints, got {type(spec).__name__}")
