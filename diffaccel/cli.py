@@ -66,12 +66,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_pipeline(model: str, device: str, dtype: Any) -> Any:
+def load_pipeline(model: str, device: str, dtype: Any) -> Any:
+    """Load ``model`` (a local folder, a hub id, or :data:`DEFAULT_MODEL`) onto ``device``.
+
+    Example:
+        >>> import torch
+        >>> pipe = load_pipeline(DEFAULT_MODEL, "cpu", torch.float32)  # doctest: +SKIP
+    """
+    import torch
+
     if model == DEFAULT_MODEL:
         from .testing import tiny_pipeline
 
         print(f"model: {DEFAULT_MODEL} (tiny, RANDOM weights: the image is noise)", file=sys.stderr)
-        return tiny_pipeline("sd", sample_size=32).to(device=device, dtype=dtype)
+        pipe = tiny_pipeline("sd", sample_size=32).to(device)
+        return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
     from diffusers import DiffusionPipeline
 
     return DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, use_safetensors=True).to(device)
@@ -97,7 +106,7 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
             )
         )
         configs[0].schedule.key_steps(args.steps)  # out-of-range explicit steps fail before loading
-    pipe = _load_pipeline(args.model, device, dtype)
+    pipe = load_pipeline(args.model, device, dtype)
     pipe = diffaccel.accelerate(pipe, *configs)
     pipe.set_progress_bar_config(disable=False, desc="denoising")
     size = {k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None}
