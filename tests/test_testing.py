@@ -30,10 +30,6 @@ from diffaccel.tokenizers import clip_tokenizer, t5_tokenizer  # noqa: E402
 
 PROMPT = "a red circle"
 
-# diffusers 0.42's schedulers call np.array() on torch tensors, which numpy 2 flags; not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
-
-
 @functools.lru_cache(maxsize=None)
 def _cached_pipe(name: str):
     """One seed-0 pipeline per name, shared by the read-only tests."""

@@ -1,0 +1,64 @@
+"""The ``diffaccel`` command line and the demo's generation function (offline, tiny model)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from diffaccel.cli import main
+from diffaccel.testing import tiny_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_generate_writes_image_and_summary(tmp_path, capsys):
+    out, stats_path = tmp_path / "image.png", tmp_path / "stats.json"
+    main(["generate", "a red circle", "--steps", "6", "--encoder-reuse", "uniform:3", "--no-parallel",
+          "--out", str(out), "--stats-json", str(stats_path)])
+    printed = capsys.readouterr().out
+    assert Image.open(out).size == (256, 256)
+    assert "UNet encoder evaluations: 2/6" in printed and "key steps: [0, 3]" in printed
+    stats = json.loads(stats_path.read_text())
+    assert stats["features"]["encoder_reuse"]["decoder_evaluations"] == 6 and stats["seconds"] > 0
+
+
+def test_generate_without_reuse(tmp_path, capsys):
+    main(["generate", "a red circle", "--steps", "3", "--out", str(tmp_path / "plain.png")])
+    assert "3 full (encoder reuse off)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--encoder-reuse", "sometimes"], "unknown key-step schedule"),
+        (["--encoder-reuse", "0,3,9", "--steps", "5"], "out of range"),
+        (["--steps", "0"], "must be >= 1"),
+    ],
+)
+def test_bad_arguments_fail_before_model_work(tmp_path, capsys, argv, message):
+    with pytest.raises((SystemExit, ValueError)) as info:
+        main(["generate", "a red circle", "--out", str(tmp_path / "x.png"), *argv])
+    assert message in str(info.value) + capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_bad_output_suffix(tmp_path):
+    with pytest.raises(SystemExit, match="--out must end with"):
+        main(["generate", "a red circle", "--out", str(tmp_path / "x.txt")])
+
+
+def test_demo_compare_reports_and_restores():
+    spec = importlib.util.spec_from_file_location("diffaccel_demo", ROOT / "app" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    pipe = tiny_pipeline("sd")
+    base, fast, summary = demo.compare(pipe, "a blue square", 6, 0, "uniform:2", False)
+    assert base.size == fast.size and base.tobytes() != fast.tobytes()
+    assert "encoder evaluations: 3/6" in summary
+    assert not hasattr(pipe.unet, "_diffusers_hook")
+    with pytest.raises(ValueError, match="empty"):
+        demo.compare(pipe, "  ", 6, 0, "uniform:2", False)
