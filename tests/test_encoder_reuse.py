@@ -307,3 +307,73 @@ def test_extra_unet_calls_are_refused():
 
     with pytest.raises(UnsupportedCombinationError, match="one UNet call per step"):
         run(pipe, callback_on_step_end=second_call, callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])
+
+
+def test_changed_conditioning_falls_back_to_sequential_decoding():
+    """A callback that edits prompt_embeds mid-run invalidates the precomputed decoder outputs."""
+
+    def edit(p, step, t, kw):
+        if step == 1:
+            kw["prompt_embeds"] = kw["prompt_embeds"] * 0.5
+        return kw
+
+    pipe = tiny_pipeline("sd")
+    extra = dict(callback_on_step_end=edit, callback_on_step_end_tensor_inputs=["prompt_embeds"])
+    diffaccel.accelerate(pipe, EncoderReuseConfig("uniform:4", parallel=False))
+    sequential = run(pipe, **extra)
+    diffaccel.accelerate(pipe, EncoderReuseConfig("uniform:4", parallel=True))
+    np.testing.assert_allclose(run(pipe, **extra), sequential, atol=1e-5)
+    assert reuse_stats(pipe).parallel_fallbacks == 2  # steps 2 and 3 were decoded again
+
+
+def test_interrupted_call_leaves_no_state_behind():
+    pipe = tiny_pipeline("sd")
+    diffaccel.accelerate(pipe, EncoderReuseConfig("uniform:3", parallel=True))
+    expected = run(pipe)
+
+    def fail(p, step, t, kw):
+        if step == 4:
+            raise KeyboardInterrupt
+        return kw
+
+    with pytest.raises(KeyboardInterrupt):
+        run(pipe, callback_on_step_end=fail)
+    assert np.array_equal(run(pipe), expected)
+
+
+def test_unet_outside_a_pipeline_call_is_untouched():
+    pipe = tiny_pipeline("sd")
+    sample, embeds = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+    expected = pipe.unet(sample, 10, encoder_hidden_states=embeds).sample
+    diffaccel.accelerate(pipe, EncoderReuseConfig("uniform:2"))
+    for _ in range(3):
+        assert torch.equal(pipe.unet(sample, 10, encoder_hidden_states=embeds).sample, expected)
+
+
+@pytest.mark.parametrize("scheduler", ["heun", "lcm"])
+def test_more_schedulers(scheduler):
+    """Heun calls the UNet twice per timestep (each call is a loop step); LCM uses few steps."""
+    from diffusers import HeunDiscreteScheduler, LCMScheduler
+
+    pipe = tiny_pipeline("sd")
+    cls = HeunDiscreteScheduler if scheduler == "heun" else LCMScheduler
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    diffaccel.accelerate(pipe, EncoderReuseConfig("uniform:2", parallel=False))
+    sequential = run(pipe, num_inference_steps=4)
+    stats = reuse_stats(pipe)
+    assert stats.num_steps == len(pipe.scheduler.timesteps)
+    diffaccel.accelerate(pipe, EncoderReuseConfig("uniform:2", parallel=True))
+    np.testing.assert_allclose(run(pipe, num_inference_steps=4), sequential, atol=1e-5)
+    assert reuse_stats(pipe).parallel_fallbacks == 0
+
+
+def test_sdxl_denoising_end_locates_its_loop():
+    pipe = tiny_pipeline("sdxl")
+    diffaccel.accelerate(pipe, EncoderReuseConfig("uniform:2", parallel=False))
+    kwargs = dict(TINY_CALL_KWARGS["sdxl"], num_inference_steps=STEPS, denoising_end=0.5)
+    call = lambda: pipe(PROMPT, generator=torch.Generator().manual_seed(0), output_type="latent", **kwargs).images
+    sequential = call()
+    assert reuse_stats(pipe).num_steps == STEPS // 2
+    diffaccel.accelerate(pipe, EncoderReuseConfig("uniform:2", parallel=True))
+    torch.testing.assert_close(call(), sequential, atol=1e-4, rtol=1e-4)  # latents, not [0, 1] pixels
+    assert reuse_stats(pipe).parallel_fallbacks == 0

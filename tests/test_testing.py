@@ -30,6 +30,7 @@ from diffaccel.tokenizers import clip_tokenizer, t5_tokenizer  # noqa: E402
 
 PROMPT = "a red circle"
 
+
 @functools.lru_cache(maxsize=None)
 def _cached_pipe(name: str):
     """One seed-0 pipeline per name, shared by the read-only tests."""
