@@ -104,6 +104,29 @@ def run_once(pipe: Any, prompt: str, seed: int, args: argparse.Namespace) -> tup
     return seconds, image, stats
 
 
+def fit_step_costs(results: dict[str, Any], steps: int) -> dict[str, float] | None:
+    """Fit ``seconds = fixed + encoder_passes * full_step + other_steps * decoder_step`` to the
+    sequential variants (least squares); the decoder's share of a full UNet step bounds what
+    encoder reuse alone can save.
+    """
+    rows = [(steps, 0, results["baseline"]["median_seconds"])]
+    for name, row in results.items():
+        reuse = row["encoder_reuse"]
+        if name.endswith("/sequential") and reuse:
+            keys = reuse["encoder_evaluations"]
+            rows.append((keys, steps - keys, row["median_seconds"]))
+    if len(rows) < 3:
+        return None
+    design = np.array([[1.0, full, decoder] for full, decoder, _ in rows])
+    fixed, full_step, decoder_step = np.linalg.lstsq(design, np.array([r[2] for r in rows]), rcond=None)[0]
+    return {
+        "fixed_seconds": float(fixed),
+        "full_step_seconds": float(full_step),
+        "decoder_step_seconds": float(decoder_step),
+        "decoder_share": float(decoder_step / full_step),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -152,6 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "encoder_reuse": call_stats.get(name, {}).get("features", {}).get("encoder_reuse"),
         }
     report = {
+        "sequential_cost_model": fit_step_costs(results, args.steps),
         "benchmark": "encoder_reuse",
         "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
         "weights": weights,
@@ -164,6 +188,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"\n{'variant':28s} {'median s':>9s} {'speedup':>8s} {'PSNR dB':>8s}")
     for name, row in results.items():
         print(f"{name:28s} {row['median_seconds']:9.3f} {row['speedup_vs_baseline']:7.2f}x {row['psnr_vs_baseline_db'] or float('inf'):8.2f}")
+    if report["sequential_cost_model"]:
+        share = report["sequential_cost_model"]["decoder_share"]
+        print(f"decoder share of a full UNet step (fitted): {share:.2f}")
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"encoder_reuse_{args.device}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w", encoding="utf-8") as handle:
