@@ -67,6 +67,9 @@ class EncoderReuseConfig(FeatureConfig):
             list of step indices. Step 0 is always a key step.
         parallel: run the decoder passes of a key step and its following non-key steps as one
             batched call. ``None`` (default) turns it on when the UNet is on CUDA.
+        max_parallel_steps: at most this many steps' decoder passes in one batched call (bounds
+            the memory of parallel decoding; steps beyond it are batched at the first step that
+            has none ready). ``None``: no limit.
         noise_injection: prior noise injection coefficient (the paper uses 0.003): late in
             sampling, ``noise_injection * initial_noise`` is added to the latents before each
             step. 0 turns it off. The initial noise is the initial latents divided by the
@@ -83,6 +86,7 @@ class EncoderReuseConfig(FeatureConfig):
 
     schedule: ScheduleLike = "faster-diffusion"
     parallel: bool | None = None
+    max_parallel_steps: int | None = None
     noise_injection: float = 0.0
     noise_injection_below: float = 0.5
 
@@ -90,6 +94,9 @@ class EncoderReuseConfig(FeatureConfig):
         object.__setattr__(self, "schedule", parse_schedule(self.schedule))
         if self.parallel is not None and not isinstance(self.parallel, bool):
             raise ValueError(f"EncoderReuseConfig.parallel must be True, False or None, got {self.parallel!r}")
+        steps = self.max_parallel_steps
+        if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+            raise ValueError(f"EncoderReuseConfig.max_parallel_steps must be None or an int >= 1, got {steps!r}")
         if not isinstance(self.noise_injection, (int, float)) or not 0.0 <= self.noise_injection <= 1.0:
             raise ValueError(f"EncoderReuseConfig.noise_injection must be in [0, 1], got {self.noise_injection!r}")
         if not isinstance(self.noise_injection_below, (int, float)) or not 0.0 < self.noise_injection_below <= 1.0:
@@ -104,6 +111,7 @@ class EncoderReuseConfig(FeatureConfig):
         return {
             "schedule": self.schedule.describe(),
             "parallel": self.parallel,
+            "max_parallel_steps": self.max_parallel_steps,
             "noise_injection": self.noise_injection,
             "noise_injection_below": self.noise_injection_below,
         }
@@ -155,7 +163,7 @@ class _ReuseState:
     parallel: bool = False
     pipe: Any = None
     mode: str = "passthrough"  # "capture" | "replay" | "passthrough"
-    key_batch: int = 0  # batch of the key step's own input while capturing in a batched call
+    key_batch: int = 0  # batch of one step's input in a batched call
     expand: int = 1  # how many steps a batched call holds
     step: int = 0
     num_steps: int | None = None
@@ -253,7 +261,7 @@ class _FeatureHook(ModelHook):
         if not state.active or state.mode == "passthrough":
             return original(*args, **kwargs)
         if state.mode == "replay":
-            return state.features[self.key]
+            return _repeat_batch(state.features[self.key], state.key_batch, state.expand)
         if state.expand == 1:
             output = original(*args, **kwargs)
             state.features[self.key] = output
@@ -329,6 +337,8 @@ class _UNetHook(ModelHook):
             )
         if step == 0:
             state.loop_timesteps = self._locate_loop_timesteps(inputs["timestep"])
+            if state.loop_timesteps is None:  # future timesteps unknown: decode step by step
+                state.parallel = state.stats.parallel = False
         elif state.loop_timesteps is not None and not _same_timestep(inputs["timestep"], state.loop_timesteps[step]):
             raise UnsupportedCombinationError(
                 f"denoising step {step} called the UNet at timestep {float(torch.as_tensor(inputs['timestep']).flatten()[0])}, "
@@ -354,10 +364,14 @@ class _UNetHook(ModelHook):
         start = int(matches[0])
         return timesteps[start : start + state.num_steps]
 
-    def _following_reuse_steps(self, step: int) -> list[int]:
+    def _steps_to_batch(self, step: int) -> list[int]:
+        """The non-key steps after ``step`` whose decoder passes can join its call."""
         state = self.state
+        if not state.parallel:
+            return []
+        limit = state.config.max_parallel_steps or state.num_steps
         steps = []
-        for later in range(step + 1, state.num_steps):
+        for later in range(step + 1, min(state.num_steps, step + limit)):
             if state.is_key(later):
                 break
             steps.append(later)
@@ -367,33 +381,7 @@ class _UNetHook(ModelHook):
         state = self.state
         state.features, state.precomputed = {}, {}
         state.stats.encoder_evaluations += 1
-        ahead = self._following_reuse_steps(state.step) if state.parallel else []
-        if ahead and state.loop_timesteps is None:
-            state.stats.parallel_fallbacks += len(ahead)
-            ahead = []
-        state.stats.batched_decoder_calls += 1
-        state.stats.decoder_evaluations += 1 + len(ahead)
-        if not ahead:
-            state.mode, state.expand = "capture", 1
-            return original(**inputs, return_dict=False)[0]
-
-        sample, timestep = inputs["sample"], inputs["timestep"]
-        batch, times = sample.shape[0], 1 + len(ahead)
-        step_timesteps = torch.stack(
-            [torch.as_tensor(timestep).flatten()[0].to(state.loop_timesteps.dtype).to(sample.device)]
-            + [state.loop_timesteps[j].to(sample.device) for j in ahead]
-        )
-        batched = _repeat_batch({k: v for k, v in inputs.items() if k != "timestep"}, batch, times)
-        batched["timestep"] = step_timesteps.repeat_interleave(batch)
-        state.mode, state.key_batch, state.expand = "capture", batch, times
-        try:
-            outputs = original(**batched, return_dict=False)[0].chunk(times)
-        finally:
-            state.expand = 1
-        reference = {k: v for k, v in inputs.items() if k not in ("sample", "timestep")}
-        for j, output in zip(ahead, outputs[1:]):
-            state.precomputed[j] = _Precomputed(state.loop_timesteps[j], reference, output)
-        return outputs[0]
+        return self._decode(original, inputs, "capture")
 
     def _reuse_step(self, original: Callable[..., Any], inputs: dict[str, Any]) -> torch.Tensor:
         state = self.state
@@ -410,12 +398,40 @@ class _UNetHook(ModelHook):
             rest = {k: v for k, v in inputs.items() if k not in ("sample", "timestep")}
             if _same_timestep(inputs["timestep"], ready.timestep) and _same_inputs(rest, ready.inputs):
                 return ready.output
-            # The step's conditioning differs from the key step's: decode it on its own.
+            # The step's conditioning differs from the call that precomputed it: decode it (and the
+            # steps after it) again from this step's inputs.
             state.stats.parallel_fallbacks += 1
-        state.stats.decoder_evaluations += 1
+            state.precomputed = {}
+        return self._decode(original, inputs, "replay")
+
+    def _decode(self, original: Callable[..., Any], inputs: dict[str, Any], mode: str) -> torch.Tensor:
+        """Run this step's UNet call in ``mode``; with parallel decoding, batch the following
+        non-key steps' decoder passes into it and keep their outputs for later."""
+        state = self.state
+        ahead = self._steps_to_batch(state.step)
         state.stats.batched_decoder_calls += 1
-        state.mode = "replay"
-        return original(**inputs, return_dict=False)[0]
+        state.stats.decoder_evaluations += 1 + len(ahead)
+        state.mode = mode
+        if not ahead:
+            return original(**inputs, return_dict=False)[0]
+
+        sample, timestep = inputs["sample"], inputs["timestep"]
+        batch, times = sample.shape[0], 1 + len(ahead)
+        step_timesteps = torch.stack(
+            [torch.as_tensor(timestep).flatten()[0].to(state.loop_timesteps.dtype).to(sample.device)]
+            + [state.loop_timesteps[j].to(sample.device) for j in ahead]
+        )
+        batched = _repeat_batch({k: v for k, v in inputs.items() if k != "timestep"}, batch, times)
+        batched["timestep"] = step_timesteps.repeat_interleave(batch)
+        state.key_batch, state.expand = batch, times
+        try:
+            outputs = original(**batched, return_dict=False)[0].chunk(times)
+        finally:
+            state.expand = 1
+        reference = {k: v for k, v in inputs.items() if k not in ("sample", "timestep")}
+        for j, output in zip(ahead, outputs[1:]):
+            state.precomputed[j] = _Precomputed(state.loop_timesteps[j], reference, output)
+        return outputs[0]
 
 
 def _wrap_scheduler_step(state: _ReuseState, scheduler: Any) -> Callable[[], None]:
