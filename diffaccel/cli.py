@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="key-step schedule: faster-diffusion, uniform:N, all, or a list like 0,1,5,10 (default: off)",
     )
     gen.add_argument("--parallel", action=argparse.BooleanOptionalAction, default=None, help="batched decoding (default: on CUDA)")
+    gen.add_argument("--max-parallel-steps", type=_positive_int, default=None, help="cap on steps per batched decoder call")
     gen.add_argument("--noise-injection", type=float, default=0.0, help="prior noise injection coefficient (paper: 0.003)")
     gen.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     gen.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None)
@@ -102,7 +103,10 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
     if args.encoder_reuse is not None:
         configs.append(
             diffaccel.EncoderReuseConfig(
-                schedule=args.encoder_reuse, parallel=args.parallel, noise_injection=args.noise_injection
+                schedule=args.encoder_reuse,
+                parallel=args.parallel,
+                max_parallel_steps=args.max_parallel_steps,
+                noise_injection=args.noise_injection,
             )
         )
         configs[0].schedule.key_steps(args.steps)  # out-of-range explicit steps fail before loading

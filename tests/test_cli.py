@@ -17,11 +17,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_generate_writes_image_and_summary(tmp_path, capsys):
     out, stats_path = tmp_path / "image.png", tmp_path / "stats.json"
-    main(["generate", "a red circle", "--steps", "6", "--encoder-reuse", "uniform:3", "--no-parallel",
-          "--out", str(out), "--stats-json", str(stats_path)])
+    main(["generate", "a red circle", "--steps", "6", "--encoder-reuse", "uniform:3", "--parallel",
+          "--max-parallel-steps", "2", "--out", str(out), "--stats-json", str(stats_path)])
     printed = capsys.readouterr().out
     assert Image.open(out).size == (256, 256)
     assert "UNet encoder evaluations: 2/6" in printed and "key steps: [0, 3]" in printed
+    assert "decoder evaluations: 6 in 4 calls (parallel)" in printed  # (0,1) (2) (3,4) (5)
     stats = json.loads(stats_path.read_text())
     assert stats["features"]["encoder_reuse"]["decoder_evaluations"] == 6 and stats["seconds"] > 0
 
