@@ -395,3 +395,20 @@ def test_sdxl_denoising_end_locates_its_loop():
     diffaccel.accelerate(pipe, EncoderReuseConfig("uniform:2", parallel=True))
     torch.testing.assert_close(call(), sequential, atol=1e-4, rtol=1e-4)  # latents, not [0, 1] pixels
     assert reuse_stats(pipe).parallel_fallbacks == 0
+
+
+def test_restore_keeps_a_forward_wrapper_installed_before():
+    """Another library's instance-level forward (e.g. accelerate's offload hook) survives restore()."""
+    pipe = tiny_pipeline("sd")
+    original = pipe.unet.forward
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    pipe.unet.forward = wrapped
+    diffaccel.restore(diffaccel.accelerate(pipe, EncoderReuseConfig("uniform:2")))
+    assert pipe.unet.forward is wrapped
+    run(pipe)
+    assert len(calls) == STEPS

@@ -479,9 +479,12 @@ def _remove_hook(module: torch.nn.Module, name: str) -> None:
         return
     registry.remove_hook(name, recurse=False)
     if not registry.hooks:
-        # Leave the module exactly as it was: no registry, no instance-level forward.
+        # Leave the module as it was: no registry, and no instance-level forward unless someone
+        # else (e.g. accelerate's offload hooks) had put one there.
         del module._diffusers_hook
-        module.__dict__.pop("forward", None)
+        forward = module.__dict__.get("forward")
+        if getattr(forward, "__self__", None) is module and getattr(forward, "__func__", None) is type(module).forward:
+            del module.forward
 
 
 class EncoderReuse(AttachedFeature):
