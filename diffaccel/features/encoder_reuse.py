@@ -39,7 +39,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from ..errors import UnsupportedCombinationError, UnsupportedPipelineError
 from .base import AttachedFeature, FeatureConfig
-from .key_steps import KeyStepSchedule, ScheduleLike, parse_schedule
+from .key_steps import ScheduleLike, parse_schedule
 
 UNET_HOOK = "diffaccel.encoder_reuse"
 FEATURE_HOOK = "diffaccel.encoder_reuse.feature"
@@ -215,6 +215,8 @@ def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
 
 def _repeat_batch(obj: Any, batch: int, times: int) -> Any:
     """Repeat every tensor whose first dimension is ``batch`` ``times`` times along it."""
+    if times == 1:
+        return obj
 
     def repeat(t: torch.Tensor) -> torch.Tensor:
         if t.ndim == 0 or t.shape[0] != batch:

@@ -824,7 +824,6 @@ def _test_image(rng: Any, height: int, width: int) -> Any:
 
 def _test_control_image(rng: Any, height: int, width: int) -> Any:
     """An edge-map-like control image: white rectangle outlines on black, as PIL RGB."""
-    import numpy as np
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (width, height), (0, 0, 0))
