@@ -1,0 +1,1 @@
+"""diffaccel.rewards (in progress)."""

@@ -1,0 +1,1 @@
+"""diffaccel.shapeworld (in progress)."""

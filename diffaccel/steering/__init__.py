@@ -1,0 +1,1 @@
+"""diffaccel.steering (in progress)."""
