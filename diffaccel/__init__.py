@@ -14,6 +14,14 @@ from .acceleration import AccelerationStats, accelerate, restore
 from .errors import DiffaccelError, UnsupportedCombinationError, UnsupportedPipelineError
 from .features.encoder_reuse import EncoderReuseConfig, EncoderReuseStats
 from .features.key_steps import ExplicitSchedule, FasterDiffusionSchedule, UniformSchedule, parse_schedule
+from .steering import FKSteeringConfig, FlowMatchSDEScheduler, NoiseSearchConfig, search, steer
+from .attention import (
+    QuantizedAttention,
+    QuantizedAttentionConfig,
+    remove_quantized_attention,
+    use_quantized_attention,
+)
+from .kernels.quantized_attention import quantized_sdpa
 
 # Importing the drop-in classes registers them, so accelerate() uses them for their base classes.
 from . import pipelines as _pipelines  # noqa: E402,F401  (diffaccel.pipelines maps to ./pipelines)
@@ -26,11 +34,21 @@ __all__ = [
     "EncoderReuseConfig",
     "EncoderReuseStats",
     "ExplicitSchedule",
+    "FKSteeringConfig",
+    "FlowMatchSDEScheduler",
     "FasterDiffusionSchedule",
+    "NoiseSearchConfig",
+    "QuantizedAttention",
+    "QuantizedAttentionConfig",
     "UniformSchedule",
     "UnsupportedCombinationError",
     "UnsupportedPipelineError",
     "accelerate",
     "parse_schedule",
+    "quantized_sdpa",
+    "remove_quantized_attention",
     "restore",
+    "search",
+    "steer",
+    "use_quantized_attention",
 ]

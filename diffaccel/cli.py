@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     gen.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None)
     gen.add_argument("--stats-json", default=None, help="also write the call's statistics to this JSON file")
+    from .steering.cli_options import add_steering_arguments
+
+    add_steering_arguments(gen)
     return parser
 
 
@@ -115,9 +118,14 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
     pipe.set_progress_bar_config(disable=False, desc="denoising")
     size = {k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None}
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
-    image = pipe(
-        args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, generator=generator, **size
-    ).images[0]
+    call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale, generator=generator, **size)
+    steering = None
+    if args.particles is not None or args.search is not None:
+        from .steering.cli_options import run_steering
+
+        image, steering = run_steering(args, pipe, call)
+    else:
+        image = pipe(args.prompt, **call).images[0]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     image.save(args.out)
     stats = pipe.acceleration_stats.to_dict()
@@ -133,6 +141,8 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
             f"decoder evaluations: {reuse['decoder_evaluations']} in {reuse['batched_decoder_calls']} calls"
             f"{' (parallel)' if reuse['parallel'] else ''}"
         )
+    if steering is not None:
+        stats["steering"] = steering
     if args.stats_json:
         with open(args.stats_json, "w", encoding="utf-8") as handle:
             json.dump(stats, handle, indent=2)

@@ -1,5 +1,28 @@
-"""Triton kernels, imported as ``diffaccel.kernels``.
+"""Triton kernels, each beside a plain-torch reference, with a dispatcher per op.
 
-One op per module: the Triton kernel, a plain-torch reference beside it, and a dispatcher that
-takes Triton on CUDA and the reference elsewhere. Populated by the kernels issue.
+Every op takes ``impl="auto" | "triton" | "reference"``; ``"auto"`` runs the Triton kernel on
+CUDA tensors (or anywhere under ``TRITON_INTERPRET=1``) and the reference elsewhere.
+
+* :mod:`~diffaccel.kernels.nvfp4`: NVFP4 quantize / dequantize, :class:`NVFP4Tensor`.
+* :mod:`~diffaccel.kernels.nvfp4_gemm`: ``y = x @ W^T + b`` with NVFP4 weights (W4A16).
+* :mod:`~diffaccel.kernels.int8_quant`: INT8 per-channel weights, per-token activations.
+* :mod:`~diffaccel.kernels.int8_gemm`: ``y = x @ W^T + b`` in W8A8 with INT32 accumulation.
+* :mod:`~diffaccel.kernels.quantized_attention`: ``quantized_sdpa``, SageAttention-style.
 """
+
+from .int8_gemm import int8_linear
+from .int8_quant import int8_quantize_per_channel, int8_quantize_per_token
+from .nvfp4 import NVFP4Tensor, nvfp4_dequantize, nvfp4_quantize
+from .nvfp4_gemm import nvfp4_linear
+from .quantized_attention import quantized_sdpa
+
+__all__ = [
+    "NVFP4Tensor",
+    "int8_linear",
+    "int8_quantize_per_channel",
+    "int8_quantize_per_token",
+    "nvfp4_dequantize",
+    "nvfp4_linear",
+    "nvfp4_quantize",
+    "quantized_sdpa",
+]

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Mapping
 
+import torch
+
 
 class FeatureConfig:
     """Base class of feature configs: frozen dataclasses validated at construction."""
@@ -54,3 +56,30 @@ class AttachedFeature:
 
     def detach(self, pipe: Any) -> None:
         """Remove everything :meth:`FeatureConfig.attach` installed."""
+
+    def reindex(self, indices: torch.Tensor) -> None:
+        """Called when particle steering reorders the samples of a running call: sample ``i`` takes
+        the state of sample ``indices[i]``. Features that keep per-sample state (cached activations)
+        reindex it, e.g. with :func:`reindex_batch`; the default keeps none."""
+
+
+def reindex_batch(obj: Any, indices: torch.Tensor) -> Any:
+    """Reindex every tensor in a nested structure whose batch (first dimension) holds the samples
+    ``m`` times in blocks (``m = 2`` for a CFG batch ``[uncond, cond]``).
+
+    Example:
+        >>> reindex_batch({"x": torch.tensor([0, 1, 10, 11])}, torch.tensor([1, 1]))
+        {'x': tensor([ 1,  1, 11, 11])}
+    """
+    count = indices.numel()
+    if isinstance(obj, torch.Tensor):
+        if obj.ndim == 0 or obj.shape[0] % count:
+            return obj
+        blocks = obj.shape[0] // count
+        index = torch.cat([indices + j * count for j in range(blocks)]).to(obj.device)
+        return obj[index]
+    if isinstance(obj, dict):
+        return {key: reindex_batch(value, indices) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(reindex_batch(value, indices) for value in obj)
+    return obj

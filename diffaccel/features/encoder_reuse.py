@@ -38,7 +38,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from ..errors import UnsupportedCombinationError, UnsupportedPipelineError
-from .base import AttachedFeature, FeatureConfig
+from .base import AttachedFeature, FeatureConfig, reindex_batch
 from .key_steps import ScheduleLike, parse_schedule
 
 UNET_HOOK = "diffaccel.encoder_reuse"
@@ -543,6 +543,20 @@ class EncoderReuse(AttachedFeature):
             self._unwrap_scheduler()
             self._unwrap_scheduler = None
         return self.state.finish()
+
+    def reindex(self, indices: torch.Tensor) -> None:
+        """Reorder the per-sample caches with the samples (particle resampling): the key step's
+        encoder features, precomputed decoder outputs, ControlNet residuals and the initial noise."""
+        state = self.state
+        state.features = reindex_batch(state.features, indices)
+        state.precomputed = {
+            step: _Precomputed(ready.timestep, reindex_batch(ready.inputs, indices), reindex_batch(ready.output, indices))
+            for step, ready in state.precomputed.items()
+        }
+        if state.controlnet is not None:
+            state.controlnet = (reindex_batch(state.controlnet[0], indices), state.controlnet[1])
+        if state.initial_noise is not None:
+            state.initial_noise = reindex_batch(state.initial_noise, indices)
 
     def detach(self, pipe: Any) -> None:
         for module, name in reversed(self._modules):

@@ -1,0 +1,273 @@
+"""Inference-time scaling benchmark: FK steering and noise search against best-of-1 and best-of-N.
+
+For an image and a video pipeline, on held-out ShapeWorld prompts (two-object relations for
+images, motions for clips), it measures with the steering reward and an independent check reward
+(the ShapeWorld verifier and micro-CLIP, in both roles, to expose reward hacking):
+
+1. FK steering with k = 4 and 8 against k = 1 (the untouched pipeline) and against best-of-N
+   (random search) at equal NFE;
+2. reward against NFE for random search, zero-order search, search over paths, Rollover Budget
+   Forcing (flow pipelines) and FK (JSON, and a PNG plot);
+3. accelerated FK (encoder reuse, UNet pipelines) against plain FK at equal wall time.
+
+Usage:
+    python bench/steering.py --image-model micro-sd --video-model micro-video   # micro models, micro-CLIP check
+    python bench/steering.py --quick    # tiny random pipelines: smoke test only, numbers meaningless
+
+Writes ``bench/results/steering_<tag>.json`` and ``steering_<tag>_curves.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import diffaccel
+from diffaccel.rewards import CLIPScoreReward, Reward, ShapeWorldReward
+from diffaccel.shapeworld import eval_prompts
+from diffaccel.steering import FKSteeringConfig, NoiseSearchConfig, search, steer
+from diffaccel.steering.cli_options import stochastic_call
+
+METHODS = ("random", "zero-order", "paths", "rbf", "fk")
+
+
+def tiny_clip_folder() -> str:
+    """A random-weight transformers CLIP saved to a temporary folder (stands in for micro-CLIP in --quick)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from diffaccel.tokenizers import clip_tokenizer
+
+    text = {"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                "max_position_embeddings": 77, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 32, "patch_size": 8}
+    torch.manual_seed(0)
+    folder = tempfile.mkdtemp(prefix="diffaccel-tiny-clip-")
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(folder)
+    clip_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def load(path: str | None, tiny: str, device: str) -> tuple[Any, dict[str, Any]]:
+    """A pipeline (a local folder, or the tiny random one) made stochastic; returns it and call kwargs."""
+    if path is None:
+        from diffaccel.testing import TINY_CALL_KWARGS, tiny_pipeline
+
+        pipe = tiny_pipeline(tiny)
+        call = dict(TINY_CALL_KWARGS[tiny])
+        if tiny == "sd":
+            call.update(height=32, width=32)
+    elif path in ("micro-sd", "micro-video"):
+        from diffaccel import micro_models
+
+        pipe = micro_models.load_micro_sd() if path == "micro-sd" else micro_models.load_micro_video()
+        call = {}
+    else:
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(path, use_safetensors=True)
+        call = {}
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    call.update(stochastic_call(pipe))
+    return pipe, call
+
+
+def evaluate(media: Any, prompts: list[str], rewards: dict[str, Reward]) -> dict[str, float]:
+    """Mean of each reward over the samples, and the verifier's pass rate (all criteria met)."""
+    result = {}
+    for name, reward in rewards.items():
+        scores = reward(media, prompts)
+        result[name] = float(scores.mean())
+        if isinstance(reward, ShapeWorldReward):
+            result["pass_rate"] = float((scores >= 1.0).float().mean())
+    return result
+
+
+def mean_dicts(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {key: statistics.fmean(row[key] for row in rows) for key in rows[0]}
+
+
+class Bench:
+    def __init__(self, pipe: Any, call: dict[str, Any], prompts: list[str], seeds: list[int], steps: int,
+                 rewards: dict[str, Reward]) -> None:
+        self.pipe, self.call, self.prompts, self.seeds, self.steps, self.rewards = pipe, call, prompts, seeds, steps, rewards
+
+    def _kwargs(self, seed: int) -> dict[str, Any]:
+        return dict(self.call, num_inference_steps=self.steps, generator=torch.Generator().manual_seed(seed), output_type="pt")
+
+    def run(self, method: str, nfe: int, steer_name: str, pipe: Any = None) -> dict[str, float]:
+        """Best sample per (prompt, seed) for ``method`` at ``nfe``; rewards averaged, plus seconds."""
+        pipe = pipe or self.pipe
+        reward = self.rewards[steer_name]
+        rows, seconds = [], []
+        for seed in self.seeds:
+            for prompt in self.prompts:
+                begin = time.perf_counter()
+                if method == "fk":
+                    k = nfe // self.steps
+                    config = FKSteeringConfig(num_particles=k, potential="max", lmbda=10.0, resample_every=max(1, self.steps // 5),
+                                              resample_end=self.steps - 2, seed=seed, final_correction=k > 1)
+                    out = steer(pipe, config, reward)(prompt, **self._kwargs(seed))
+                    best = out.images[out.best_indices[0]]
+                else:
+                    config = NoiseSearchConfig(method, budget_nfe=nfe, batch_size=4, num_paths=2,
+                                               branch_every=max(1, self.steps // 5), seed=seed)
+                    best = search(pipe, prompt, config, reward, **self._kwargs(seed)).sample
+                seconds.append(time.perf_counter() - begin)
+                rows.append(evaluate(best.unsqueeze(0), [prompt], self.rewards))
+        return {**mean_dicts(rows), "seconds": statistics.median(seconds), "nfe": nfe}
+
+
+def scaling(bench: Bench, steer_name: str, ks: list[int]) -> dict[str, Any]:
+    """FK at k against k = 1 and best-of-N at equal NFE."""
+    steps = bench.steps
+    table: dict[str, Any] = {"k=1": bench.run("fk", steps, steer_name)}
+    for k in ks:
+        table[f"fk k={k}"] = bench.run("fk", k * steps, steer_name)
+        table[f"best-of-{k}"] = bench.run("random", k * steps, steer_name)
+    return table
+
+
+def curves(bench: Bench, steer_name: str, multiples: list[int]) -> dict[str, list[dict[str, float]]]:
+    """Reward against NFE for each method."""
+    result: dict[str, list[dict[str, float]]] = {}
+    for method in METHODS:
+        if method == "rbf" and type(bench.pipe.scheduler).__name__ != "FlowMatchSDEScheduler":
+            continue  # Rollover Budget Forcing is for flow models
+        points = []
+        for m in multiples:
+            if method == "paths" and m < 2:
+                continue
+            points.append(bench.run(method, m * bench.steps, steer_name))
+        result[method] = points
+    return result
+
+
+def accelerated_vs_plain(bench: Bench, steer_name: str, k: int) -> dict[str, Any]:
+    """Plain FK with k particles against encoder-reuse FK given the same wall time (more particles)."""
+    plain = bench.run("fk", k * bench.steps, steer_name)
+    pipe = diffaccel.accelerate(bench.pipe, diffaccel.EncoderReuseConfig("uniform:2"))
+    try:
+        fast = bench.run("fk", k * bench.steps, steer_name, pipe)
+        afford = max(k, int(k * plain["seconds"] / max(fast["seconds"], 1e-9)))
+        equal_time = bench.run("fk", afford * bench.steps, steer_name, pipe) if afford > k else fast
+    finally:
+        diffaccel.restore(pipe)
+    return {"plain": plain, "accelerated_same_k": fast, "accelerated_equal_time": {**equal_time, "k": afford},
+            "speedup_same_k": plain["seconds"] / max(fast["seconds"], 1e-9)}
+
+
+def plot(curve_sets: dict[str, dict[str, list[dict[str, float]]]], path: str) -> None:
+    """Reward-vs-NFE line charts (one panel per setup and steering reward), drawn with PIL."""
+    from PIL import Image, ImageDraw
+
+    colors = {"random": (31, 119, 180), "zero-order": (255, 127, 14), "paths": (44, 160, 44), "rbf": (148, 103, 189),
+              "fk": (214, 39, 40)}
+    panels = list(curve_sets.items())
+    width, height, pad = 360, 260, 40
+    image = Image.new("RGB", (width * max(1, len(panels)), height), "white")
+    draw = ImageDraw.Draw(image)
+    for p, (title, curve) in enumerate(panels):
+        left = p * width
+        metric = title.split(" / ")[-1]
+        points = [(pt["nfe"], pt[metric]) for pts in curve.values() for pt in pts]
+        if not points:
+            continue
+        x0, x1 = min(x for x, _ in points), max(x for x, _ in points)
+        y0, y1 = min(y for _, y in points), max(y for _, y in points)
+        y1 = y1 if y1 > y0 else y0 + 1e-6
+        x1 = x1 if x1 > x0 else x0 + 1
+
+        def at(x: float, y: float, left=left, x0=x0, x1=x1, y0=y0, y1=y1) -> tuple[float, float]:
+            return (left + pad + (x - x0) / (x1 - x0) * (width - 2 * pad), height - pad - (y - y0) / (y1 - y0) * (height - 2 * pad))
+
+        draw.rectangle([left + pad, pad, left + width - pad, height - pad], outline=(0, 0, 0))
+        draw.text((left + pad, 8), title, fill=(0, 0, 0))
+        draw.text((left + pad, height - pad + 4), f"NFE {x0:g}..{x1:g}", fill=(0, 0, 0))
+        draw.text((left + 2, pad), f"{y1:.3g}", fill=(0, 0, 0))
+        draw.text((left + 2, height - pad - 10), f"{y0:.3g}", fill=(0, 0, 0))
+        for i, (method, pts) in enumerate(curve.items()):
+            xy = [at(pt["nfe"], pt[metric]) for pt in pts]
+            if len(xy) > 1:
+                draw.line(xy, fill=colors[method], width=2)
+            for x, y in xy:
+                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colors[method])
+            draw.text((left + width - pad - 70, pad + 4 + 12 * i), method, fill=colors[method])
+    image.save(path)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--image-model", default=None, help="micro-sd, or a pipeline folder (--quick: tiny random SD)")
+    parser.add_argument("--video-model", default=None, help="micro-video, or a pipeline folder (--quick: tiny random LTX)")
+    parser.add_argument("--clip", default=None, help="transformers CLIP folder (default: the bundled micro-CLIP)")
+    parser.add_argument("--quick", action="store_true", help="tiny random pipelines, few prompts: a smoke test")
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tag", default=None, help="results file tag (default: quick, or the device)")
+    args = parser.parse_args(argv)
+    if not args.quick and args.image_model is None:
+        parser.error("--image-model is required without --quick")
+    if args.quick:
+        args.prompts, args.seeds, args.steps = 1, 1, 4
+    ks, multiples = ([2, 4], [1, 2, 4]) if args.quick else ([4, 8], [1, 2, 4, 8, 16])
+    if args.clip is None and not args.quick:
+        from diffaccel.micro_models import micro_model_path
+
+        args.clip = str(micro_model_path("micro-clip"))
+    clip = CLIPScoreReward.from_transformers(args.clip or tiny_clip_folder(), device=args.device)
+    rewards = {"shapeworld": ShapeWorldReward(), "clip": clip}
+    setups = [("image", args.image_model, "sd", "relation")]
+    if args.video_model is not None or args.quick:
+        setups.append(("video", args.video_model, "ltx", "motion"))
+    results: dict[str, Any] = {"args": vars(args), "note": "quick: tiny RANDOM pipelines, numbers meaningless" if args.quick else ""}
+    curve_sets: dict[str, Any] = {}
+    for label, path, tiny, kind in setups:
+        pipe, call = load(path, tiny, args.device)
+        prompts = eval_prompts(kind, args.prompts, seed=0, split="heldout")
+        bench = Bench(pipe, call, prompts, list(range(args.seeds)), args.steps, rewards)
+        entry: dict[str, Any] = {"prompts": prompts}
+        for steer_name in ("shapeworld", "clip"):
+            check = "clip" if steer_name == "shapeworld" else "shapeworld"
+            print(f"[{label}] steering on {steer_name}, checking with {check}", flush=True)
+            entry[f"steer={steer_name}"] = {"scaling": scaling(bench, steer_name, ks), "curves": curves(bench, steer_name, multiples)}
+            curve_sets[f"{label} / {steer_name}"] = entry[f"steer={steer_name}"]["curves"]
+        if getattr(pipe, "unet", None) is not None:
+            entry["accelerated_vs_plain"] = accelerated_vs_plain(bench, "shapeworld", ks[-1])
+        results[label] = entry
+    tag = args.tag or ("quick" if args.quick else args.device.split(":")[0])
+    out_dir = os.path.join(ROOT, "bench", "results")
+    os.makedirs(out_dir, exist_ok=True)
+    json_path = os.path.join(out_dir, f"steering_{tag}.json")
+    with open(json_path, "w", encoding="utf-8") as handle:
+        json.dump(results, handle, indent=2)
+    plot(curve_sets, os.path.join(out_dir, f"steering_{tag}_curves.png"))
+    for label, _, _, _ in setups:
+        for steer_name in ("shapeworld", "clip"):
+            print(f"\n[{label}] steered on {steer_name} (means over prompts x seeds)")
+            for name, row in results[label][f"steer={steer_name}"]["scaling"].items():
+                print(f"  {name:12s} nfe {row['nfe']:4d}  " + "  ".join(f"{k} {v:.3f}" for k, v in row.items() if k not in ("nfe",)))
+        if "accelerated_vs_plain" in results[label]:
+            acc = results[label]["accelerated_vs_plain"]
+            print(f"  accelerated FK: {acc['speedup_same_k']:.2f}x per call; equal wall time affords "
+                  f"k={acc['accelerated_equal_time']['k']}: shapeworld {acc['accelerated_equal_time']['shapeworld']:.3f} "
+                  f"vs plain {acc['plain']['shapeworld']:.3f}")
+    print(f"\nwrote {json_path}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,305 @@
+"""Feynman-Kac steering (Singhal et al., "A General Framework for Inference-time Scaling and
+Steering of Diffusion Models", 2025): ``k`` particles per prompt run as the batch of one pipeline
+call and are resampled at intermediate steps by potentials of a reward on their predicted x0.
+
+Example:
+    >>> import torch, diffaccel
+    >>> from diffaccel.rewards import FunctionReward
+    >>> from diffaccel.testing import tiny_pipeline
+    >>> pipe = tiny_pipeline("sd", scheduler="ddpm")
+    >>> brightness = FunctionReward(lambda images, prompts: images.mean(dim=(1, 2, 3)), name="brightness")
+    >>> steering = diffaccel.steer(pipe, diffaccel.FKSteeringConfig(num_particles=2, resample_every=2), reward=brightness)
+    >>> out = steering("a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(0))
+    >>> len(out.images), out.rewards.shape, out.stats.resampled_steps
+    (2, torch.Size([2]), [0, 2, 3])
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from ..rewards.base import Reward, check_scores, nan_to_worst
+from .latents import call_default
+from .media import check_output_type, convert_media, gray_media, pipeline_media
+from .resampling import (
+    POTENTIALS,
+    RESAMPLING_METHODS,
+    PotentialState,
+    effective_sample_size,
+    resample_indices,
+)
+from .session import ParticleSession, SessionStats, check_stochastic
+
+
+def _positive_int(owner: str, name: str, value: Any, minimum: int = 1, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{owner}.{name} must be an int >= {minimum}{' or None' if optional else ''}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class FKSteeringConfig:
+    """Configuration of FK steering.
+
+    Args:
+        num_particles: ``k`` particles per prompt (the batch of one call), >= 1.
+        potential: ``"max"``, ``"difference"``, ``"sum"`` or ``"immediate"`` (the paper's potentials).
+        lmbda: the potentials' inverse temperature lambda (>= 0; 0 weighs all particles equally).
+        resample_every: score and resample at every n-th step from ``resample_start``; 0 turns
+            intermediate resampling off. Rewards are only computed at these steps (the stride).
+        resample_start, resample_end: first and last step index (0-based) that may resample;
+            ``resample_end=None`` is the second-to-last step.
+        resampling: ``"multinomial"`` or ``"systematic"``.
+        ess_threshold: adaptive resampling: resample only when the effective sample size falls
+            below ``ess_threshold * k`` (in (0, 1]); ``None`` resamples at every scheduled step.
+        final_correction: after the last step, resample once more with weights
+            ``exp(lambda r(x0)) / prod(potentials)`` so the target is ``p(x0) exp(lambda r(x0))``.
+        max_batch: run the denoiser, VAE and reward on at most this many particles at once
+            (same results, less memory); ``None``: all at once.
+        seed: seeds the resampling draws (and the noise of :class:`FlowMatchSDEScheduler`).
+
+    Example:
+        >>> FKSteeringConfig(num_particles=4, potential="difference").lmbda
+        10.0
+        >>> FKSteeringConfig(num_particles=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: FKSteeringConfig.num_particles must be an int >= 1, got 0
+    """
+
+    num_particles: int = 4
+    potential: str = "max"
+    lmbda: float = 10.0
+    resample_every: int = 5
+    resample_start: int = 0
+    resample_end: int | None = None
+    resampling: str = "systematic"
+    ess_threshold: float | None = None
+    final_correction: bool = True
+    max_batch: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        _positive_int(owner, "num_particles", self.num_particles)
+        if self.potential not in POTENTIALS:
+            raise ValueError(f"{owner}.potential must be one of {POTENTIALS}, got {self.potential!r}")
+        if not isinstance(self.lmbda, (int, float)) or not self.lmbda >= 0 or self.lmbda == float("inf"):
+            raise ValueError(f"{owner}.lmbda must be a finite number >= 0, got {self.lmbda!r}")
+        _positive_int(owner, "resample_every", self.resample_every, minimum=0)
+        _positive_int(owner, "resample_start", self.resample_start, minimum=0)
+        _positive_int(owner, "resample_end", self.resample_end, minimum=0, optional=True)
+        if self.resample_end is not None and self.resample_start > self.resample_end:
+            raise ValueError(
+                f"{owner}.resample_start ({self.resample_start}) must not be after resample_end ({self.resample_end})"
+            )
+        if self.resampling not in RESAMPLING_METHODS:
+            raise ValueError(f"{owner}.resampling must be one of {RESAMPLING_METHODS}, got {self.resampling!r}")
+        if self.ess_threshold is not None and not (
+            isinstance(self.ess_threshold, (int, float)) and 0 < self.ess_threshold <= 1
+        ):
+            raise ValueError(f"{owner}.ess_threshold must be None or in (0, 1], got {self.ess_threshold!r}")
+        if self.final_correction not in (True, False):
+            raise ValueError(f"{owner}.final_correction must be True or False, got {self.final_correction!r}")
+        _positive_int(owner, "max_batch", self.max_batch, optional=True)
+        _positive_int(owner, "seed", self.seed, minimum=0)
+
+    def scoring_steps(self, num_steps: int) -> set[int]:
+        """The intermediate steps (0-based) at which particles are scored and may be resampled."""
+        if self.resample_every == 0:
+            return set()
+        end = num_steps - 2 if self.resample_end is None else min(self.resample_end, num_steps - 2)
+        return set(range(self.resample_start, end + 1, self.resample_every))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class SteeringStats(SessionStats):
+    """:class:`SessionStats` plus the effective sample size at each scored step (mean over prompts),
+    the number of prompts and the wall time of the call."""
+
+    num_prompts: int = 0
+    ess: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class SteeringOutput:
+    """All particles (``samples`` in the requested ``output_type``), their final ``rewards``, the index
+    of the best particle of each prompt (``best_indices``) and the call's ``stats``."""
+
+    samples: Any
+    rewards: torch.Tensor
+    best_indices: list[int]
+    stats: SteeringStats
+
+    @property
+    def images(self) -> Any:
+        """Alias of ``samples`` for image pipelines."""
+        return self.samples
+
+    @property
+    def frames(self) -> Any:
+        """Alias of ``samples`` for video pipelines."""
+        return self.samples
+
+    @property
+    def best(self) -> list[Any]:
+        """The best sample of each prompt."""
+        return [self.samples[i] for i in self.best_indices]
+
+
+def probe_reward(reward: Reward, pipe: Any, prompts: list[str]) -> None:
+    """Call the reward on two gray samples: a wrong output shape fails here, before sampling."""
+    if not isinstance(reward, Reward):
+        raise TypeError(f"reward must be a diffaccel.rewards.Reward, got {type(reward).__name__}")
+    reward(gray_media(pipe, 2), [prompts[0]] * 2)
+
+
+def prompt_list(prompt: str | list[str]) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompt must be a string or a non-empty list of strings")
+    return prompts
+
+
+def particle_kwargs(kwargs: Mapping[str, Any], particle_prompts: list[str], k: int) -> dict[str, Any]:
+    """Call arguments for ``k`` particles per prompt: each prompt (and a per-prompt negative prompt)
+    repeated ``k`` times, which every pipeline batches the same way (CogVideoX ignores
+    ``num_videos_per_prompt``), and ``output_type="pt"``."""
+    call = dict(kwargs, prompt=particle_prompts, output_type="pt")
+    negative = kwargs.get("negative_prompt")
+    if isinstance(negative, (list, tuple)):
+        call["negative_prompt"] = [n for n in negative for _ in range(k)]
+    return call
+
+
+def call_sizes(pipe: Any, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    return {name: kwargs.get(name) for name in ("height", "width", "num_frames") if kwargs.get(name) is not None}
+
+
+class FKSteering:
+    """FK steering bound to a pipeline and a reward; call it like the pipeline (see :func:`steer`)."""
+
+    def __init__(self, pipe: Any, config: FKSteeringConfig, reward: Reward) -> None:
+        if not isinstance(config, FKSteeringConfig):
+            raise TypeError(f"config must be an FKSteeringConfig, got {type(config).__name__}")
+        self.pipe, self.config, self.reward = pipe, config, reward
+
+    def __call__(self, prompt: str | list[str], **kwargs: Any) -> SteeringOutput:
+        """Run ``k`` particles per prompt as one batched ``pipe(...)`` call (each prompt repeated ``k``
+        times, which batches like ``num_images_per_prompt=k``).
+
+        ``output_type`` may be ``"pil"`` (default), ``"np"`` or ``"pt"``; ``generator`` seeds the
+        initial noise as usual, ``config.seed`` the resampling.
+        """
+        config, pipe = self.config, self.pipe
+        prompts = prompt_list(prompt)
+        for name in ("num_images_per_prompt", "num_videos_per_prompt"):
+            if name in kwargs:
+                raise ValueError(f"{name} is set by FKSteeringConfig.num_particles; do not pass it")
+        output_type = check_output_type(kwargs.pop("output_type", "pil"))
+        num_steps = kwargs.get("num_inference_steps") or call_default(pipe, "num_inference_steps")
+        if num_steps is not None and config.resample_every and config.resample_start > num_steps - 1:
+            raise ValueError(
+                f"FKSteeringConfig.resample_start ({config.resample_start}) is beyond the last step ({num_steps - 1})"
+            )
+        k = config.num_particles
+        particle_prompts = [p for p in prompts for _ in range(k)]
+        probe_reward(self.reward, pipe, prompts)
+        if config.resample_every:
+            check_stochastic(pipe.scheduler, kwargs)
+
+        state = PotentialState.start(len(particle_prompts))
+        generator = torch.Generator().manual_seed(config.seed)
+        stats = SteeringStats(num_particles=len(particle_prompts), num_prompts=len(prompts))
+
+        def policy(step: int, is_last: bool, rewards: torch.Tensor) -> torch.Tensor | None:
+            if is_last:
+                if not config.final_correction:
+                    return None
+                log_weights = state.final_log_weights(config.lmbda, rewards)
+                resample = torch.ones(len(prompts), dtype=torch.bool)
+            else:
+                state.update(config.potential, config.lmbda, rewards)
+                log_weights = state.log_weights
+                ess = effective_sample_size(log_weights.view(len(prompts), k))
+                stats.ess.append(float(ess.mean()))
+                resample = (
+                    torch.ones(len(prompts), dtype=torch.bool)
+                    if config.ess_threshold is None
+                    else ess < config.ess_threshold * k
+                )
+            if not bool(resample.any()):
+                return None
+            drawn = resample_indices(log_weights.view(len(prompts), k), config.resampling, generator)
+            identity = torch.arange(len(particle_prompts))
+            indices = torch.where(resample.repeat_interleave(k), drawn, identity)
+            state.reindex(indices)
+            state.log_weights = torch.where(resample.repeat_interleave(k), 0.0, state.log_weights)
+            return indices
+
+        session = ParticleSession(
+            pipe,
+            self.reward,
+            particle_prompts,
+            config.scoring_steps,
+            policy,
+            call_sizes(pipe, kwargs),
+            max_batch=config.max_batch,
+            score_last=config.final_correction,
+        )
+        begin = time.perf_counter()
+        restore_noise = _seed_sde_noise(pipe.scheduler, config.seed)
+        try:
+            output = session.run(pipe, particle_kwargs(kwargs, particle_prompts, k))
+        finally:
+            restore_noise()
+        media = pipeline_media(output)
+        rewards = final_rewards(self.reward, media, particle_prompts, config.max_batch, session.stats)
+        for name, value in asdict(session.stats).items():
+            setattr(stats, name, value)
+        stats.seconds = time.perf_counter() - begin
+        best = [int(g * k + torch.argmax(rewards[g * k : (g + 1) * k])) for g in range(len(prompts))]
+        return SteeringOutput(convert_media(media, output_type), rewards, best, stats)
+
+
+def final_rewards(
+    reward: Reward, media: torch.Tensor, prompts: list[str], max_batch: int | None, stats: SessionStats
+) -> torch.Tensor:
+    """Score the final samples in chunks of ``max_batch``; NaN is the worst score and counted in ``stats``."""
+    chunk = max_batch or len(prompts)
+    scores = torch.cat([reward(media[i : i + chunk], prompts[i : i + chunk]) for i in range(0, len(prompts), chunk)])
+    scores, nan_count = nan_to_worst(check_scores(scores, len(prompts), reward.name), reward.worst)
+    stats.nan_scores += nan_count
+    stats.reward_evaluations += len(prompts)
+    return scores
+
+
+def _seed_sde_noise(scheduler: Any, seed: int) -> Any:
+    """Seed :class:`FlowMatchSDEScheduler`'s step noise for the call (unless the user set a generator)."""
+    if not hasattr(scheduler, "set_noise_generator") or scheduler.noise_generator is not None:
+        return lambda: None
+    scheduler.set_noise_generator(torch.Generator().manual_seed(seed))
+    return lambda: scheduler.set_noise_generator(None)
+
+
+def steer(pipe: Any, config: FKSteeringConfig, reward: Reward) -> FKSteering:
+    """FK steering for ``pipe`` with ``reward``: returns a callable that runs like the pipeline.
+
+    Works on any supported diffusers pipeline, accelerated or not (the particles are the batch, so
+    encoder reuse and the other features apply to every particle).
+
+    Example:
+        >>> steering = steer(pipe, FKSteeringConfig(num_particles=4), reward=clip_reward)  # doctest: +SKIP
+        >>> best_image = steering("a red circle", num_inference_steps=50, eta=1.0).best[0]  # doctest: +SKIP
+    """
+    return FKSteering(pipe, config, reward)

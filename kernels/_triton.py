@@ -1,0 +1,118 @@
+"""Shared plumbing of the Triton kernels: lazy JIT/interpreter choice and the dispatcher rule.
+
+A kernel decorated with :func:`jit` decides at *launch* time whether it is compiled for the GPU
+or run by Triton's interpreter, by reading ``triton.knobs.runtime.interpret`` (the
+``TRITON_INTERPRET`` environment variable). ``triton.jit`` itself decides once, at import time,
+so a test that sets the variable after something imported the kernels would still get compiled
+kernels; the lazy choice makes CPU tests independent of import order. Kernels decorated here must
+not call other ``@triton.jit`` helpers (write them inline).
+
+Every op takes ``impl="auto" | "triton" | "reference"``: ``"auto"`` runs Triton for CUDA tensors
+(or everywhere while the interpreter is on) and the plain-torch reference otherwise.
+
+Example:
+    >>> import torch
+    >>> resolve_impl("auto", torch.zeros(2))   # a CPU tensor, interpreter off
+    'reference'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import triton
+from triton.runtime.interpreter import InterpretedFunction, _patch_lang
+from triton.runtime.jit import JITFunction
+
+IMPLS = ("auto", "triton", "reference")
+
+
+def interpreting() -> bool:
+    """Whether Triton's interpreter is on (``TRITON_INTERPRET=1``), read now, not at import."""
+    return bool(triton.knobs.runtime.interpret)
+
+
+class LazyKernel:
+    """A Triton kernel compiled (or interpreted) on first launch; ``kernel[grid](*args)``."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self._compiled: dict[bool, Any] = {}
+
+    def __getitem__(self, grid: Any) -> Callable[..., Any]:
+        if not interpreting():
+            if "jit" not in self._compiled:
+                self._compiled["jit"] = triton.jit(self.fn)
+            return self._compiled["jit"][grid]
+        if "interpret" not in self._compiled:
+            self._compiled["interpret"] = InterpretedFunction(self.fn)
+        launch = self._compiled["interpret"][grid]
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            with _jit_helpers_interpreted():
+                return launch(*args, **kwargs)
+
+        return run
+
+
+@contextlib.contextmanager
+def _jit_helpers_interpreted() -> Iterator[None]:
+    """Let interpreted kernels call ``triton.language`` helpers that were jitted at import.
+
+    ``tl.max``, ``tl.sum`` and friends are ``@triton.jit`` functions; when the interpreter was
+    off at import they are compiled-mode objects that refuse host calls. During an interpreted
+    launch (CPU tests only) such calls run through the interpreter instead.
+    """
+    original = JITFunction.__call__
+
+    def call(self: JITFunction, *args: Any, **kwargs: Any) -> Any:
+        # InterpretedFunction.__call__ would patch triton.language for the interpreter and never
+        # undo it, breaking later compilation in this process: patch in a scope and restore.
+        scope = _patch_lang(self.fn)
+        try:
+            return _interpreted(self.fn).rewrite()(*args, **kwargs)
+        finally:
+            scope.restore()
+
+    JITFunction.__call__ = call
+    try:
+        yield
+    finally:
+        JITFunction.__call__ = original
+
+
+@functools.cache
+def _interpreted(fn: Callable[..., Any]) -> Any:
+    return InterpretedFunction(fn)
+
+
+def jit(fn: Callable[..., Any]) -> LazyKernel:
+    """Decorator: like ``triton.jit`` but choosing compiler or interpreter at launch."""
+    return LazyKernel(fn)
+
+
+def resolve_impl(impl: str, *tensors: torch.Tensor) -> str:
+    """``"triton"`` or ``"reference"`` for ``impl`` and the tensors' device; errors are clear."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    on_cuda = all(t.is_cuda for t in tensors)
+    if impl == "auto":
+        return "triton" if on_cuda or interpreting() else "reference"
+    if impl == "triton" and not (on_cuda or interpreting()):
+        raise ValueError("impl='triton' needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
+    return impl
+
+
+def check_float(name: str, tensor: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``tensor`` is a tensor of one of ``dtypes``."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in dtypes:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(
+            f"{name} must have dtype in ({allowed}), got {str(tensor.dtype).removeprefix('torch.')}"
+        )

@@ -1,0 +1,47 @@
+"""``diffaccel generate --particles K`` and ``--search METHOD`` (offline, tiny random model)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from diffaccel.cli import main
+
+PROMPT = "a red circle to the left of a blue square"  # a ShapeWorld caption: the default reward parses it
+
+
+def test_particles_write_the_best_image_and_steering_stats(tmp_path, capsys):
+    out, stats_path = tmp_path / "fk.png", tmp_path / "stats.json"
+    main(["generate", PROMPT, "--steps", "3", "--height", "32", "--width", "32", "--particles", "2",
+          "--resample-every", "1", "--out", str(out), "--stats-json", str(stats_path)])
+    printed = capsys.readouterr().out
+    assert Image.open(out).size == (32, 32)
+    assert "FK steering: 2 particles, resampled at steps [0, 1, 2], NFE 6" in printed
+    steering = json.loads(stats_path.read_text())["steering"]
+    assert steering["method"] == "fk" and len(steering["rewards"]) == 2
+    assert all(0.0 <= r <= 1.0 for r in steering["rewards"])  # verifier scores
+
+
+def test_search_spends_the_budget(tmp_path, capsys):
+    stats_path = tmp_path / "stats.json"
+    main(["generate", PROMPT, "--steps", "2", "--height", "32", "--width", "32", "--search", "random",
+          "--budget", "5", "--out", str(tmp_path / "search.png"), "--stats-json", str(stats_path)])
+    assert "random search: 2 candidates scored, NFE 4/5" in capsys.readouterr().out
+    steering = json.loads(stats_path.read_text())["steering"]
+    assert steering["nfe"] == 4 and len(steering["trace"]) == 2
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--particles", "0"], "must be >= 1"),
+        (["--particles", "2", "--search", "random"], "not allowed with argument"),
+        (["--search", "grid"], "invalid choice"),
+    ],
+)
+def test_bad_steering_flags(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        main(["generate", PROMPT, "--out", str(tmp_path / "x.png"), *argv])
+    assert message in capsys.readouterr().err
