@@ -26,12 +26,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence, Union
 
+from .attention import QuantizedAttentionConfig
 from .errors import DiffaccelError
 from .features.base import AttachedFeature, FeatureConfig
 from .features.encoder_reuse import EncoderReuseConfig
 
 #: Feature configs by their ``name``, for reading saved configurations back.
-FEATURE_CONFIGS: dict[str, type[FeatureConfig]] = {EncoderReuseConfig.name: EncoderReuseConfig}
+FEATURE_CONFIGS: dict[str, type[FeatureConfig]] = {
+    config.name: config for config in (EncoderReuseConfig, QuantizedAttentionConfig)
+}
 
 #: File that ``save_pretrained`` writes beside ``model_index.json``.
 ACCELERATION_CONFIG_NAME = "diffaccel_config.json"

@@ -130,3 +130,17 @@ def test_as_an_accelerate_feature_with_per_call_stats():
     np.testing.assert_array_equal(_run(pipe, "sd"), baseline)
     with pytest.raises(ValueError, match="QuantizedAttentionConfig.impl"):
         diffaccel.QuantizedAttentionConfig(impl="fast")
+
+
+def test_config_survives_save_pretrained(tmp_path):
+    """save_pretrained records quantized attention beside encoder reuse; from_pretrained restores both."""
+    from diffaccel import EncoderReuseConfig, QuantizedAttentionConfig
+    from diffaccel.acceleration import load_acceleration_config
+    from diffaccel.pipelines import AcceleratedStableDiffusionPipeline
+
+    configs = (EncoderReuseConfig("uniform:2", parallel=False), QuantizedAttentionConfig(impl="reference"))
+    pipe = AcceleratedStableDiffusionPipeline.from_pipe(tiny_pipeline("sd"), acceleration=configs)
+    pipe.save_pretrained(tmp_path)
+    assert tuple(load_acceleration_config(tmp_path)) == configs
+    loaded = AcceleratedStableDiffusionPipeline.from_pretrained(tmp_path)
+    assert loaded.acceleration == configs
