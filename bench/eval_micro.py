@@ -1,0 +1,144 @@
+"""Evaluate the micro models on held-out ShapeWorld prompts; writes bench/results/eval_micro_<device>.json.
+
+micro-SD: the verifier's accuracy (all criteria met) and mean score per prompt kind, at 25-50 DDIM
+steps, next to the same pipeline with a random-weight UNet (the floor); FID against real renders of
+held-out scenes with micro-CLIP's image features (torchmetrics' pluggable feature extractor).
+micro-CLIP: zero-shot caption retrieval and hard-negative accuracy on held-out images.
+
+    python bench/eval_micro.py --steps 25 --prompts 64 --fid-images 256
+    python bench/eval_micro.py --sd runs/micro-sd/export --skip-clip   # a checkpoint's export
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import torch
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "train"))
+
+
+def generate(pipe, prompts: list[str], steps: int, guidance: float, seed: int, batch: int) -> torch.Tensor:
+    """Images (N, 3, 64, 64) in [0, 1]; chunk ``i`` is seeded with ``seed + i``."""
+    out = []
+    for i, start in enumerate(range(0, len(prompts), batch)):
+        chunk = prompts[start:start + batch]
+        images = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, output_type="pt",
+                      generator=torch.Generator().manual_seed(seed + i)).images
+        out.append(images.float().cpu())
+    return torch.cat(out)
+
+
+def verifier_scores(images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
+    from diffaccel.shapeworld import Verifier
+
+    results = Verifier().verify(images, prompts)
+    return {"accuracy": sum(r.passed for r in results) / len(results),
+            "mean_score": sum(r.score for r in results) / len(results)}
+
+
+def fid(real: torch.Tensor, fake: torch.Tensor, features: torch.nn.Module) -> float:
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    device = next(features.parameters()).device
+    metric = FrechetInceptionDistance(feature=features, normalize=True).to(device)
+    metric.update(real.to(device), real=True)
+    metric.update(fake.to(device), real=False)
+    return float(metric.compute())
+
+
+def evaluate_sd(args: argparse.Namespace, features: torch.nn.Module) -> dict:
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from diffaccel.shapeworld import ShapeWorldImages, eval_prompts
+    from diffaccel.testing.components import seeded
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(args.sd), torch_dtype=torch.float32,
+                                                   local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(args.device)
+    with seeded(args.seed, "random-unet"):
+        random_unet = UNet2DConditionModel.from_config(pipe.unet.config).to(args.device)
+    report: dict = {"model": str(args.sd), "steps": args.steps, "guidance_scale": args.guidance,
+                    "prompts_per_kind": args.prompts, "kinds": {}}
+    for kind in args.kinds:
+        prompts = eval_prompts(kind, args.prompts, seed=args.seed, split="heldout")
+        start = time.perf_counter()
+        trained = verifier_scores(generate(pipe, prompts, args.steps, args.guidance, args.seed, args.batch),
+                                  prompts)
+        seconds = time.perf_counter() - start
+        unet, pipe.unet = pipe.unet, random_unet
+        floor = verifier_scores(generate(pipe, prompts, args.steps, args.guidance, args.seed, args.batch),
+                                prompts)
+        pipe.unet = unet
+        report["kinds"][kind] = {"trained": trained, "random_unet": floor, "seconds": round(seconds, 1)}
+        print(f"{kind:9s} accuracy {trained['accuracy']:.3f} (random UNet {floor['accuracy']:.3f}), "
+              f"mean score {trained['mean_score']:.3f} (random {floor['mean_score']:.3f})", flush=True)
+    if args.fid_images:
+        data = ShapeWorldImages("heldout", 64, length=args.fid_images, seed=args.seed + 1)
+        items = [data[i] for i in range(args.fid_images)]
+        real = (torch.stack([p for p, _ in items]) + 1) / 2
+        fake = generate(pipe, [c for _, c in items], args.steps, args.guidance, args.seed, args.batch)
+        report["fid_micro_clip"] = fid(real, fake, features)
+        other = (torch.stack([ShapeWorldImages("heldout", 64, length=args.fid_images, seed=args.seed + 2)[i][0]
+                              for i in range(args.fid_images)]) + 1) / 2
+        report["fid_real_vs_real"] = fid(real, other, features)  # the floor: two sets of renders
+        print(f"FID (micro-CLIP features, {args.fid_images} images): {report['fid_micro_clip']:.2f}; "
+              f"real vs real {report['fid_real_vs_real']:.2f}", flush=True)
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from diffaccel.micro_models import (
+        MicroClipFeatures,
+        load_micro_clip,
+        micro_model_path,
+    )
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sd", type=pathlib.Path, default=None, help="micro-SD folder (default: bundled)")
+    parser.add_argument("--steps", type=int, default=25, help="DDIM steps (25-50)")
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--prompts", type=int, default=64, help="held-out prompts per kind")
+    parser.add_argument("--kinds", nargs="+", default=["single", "relation", "count"],
+                        choices=["single", "relation", "count"])
+    parser.add_argument("--fid-images", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-clip", action="store_true")
+    parser.add_argument("--skip-sd", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=pathlib.Path, default=None)
+    args = parser.parse_args(argv)
+    if not 1 <= args.steps <= 1000:
+        raise ValueError(f"--steps must be in [1, 1000], got {args.steps}")
+    if args.prompts < 1:
+        raise ValueError(f"--prompts must be >= 1, got {args.prompts}")
+    if args.fid_images and args.fid_images < 2:
+        raise ValueError(f"--fid-images must be 0 or >= 2, got {args.fid_images}")
+    torch.set_num_threads(args.threads)
+    clip, tokenizer = load_micro_clip(args.device)
+    report: dict = {"device": args.device}
+    if not args.skip_clip:
+        import micro_clip
+
+        report["micro_clip"] = micro_clip.evaluate(clip, tokenizer, n=256, batch=64)
+        print("micro-CLIP:", json.dumps(report["micro_clip"]), flush=True)
+    if not args.skip_sd:
+        args.sd = args.sd or micro_model_path("micro-sd")
+        report["micro_sd"] = evaluate_sd(args, MicroClipFeatures(clip))
+    out = args.out or REPO / "bench" / "results" / f"eval_micro_{args.device.split(':')[0]}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""Micro models: training scripts (tiny configs) run, resume identically and export folders that the
+stock diffusers/transformers classes load offline; the bundled models, when present, work."""
+
+from __future__ import annotations
+
+import pathlib
+import signal
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "train"))
+
+import micro_clip
+import micro_sd
+import micro_vae
+import micro_video
+
+from diffaccel import micro_models
+
+
+@pytest.fixture(autouse=True)
+def _restore_process_state():
+    """The scripts set torch's thread count and SIGINT/SIGTERM handlers: put them back."""
+    threads = torch.get_num_threads()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    torch.set_num_threads(threads)
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
+def _tiny(run_dir: pathlib.Path, steps: int, *extra: str) -> list[str]:
+    return ["--config", "tiny", "--steps", str(steps), "--run-dir", str(run_dir), "--threads", "1",
+            "--save-every", "100", *extra]
+
+
+def _assert_resumes_identically(script, tmp: pathlib.Path, *extra: str) -> None:
+    """Two steps in one go == one step, stop, resume, one more step (weights and optimizer)."""
+    script.main(_tiny(tmp / "straight", 2, *extra))
+    script.main(_tiny(tmp / "resumed", 1, *extra))
+    script.main(_tiny(tmp / "resumed", 2, "--resume", *extra))
+    straight = load_file(str(tmp / "straight" / "last.safetensors"))
+    resumed = load_file(str(tmp / "resumed" / "last.safetensors"))
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)
+    # and training did something: a one-step run differs from the two-step one
+    script.main(_tiny(tmp / "one", 1, *extra))
+    one = load_file(str(tmp / "one" / "last.safetensors"))
+    assert any(not torch.equal(one[k], straight[k]) for k in straight if k.startswith("model."))
+
+
+@pytest.fixture(scope="module")
+def tiny_exports(tmp_path_factory) -> dict[str, pathlib.Path]:
+    """Tiny micro-CLIP, VAE and micro-SD folders exported by the scripts (2 steps each)."""
+    root = tmp_path_factory.mktemp("exports")
+    threads = torch.get_num_threads()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    micro_clip.main(_tiny(root / "rc", 2, "--batch-size", "4", "--eval-images", "0",
+                          "--export", str(root / "micro-clip")))
+    micro_vae.main(_tiny(root / "rv", 2, "--batch-size", "2", "--eval-images", "0",
+                         "--export", str(root / "vae")))
+    micro_sd.main(_tiny(root / "rs", 2, "--batch-size", "2", "--clip", str(root / "micro-clip"),
+                        "--vae", str(root / "vae"), "--export", str(root / "micro-sd")))
+    torch.set_num_threads(threads)
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+    return {"root": root, "clip": root / "micro-clip", "vae": root / "vae", "sd": root / "micro-sd"}
+
+
+def test_clip_training_resumes_identically(tmp_path):
+    _assert_resumes_identically(micro_clip, tmp_path, "--batch-size", "4", "--eval-images", "0")
+
+
+def test_vae_training_resumes_identically(tmp_path):
+    _assert_resumes_identically(micro_vae, tmp_path, "--batch-size", "2", "--eval-images", "0")
+
+
+def test_sd_training_resumes_identically(tmp_path, tiny_exports):
+    _assert_resumes_identically(micro_sd, tmp_path, "--batch-size", "2", "--clip", str(tiny_exports["clip"]),
+                                "--vae", str(tiny_exports["vae"]))
+    ema = load_file(str(tmp_path / "straight" / "last.safetensors"))
+    assert any(k.startswith("ema.") for k in ema)  # the EMA is checkpointed too
+
+
+def test_video_training_resumes_identically(tmp_path):
+    _assert_resumes_identically(micro_video, tmp_path, "--stage", "vae", "--batch-size", "1")
+    micro_video.main(_tiny(tmp_path / "v", 1, "--stage", "vae", "--batch-size", "1",
+                           "--export", str(tmp_path / "vae")))
+    _assert_resumes_identically(micro_video, tmp_path / "dit", "--stage", "dit", "--batch-size", "1",
+                                "--vae", str(tmp_path / "vae"))
+
+
+def test_video_export_loads_with_wan_pipeline(tmp_path):
+    from diffusers import WanPipeline
+
+    micro_video.main(_tiny(tmp_path / "v", 1, "--stage", "vae", "--batch-size", "1",
+                           "--export", str(tmp_path / "vae")))
+    micro_video.main(_tiny(tmp_path / "d", 1, "--stage", "dit", "--batch-size", "1",
+                           "--vae", str(tmp_path / "vae"), "--export", str(tmp_path / "micro-video")))
+    pipe = WanPipeline.from_pretrained(str(tmp_path / "micro-video"), torch_dtype=torch.float32,
+                                       local_files_only=True)
+    assert pipe.transformer.dtype == torch.float32
+    frames = pipe("a red circle moving left", num_inference_steps=2, height=64, width=64, num_frames=9,
+                  output_type="np", generator=torch.Generator().manual_seed(0)).frames
+    assert frames.shape == (1, 9, 64, 64, 3) and np.isfinite(frames).all()
+
+
+def test_exports_are_fp16_and_load_offline(tiny_exports):
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPImageProcessor, CLIPModel
+
+    clip = CLIPModel.from_pretrained(str(tiny_exports["clip"]), local_files_only=True)
+    assert next(clip.parameters()).dtype == torch.float16  # stored dtype
+    assert CLIPImageProcessor.from_pretrained(str(tiny_exports["clip"])).crop_size["height"] == 64
+    for file in tiny_exports["sd"].rglob("*.safetensors"):
+        assert all(t.dtype == torch.float16 for t in load_file(str(file)).values()), file
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_exports["sd"]), torch_dtype=torch.float32,
+                                                   local_files_only=True)
+    assert [b for b in pipe.unet.config.down_block_types] == ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
+    assert pipe.unet.config.mid_block_type == "UNetMidBlock2DCrossAttn"
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    # the text encoder is micro-CLIP's text tower, weight for weight
+    torch.testing.assert_close(pipe.text_encoder.embeddings.token_embedding.weight,
+                               clip.text_model.embeddings.token_embedding.weight.float())
+    image = pipe("a red circle", num_inference_steps=2, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+
+
+def test_loaders_and_clear_errors(tiny_exports, monkeypatch, tmp_path):
+    with pytest.raises(ValueError, match="name must be one of"):
+        micro_models.micro_model_path("micro-gan")
+    monkeypatch.setenv("DIFFACCEL_MODELS", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="micro-sd is not at .* train/micro_sd.py"):
+        micro_models.load_micro_sd()
+    monkeypatch.setenv("DIFFACCEL_MODELS", str(tiny_exports["root"]))
+    pipe = micro_models.load_micro_sd()
+    image = pipe("a blue square", num_inference_steps=2, output_type="np").images
+    assert np.isfinite(image).all()
+    model, tokenizer = micro_models.load_micro_clip()
+    features = micro_models.MicroClipFeatures(model)
+    out = features(torch.randint(0, 256, (3, 3, 299, 299), dtype=torch.uint8))
+    assert out.shape == (3, features.num_features) and torch.isfinite(out).all()
+    assert tokenizer("a red circle").input_ids[-1] == model.config.text_config.eos_token_id
+
+
+def test_eval_script_runs_on_a_tiny_export(tiny_exports, monkeypatch, tmp_path):
+    sys.path.insert(0, str(REPO / "bench"))
+    import eval_micro
+
+    monkeypatch.setenv("DIFFACCEL_MODELS", str(tiny_exports["root"]))
+    report = eval_micro.main(["--steps", "2", "--prompts", "2", "--kinds", "single", "--fid-images", "20",
+                              "--batch", "20", "--threads", "1", "--skip-clip", "--out",
+                              str(tmp_path / "r.json")])
+    single = report["micro_sd"]["kinds"]["single"]
+    assert 0 <= single["trained"]["accuracy"] <= 1 and 0 <= single["random_unet"]["mean_score"] <= 1
+    assert np.isfinite(report["micro_sd"]["fid_micro_clip"]) and report["micro_sd"]["fid_micro_clip"] >= 0
+    assert (tmp_path / "r.json").is_file()
+    with pytest.raises(ValueError, match="--steps"):
+        eval_micro.main(["--steps", "0"])
+
+
+def test_perturbed_captions_contradict_the_scene():
+    from diffaccel.shapeworld import ShapeWorldImages, Verifier
+
+    data = ShapeWorldImages("train", 64, length=24, seed=5)
+    rng = np.random.default_rng(0)
+    images = [data[i][0] for i in range(24)]
+    scenes = [data.scene(i) for i in range(24)]
+    negatives = [micro_clip.perturb(s, rng).caption for s in scenes]
+    assert all(n != s.caption for n, s in zip(negatives, scenes))
+    results = Verifier().verify((torch.stack(images) + 1) / 2, negatives)
+    assert not any(r.passed for r in results)
+
+
+@pytest.mark.skipif(not (micro_models.models_dir() / "micro-clip" / "config.json").is_file(),
+                    reason="micro-CLIP has not been exported to assets/models yet")
+def test_bundled_micro_clip_prefers_true_captions():
+    model, tokenizer = micro_models.load_micro_clip()
+    scores = micro_clip.evaluate(model, tokenizer, n=64, batch=32, seed=3)
+    # a random CLIP is at ~0.5 on hard negatives and ~1/32 on retrieval
+    assert scores["retrieval"] > 0.2
+    assert scores["hard_single"] > 0.7
+
+
+@pytest.mark.skipif(not (micro_models.models_dir() / "micro-sd" / "model_index.json").is_file(),
+                    reason="micro-SD has not been exported to assets/models yet")
+def test_bundled_micro_sd_draws_single_objects():
+    from diffaccel.shapeworld import Verifier, eval_prompts
+
+    pipe = micro_models.load_micro_sd()
+    prompts = eval_prompts("single", 8, seed=0, split="train")
+    images = pipe(prompts, num_inference_steps=20, guidance_scale=5.0, output_type="pt",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert torch.isfinite(images).all()
+    scores = [r.score for r in Verifier().verify(images, prompts)]
+    assert sum(scores) / len(scores) > 0.5  # random weights draw no object at all (score ~0)
