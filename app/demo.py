@@ -1,7 +1,7 @@
 """Gradio demo: text-to-image with and without diffaccel's encoder reuse, side by side.
 
     pip install -e ".[app]"
-    python app/demo.py [--model PATH]     # default: the tiny random-weight SD pipeline (offline)
+    python app/demo.py [--model PATH]     # default: the bundled micro-SD (offline)
 
 The generation itself is :func:`compare`, usable without Gradio.
 """

@@ -4,8 +4,10 @@ Example:
     $ diffaccel generate "a red circle to the left of a blue square" --steps 50 \\
         --encoder-reuse faster-diffusion --out image.png
 
-Without ``--model`` it uses :data:`DEFAULT_MODEL`, a tiny random-weight Stable Diffusion
-pipeline built offline (it draws noise: it shows the machinery, not a picture).
+Without ``--model`` it uses :data:`DEFAULT_MODEL`, the bundled micro-SD (trained on ShapeWorld,
+offline, 64x64), and prints the ShapeWorld verifier's score when the prompt is a ShapeWorld caption.
+``--model diffaccel/tiny-random-sd`` is a tiny random-weight pipeline built in code (it draws
+noise: it shows the machinery, not a picture).
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ import os
 import sys
 from typing import Any, Sequence
 
-#: Built-in offline model: a tiny Stable Diffusion pipeline with RANDOM weights.
-DEFAULT_MODEL = "diffaccel/tiny-random-sd"
+#: The bundled micro-SD (``assets/models/micro-sd``), trained on ShapeWorld scenes.
+DEFAULT_MODEL = "micro-sd"
+#: A tiny Stable Diffusion pipeline with RANDOM weights, built in code.
+RANDOM_MODEL = "diffaccel/tiny-random-sd"
+_BUILTIN_MODELS = (DEFAULT_MODEL, RANDOM_MODEL)
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -44,11 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="generate an image from a prompt")
     gen.add_argument("prompt")
-    gen.add_argument("--model", default=DEFAULT_MODEL, help=f"local folder or hub id (default: {DEFAULT_MODEL}, random weights)")
+    gen.add_argument("--model", default=DEFAULT_MODEL, help=f"local folder, hub id, {DEFAULT_MODEL} (the default, bundled) or {RANDOM_MODEL}")
     gen.add_argument("--out", required=True, help="output image file (.png, .jpg, .webp)")
     gen.add_argument("--steps", type=_positive_int, default=50)
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--guidance-scale", type=float, default=7.5)
+    gen.add_argument("--guidance-scale", type=float, default=None, help="default: 5 for micro-sd, else 7.5")
     gen.add_argument("--height", type=_positive_int, default=None)
     gen.add_argument("--width", type=_positive_int, default=None)
     gen.add_argument(
@@ -71,18 +76,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_pipeline(model: str, device: str, dtype: Any) -> Any:
-    """Load ``model`` (a local folder, a hub id, or :data:`DEFAULT_MODEL`) onto ``device``.
+    """Load ``model`` (a local folder, a hub id, :data:`DEFAULT_MODEL` or :data:`RANDOM_MODEL`).
 
     Example:
         >>> import torch
-        >>> pipe = load_pipeline(DEFAULT_MODEL, "cpu", torch.float32)  # doctest: +SKIP
+        >>> type(load_pipeline(DEFAULT_MODEL, "cpu", torch.float32)).__name__
+        'StableDiffusionPipeline'
     """
     import torch
 
     if model == DEFAULT_MODEL:
+        from .micro_models import load_micro_sd
+
+        print(f"model: {DEFAULT_MODEL} (bundled, trained on ShapeWorld, 64x64)", file=sys.stderr)
+        return load_micro_sd(device, dtype)
+    if model == RANDOM_MODEL:
         from .testing import tiny_pipeline
 
-        print(f"model: {DEFAULT_MODEL} (tiny, RANDOM weights: the image is noise)", file=sys.stderr)
+        print(f"model: {RANDOM_MODEL} (tiny, RANDOM weights: the image is noise)", file=sys.stderr)
         pipe = tiny_pipeline("sd", sample_size=32).to(device)
         return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
     from diffusers import DiffusionPipeline
@@ -98,7 +109,7 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
 
     if not args.out.lower().endswith(_IMAGE_SUFFIXES):
         raise SystemExit(f"--out must end with one of {', '.join(_IMAGE_SUFFIXES)}: {args.out}")
-    if args.model != DEFAULT_MODEL and not os.path.isdir(args.model) and os.path.sep in args.model:
+    if args.model not in _BUILTIN_MODELS and not os.path.isdir(args.model) and os.path.sep in args.model:
         raise SystemExit(f"--model: no such folder: {args.model}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
@@ -118,7 +129,8 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
     pipe.set_progress_bar_config(disable=False, desc="denoising")
     size = {k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None}
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
-    call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale, generator=generator, **size)
+    guidance = args.guidance_scale if args.guidance_scale is not None else (5.0 if args.model == DEFAULT_MODEL else 7.5)
+    call = dict(num_inference_steps=args.steps, guidance_scale=guidance, generator=generator, **size)
     steering = None
     if args.particles is not None or args.search is not None:
         from .steering.cli_options import run_steering
@@ -141,12 +153,30 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
             f"decoder evaluations: {reuse['decoder_evaluations']} in {reuse['batched_decoder_calls']} calls"
             f"{' (parallel)' if reuse['parallel'] else ''}"
         )
+    verification = _verify(image, args.prompt)
+    if verification is not None:
+        stats["verifier"] = verification
     if steering is not None:
         stats["steering"] = steering
     if args.stats_json:
         with open(args.stats_json, "w", encoding="utf-8") as handle:
             json.dump(stats, handle, indent=2)
     return stats
+
+
+def _verify(image: Any, prompt: str) -> dict[str, Any] | None:
+    """Print and return the ShapeWorld verifier's result, or None when ``prompt`` is not a caption."""
+    from .shapeworld import Verifier, parse_prompt
+
+    try:
+        parse_prompt(prompt)
+    except ValueError:
+        print("verifier: skipped (not a ShapeWorld caption)")
+        return None
+    result = Verifier().verify([image], [prompt])[0]
+    failed = [name for name, ok in result.criteria.items() if not ok]
+    print(f"verifier: score {result.score:.2f}" + (f" (failed: {', '.join(failed)})" if failed else " (all criteria met)"))
+    return {"score": result.score, "passed": result.passed, "criteria": dict(result.criteria)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from diffaccel.cli import main
+from diffaccel.cli import RANDOM_MODEL, main
 from diffaccel.testing import tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_generate_writes_image_and_summary(tmp_path, capsys):
     out, stats_path = tmp_path / "image.png", tmp_path / "stats.json"
-    main(["generate", "a red circle", "--steps", "6", "--encoder-reuse", "uniform:3", "--parallel",
+    main(["generate", "a red circle", "--model", RANDOM_MODEL, "--steps", "6", "--encoder-reuse", "uniform:3", "--parallel",
           "--max-parallel-steps", "2", "--out", str(out), "--stats-json", str(stats_path)])
     printed = capsys.readouterr().out
     assert Image.open(out).size == (256, 256)
@@ -28,8 +28,25 @@ def test_generate_writes_image_and_summary(tmp_path, capsys):
 
 
 def test_generate_without_reuse(tmp_path, capsys):
-    main(["generate", "a red circle", "--steps", "3", "--out", str(tmp_path / "plain.png")])
+    main(["generate", "a red circle", "--model", RANDOM_MODEL, "--steps", "3", "--out", str(tmp_path / "plain.png")])
     assert "3 full (encoder reuse off)" in capsys.readouterr().out
+
+
+def test_default_model_draws_the_prompt(tmp_path, capsys):
+    """The bundled micro-SD is the default; the verifier's verdict is printed and saved."""
+    out, stats_path = tmp_path / "micro.png", tmp_path / "stats.json"
+    main(["generate", "a red circle", "--steps", "25", "--encoder-reuse", "faster-diffusion", "--out", str(out),
+          "--stats-json", str(stats_path)])
+    printed = capsys.readouterr()
+    assert "model: micro-sd" in printed.err and Image.open(out).size == (64, 64)
+    verdict = json.loads(stats_path.read_text())["verifier"]
+    assert verdict["criteria"] == {"object_0_color": True, "object_0_shape": True} and verdict["score"] == 1.0
+    assert "verifier: score 1.00 (all criteria met)" in printed.out
+
+
+def test_verifier_skips_prompts_outside_shapeworld(tmp_path, capsys):
+    main(["generate", "a photo of a cat", "--model", RANDOM_MODEL, "--steps", "2", "--out", str(tmp_path / "cat.png")])
+    assert "verifier: skipped (not a ShapeWorld caption)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
