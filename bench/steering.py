@@ -29,6 +29,7 @@ import time
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -112,7 +113,7 @@ class Bench:
         reward = self.rewards[steer_name]
         rows, seconds = [], []
         for seed in self.seeds:
-            for prompt in self.prompts:
+            for prompt in tqdm(self.prompts, desc=f"{method} nfe={nfe} steer={steer_name} seed={seed}", leave=False):
                 begin = time.perf_counter()
                 if method == "fk":
                     k = nfe // self.steps
@@ -216,6 +217,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--ks", default="4,8", help="FK particle counts compared with k = 1 and best-of-N")
+    parser.add_argument("--multiples", default="1,2,4,8,16", help="NFE budgets of the curves, in multiples of --steps")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tag", default=None, help="results file tag (default: quick, or the device)")
     args = parser.parse_args(argv)
@@ -223,7 +226,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error("--image-model is required without --quick")
     if args.quick:
         args.prompts, args.seeds, args.steps = 1, 1, 4
-    ks, multiples = ([2, 4], [1, 2, 4]) if args.quick else ([4, 8], [1, 2, 4, 8, 16])
+    ks, multiples = ([int(v) for v in text.split(",")] for text in (args.ks, args.multiples))
+    if args.quick:
+        ks, multiples = [2, 4], [1, 2, 4]
     if args.clip is None and not args.quick:
         from diffaccel.micro_models import micro_model_path
 
