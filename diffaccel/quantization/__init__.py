@@ -1,0 +1,46 @@
+"""Quantized Linear layers for diffusers denoisers: NVFP4 (W4A16, optionally nested) and INT8 (W8A8).
+
+* :class:`QuantizedLinear`: the drop-in Linear module (:mod:`.linear`).
+* :class:`QuantizationConfig`: which layer gets which format (:mod:`.config`); also a
+  :func:`diffaccel.accelerate` feature (:mod:`.feature`).
+* :func:`quantize_`: swap a model's Linear layers in place (:mod:`.quantize`).
+* :func:`memory_report`: bits per weight and bytes against bf16 (:mod:`.report`).
+* :func:`load_quantized`: load what a quantized model's ``save_pretrained`` wrote (:mod:`.serialization`).
+
+Example:
+    >>> import diffaccel, torch
+    >>> from diffaccel.testing import tiny_pipeline
+    >>> from diffaccel.quantization import QuantizationConfig, memory_report, quantize_
+    >>> pipe = tiny_pipeline("pixart-sigma")
+    >>> _ = quantize_(pipe.transformer, QuantizationConfig("int8", min_weight_numel=0))
+    >>> memory_report(pipe.transformer).counts
+    {'int8': 20, 'bf16': 6}
+"""
+
+from .config import CONFIG_PRECISIONS, DEFAULT_EXCLUDE, EMBEDDING_EXCLUDE, QuantizationConfig
+from .feature import QuantizationFeature, QuantizationStats
+from .linear import PRECISIONS, QuantizedLinear
+from .quantize import SUPPORTED_MODELS, is_quantized, quantization_plan, quantize_, quantized_layers
+from .report import LayerMemory, MemoryReport, memory_report
+from .serialization import QUANTIZATION_FILE, load_quantized
+
+__all__ = [
+    "CONFIG_PRECISIONS",
+    "DEFAULT_EXCLUDE",
+    "EMBEDDING_EXCLUDE",
+    "LayerMemory",
+    "MemoryReport",
+    "PRECISIONS",
+    "QUANTIZATION_FILE",
+    "QuantizationConfig",
+    "QuantizationFeature",
+    "QuantizationStats",
+    "QuantizedLinear",
+    "SUPPORTED_MODELS",
+    "is_quantized",
+    "load_quantized",
+    "memory_report",
+    "quantization_plan",
+    "quantize_",
+    "quantized_layers",
+]

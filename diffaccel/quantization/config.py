@@ -1,0 +1,188 @@
+"""``QuantizationConfig``: which Linear layers of a denoiser get which weight format.
+
+Per layer, in this order:
+
+1. Only Linear layers in the model's *scope* are considered: every ``nn.Linear`` of a diffusers
+   transformer; for a ``UNet2DConditionModel`` only those inside its transformer blocks (the
+   ``attentions`` of the down/mid/up blocks), not the time embedding or the resnets' ``time_emb_proj``.
+2. A layer matching an ``exclude`` pattern, or with fewer than ``min_weight_numel`` weights, stays
+   as it is.
+3. Otherwise the first ``overrides`` pattern that matches decides its precision, else ``precision``.
+
+Precisions: ``"nvfp4"`` (4.5 bits per weight; 9 with ``residual=True``, see
+:class:`~diffaccel.quantization.QuantizedLinear`), ``"int8"`` (W8A8) and ``"bf16"`` (leave the
+layer as it is). Patterns are :func:`fnmatch.fnmatchcase` patterns on the module's qualified name
+(``"transformer_blocks.0.attn.to_q"``).
+
+The default ``exclude`` (:data:`DEFAULT_EXCLUDE`) keeps the layers that are small in real models
+and sensitive to error unquantized, picked by reading the Flux, SD3, PixArt, Wan, CogVideoX, LTX
+transformers and the UNet:
+
+* ``*embed*``: time / text / guidance / pooled embeddings, ``context_embedder``, ``x_embedder``,
+  ``patch_embed.*``, Wan's ``condition_embedder.*`` (incl. its ``time_proj``), LTX's ``time_embed.*``;
+* ``*caption_proj*``: PixArt's and LTX's caption projections;
+* ``*adaln*`` and ``*norm*``: adaLN modulation Linears (``norm1.linear``, ``norm1_context.linear``,
+  ``norm.linear``, ``norm2.linear``, ``norm_out.linear``, PixArt's ``adaln_single.*``): they scale
+  and shift every token, so their error is amplified. In Flux they are about 18% of the weights:
+  pass ``exclude=EMBEDDING_EXCLUDE`` (or your own tuple) to quantize them too;
+* ``*time_emb_proj*``: the UNet resnets' time projections (outside the UNet scope anyway);
+* ``proj_in`` and ``proj_out``: the model-level input patch projection (LTX) and the final output
+  projection (only the top-level modules: ``single_transformer_blocks.0.proj_out`` is quantized).
+
+Example:
+    >>> config = QuantizationConfig("nvfp4", overrides={"*.ff.*": "int8"}, min_weight_numel=0)
+    >>> config.overrides
+    (('*.ff.*', 'int8'),)
+    >>> QuantizationConfig.from_dict(config.to_dict()) == config
+    True
+    >>> config.precision_for("transformer_blocks.0.ff.net.2", 4096)
+    'int8'
+    >>> config.precision_for("transformer_blocks.0.norm1.linear", 4096)
+    'bf16'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Any, Union
+
+from ..features.base import FeatureConfig
+from ..kernels._triton import IMPLS
+
+#: Values of ``QuantizationConfig.precision`` and of its ``overrides``.
+CONFIG_PRECISIONS: tuple[str, ...] = ("nvfp4", "int8", "bf16")
+
+#: The embedding and input/output projection patterns of :data:`DEFAULT_EXCLUDE`, without the norms.
+EMBEDDING_EXCLUDE: tuple[str, ...] = (
+    "*embed*",
+    "*caption_proj*",
+    "*time_emb_proj*",
+    "proj_in",
+    "proj_out",
+)
+
+#: The default ``exclude``: embeddings and projections plus the adaLN / norm modulation Linears.
+DEFAULT_EXCLUDE: tuple[str, ...] = EMBEDDING_EXCLUDE + ("*adaln*", "*norm*")
+
+OverridesLike = Union[Mapping[str, str], Iterable[tuple[str, str]]]
+
+
+@dataclass(frozen=True)
+class QuantizationConfig(FeatureConfig):
+    """How :func:`~diffaccel.quantization.quantize_` quantizes a denoiser's Linear layers.
+
+    Also a :func:`diffaccel.accelerate` feature (``name = "quantization"``) that quantizes the
+    pipeline's ``transformer`` or ``unet``; see :mod:`diffaccel.quantization.feature`.
+
+    Args:
+        precision: format of the eligible layers no override names: ``"nvfp4"``, ``"int8"``, ``"bf16"``.
+        overrides: ``{pattern: precision}`` (or ``(pattern, precision)`` pairs), first match wins;
+            stored as a tuple of pairs so the config stays hashable.
+        exclude: patterns of layers that stay unquantized (default :data:`DEFAULT_EXCLUDE`).
+        min_weight_numel: layers with fewer weights stay unquantized (too small to gain).
+        residual: store the nested NVFP4 residual on nvfp4 layers (for dynamic precision).
+        impl: kernel choice, ``"auto"`` (Triton on CUDA), ``"triton"`` or ``"reference"``.
+
+    Example:
+        >>> QuantizationConfig(precision="fp8")
+        Traceback (most recent call last):
+        ...
+        ValueError: QuantizationConfig.precision must be one of ('nvfp4', 'int8', 'bf16'), got 'fp8'
+    """
+
+    name = "quantization"
+
+    precision: str = "nvfp4"
+    overrides: OverridesLike = ()
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    min_weight_numel: int = 16384
+    residual: bool = False
+    impl: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.precision not in CONFIG_PRECISIONS:
+            raise ValueError(
+                f"QuantizationConfig.precision must be one of {CONFIG_PRECISIONS}, got {self.precision!r}"
+            )
+        pairs = tuple(self.overrides.items()) if isinstance(self.overrides, Mapping) else self.overrides
+        try:
+            pairs = tuple((pattern, value) for pattern, value in pairs)
+        except (TypeError, ValueError):
+            raise ValueError(
+                "QuantizationConfig.overrides must be a mapping {pattern: precision} or (pattern, precision) "
+                f"pairs, got {self.overrides!r}"
+            ) from None
+        for pattern, value in pairs:
+            if not isinstance(pattern, str) or not pattern:
+                raise ValueError(f"QuantizationConfig.overrides patterns must be non-empty strings, got {pattern!r}")
+            if value not in CONFIG_PRECISIONS:
+                raise ValueError(
+                    f"QuantizationConfig.overrides[{pattern!r}] must be one of {CONFIG_PRECISIONS}, got {value!r}"
+                )
+        object.__setattr__(self, "overrides", pairs)
+        if isinstance(self.exclude, str):
+            raise ValueError(f"QuantizationConfig.exclude must be a tuple of patterns, got the string {self.exclude!r}")
+        exclude = tuple(self.exclude)
+        if not all(isinstance(p, str) and p for p in exclude):
+            raise ValueError(f"QuantizationConfig.exclude must hold non-empty strings, got {exclude!r}")
+        object.__setattr__(self, "exclude", exclude)
+        if isinstance(self.min_weight_numel, bool) or not isinstance(self.min_weight_numel, int) or self.min_weight_numel < 0:
+            raise ValueError(f"QuantizationConfig.min_weight_numel must be an int >= 0, got {self.min_weight_numel!r}")
+        if not isinstance(self.residual, bool):
+            raise ValueError(f"QuantizationConfig.residual must be True or False, got {self.residual!r}")
+        if self.impl not in IMPLS:
+            raise ValueError(f"QuantizationConfig.impl must be one of {IMPLS}, got {self.impl!r}")
+
+    def precision_for(self, name: str, weight_numel: int) -> str:
+        """The precision of the in-scope Linear ``name`` with ``weight_numel`` weights (``"bf16"``: untouched).
+
+        Example:
+            >>> QuantizationConfig().precision_for("blocks.0.attn1.to_q", 100)   # below min_weight_numel
+            'bf16'
+        """
+        if any(fnmatchcase(name, pattern) for pattern in self.exclude) or weight_numel < self.min_weight_numel:
+            return "bf16"
+        for pattern, value in self.overrides:
+            if fnmatchcase(name, pattern):
+                return value
+        return self.precision
+
+    def attach(self, pipe: Any) -> Any:
+        """Quantize ``pipe``'s denoiser (see :class:`~diffaccel.quantization.feature.QuantizationFeature`)."""
+        from .feature import QuantizationFeature
+
+        return QuantizationFeature.attach(self, pipe)
+
+    def pretrained_components(self, path: str, load_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """Components ``from_pretrained(path)`` should take as saved: the quantized denoiser, if any.
+
+        Called by :meth:`diffaccel.acceleration.AcceleratedPipelineMixin.from_pretrained`, so a saved
+        quantized denoiser is loaded back without re-quantizing (see
+        :func:`~diffaccel.quantization.feature.load_quantized_components`).
+        """
+        from .feature import load_quantized_components
+
+        return load_quantized_components(path, load_kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (overrides as a list of pairs, in order)."""
+        return {
+            "precision": self.precision,
+            "overrides": [list(pair) for pair in self.overrides],
+            "exclude": list(self.exclude),
+            "min_weight_numel": self.min_weight_numel,
+            "residual": self.residual,
+            "impl": self.impl,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> QuantizationConfig:
+        """Rebuild from :meth:`to_dict`'s output."""
+        values = dict(data)
+        if "overrides" in values and not isinstance(values["overrides"], Mapping):
+            values["overrides"] = tuple(tuple(pair) for pair in values["overrides"])
+        if "exclude" in values:
+            values["exclude"] = tuple(values["exclude"])
+        return cls(**values)

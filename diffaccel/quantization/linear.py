@@ -1,0 +1,278 @@
+"""``QuantizedLinear``: a drop-in ``nn.Linear`` with NVFP4 (W4A16) or INT8 (W8A8) weights.
+
+The quantized weight lives in buffers, so ``state_dict()`` holds it and safetensors saves it:
+
+* ``"nvfp4"``: ``weight_packed`` (uint8, two E2M1 codes a byte), ``weight_block_scale``
+  (float8_e4m3fn, one per 16 weights) and ``weight_tensor_scale`` (float32, 0-d): 4.5 bits per
+  weight. With ``residual=True`` the layer also stores the NVFP4 quantization of the residual
+  ``W - dequant(nvfp4(W))`` as ``residual_packed`` / ``residual_block_scale`` /
+  ``residual_tensor_scale`` (the *nested* format: about 8-bit precision at 9 bits per weight).
+  The residual is applied only while :attr:`QuantizedLinear.refine` is True, so precision can be
+  raised or lowered per layer at run time without touching the weights.
+* ``"int8"``: ``weight_int8`` (int8) and ``weight_scale`` (float32 per output channel); the
+  activations are quantized per token on the fly, or with the static ``act_scale`` buffer
+  (float32, 0-d) when calibration set one.
+
+The forward runs :func:`~diffaccel.kernels.nvfp4_linear` / :func:`~diffaccel.kernels.int8_linear`
+(Triton on CUDA, the plain-torch reference elsewhere, or as ``impl`` says). The output has the
+activation's dtype. ``bias`` stays an ``nn.Parameter`` in the original dtype. Casting the module
+(``.to(torch.bfloat16)``, ``.half()``) casts the bias only: the quantized buffers keep their
+dtypes and only follow device moves.
+
+Not supported on quantized layers: diffusers' ``fuse_qkv_projections`` (it concatenates
+``.weight`` tensors, which a quantized layer does not have).
+
+Example:
+    >>> import torch
+    >>> linear = torch.nn.Linear(64, 32)
+    >>> q = QuantizedLinear.from_linear(linear, "nvfp4", residual=True)
+    >>> q
+    QuantizedLinear(in_features=64, out_features=32, precision=nvfp4, residual=True, refine=False, bias=True)
+    >>> q(torch.randn(2, 5, 64)).shape
+    torch.Size([2, 5, 32])
+    >>> round(q.bits_per_weight, 3)
+    9.031
+    >>> q.refine = True   # add the 4-bit correction: about 8-bit precision
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..kernels import (
+    NVFP4Tensor,
+    int8_linear,
+    int8_quantize_per_channel,
+    nvfp4_dequantize,
+    nvfp4_linear,
+    nvfp4_quantize,
+)
+from ..kernels._triton import IMPLS
+from ..kernels.nvfp4 import BLOCK_SIZE
+
+#: Precisions a :class:`QuantizedLinear` can hold.
+PRECISIONS: tuple[str, ...] = ("nvfp4", "int8")
+
+_NVFP4_FIELDS = ("packed", "block_scale", "tensor_scale")
+
+
+def _check_impl(impl: str) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+class QuantizedLinear(nn.Module):
+    """A Linear layer whose weight is stored in NVFP4 (optionally nested) or INT8.
+
+    Build one with :meth:`from_linear`. Attributes: ``in_features``, ``out_features``,
+    ``precision`` (``"nvfp4"`` or ``"int8"``), ``has_residual``, ``refine``, ``bias``, ``impl``.
+
+    Example:
+        >>> import torch
+        >>> q = QuantizedLinear.from_linear(torch.nn.Linear(32, 16), "int8")
+        >>> sorted(q.state_dict())
+        ['bias', 'weight_int8', 'weight_scale']
+        >>> q.bits_per_weight
+        9.0
+    """
+
+    act_scale: torch.Tensor | None
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        precision: str,
+        *,
+        residual: bool = False,
+        bias: bool = True,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        impl: str = "auto",
+    ) -> None:
+        """An *empty* layer of the given layout (buffers uninitialised), to load a state dict into.
+
+        Use :meth:`from_linear` to quantize an existing ``nn.Linear``; ``dtype`` is the bias dtype.
+        """
+        super().__init__()
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if residual and precision != "nvfp4":
+            raise ValueError(f"residual=True needs precision 'nvfp4', got {precision!r}")
+        _check_impl(impl)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.precision = precision
+        self.has_residual = residual
+        self.impl = impl
+        self._refine = False
+        padded = in_features + (-in_features % BLOCK_SIZE)
+        if precision == "nvfp4":
+            for prefix in ("weight_",) + (("residual_",) if residual else ()):
+                self.register_buffer(
+                    prefix + "packed",
+                    torch.empty(out_features, padded // 2, dtype=torch.uint8, device=device),
+                )
+                self.register_buffer(
+                    prefix + "block_scale",
+                    torch.empty(out_features, padded // BLOCK_SIZE, dtype=torch.float8_e4m3fn, device=device),
+                )
+                self.register_buffer(prefix + "tensor_scale", torch.empty((), dtype=torch.float32, device=device))
+        else:
+            self.register_buffer(
+                "weight_int8", torch.empty(out_features, in_features, dtype=torch.int8, device=device)
+            )
+            self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32, device=device))
+            self.register_buffer("act_scale", None)
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, precision: str, *, residual: bool = False, impl: str = "auto"
+    ) -> QuantizedLinear:
+        """Quantize ``linear``'s weight to ``precision`` (``"nvfp4"`` or ``"int8"``).
+
+        ``residual=True`` (nvfp4 only) also stores the NVFP4 residual, applied while ``refine``.
+
+        Example:
+            >>> import torch
+            >>> linear = torch.nn.Linear(16, 8)
+            >>> q = QuantizedLinear.from_linear(linear, "nvfp4")
+            >>> err = (q.dequantized_weight() - linear.weight).norm() / linear.weight.norm()
+            >>> bool(err < 0.15)
+            True
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        weight = linear.weight.detach()
+        module = cls(
+            linear.in_features,
+            linear.out_features,
+            precision,
+            residual=residual,
+            bias=linear.bias is not None,
+            dtype=weight.dtype if linear.bias is None else linear.bias.dtype,
+            device=weight.device,
+            impl=impl,
+        )
+        if precision == "nvfp4":
+            q = nvfp4_quantize(weight, impl=impl)
+            module._set_nvfp4("weight_", q)
+            if residual:
+                remainder = weight.float() - nvfp4_dequantize(q, impl=impl)
+                module._set_nvfp4("residual_", nvfp4_quantize(remainder, impl=impl))
+        else:
+            module.weight_int8, module.weight_scale = int8_quantize_per_channel(weight)
+        if linear.bias is not None:
+            module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+        return module
+
+    def _set_nvfp4(self, prefix: str, q: NVFP4Tensor) -> None:
+        for field in _NVFP4_FIELDS:
+            setattr(self, prefix + field, getattr(q, field))
+
+    def _nvfp4(self, prefix: str) -> NVFP4Tensor:
+        return NVFP4Tensor(*(getattr(self, prefix + f) for f in _NVFP4_FIELDS), (self.out_features, self.in_features))
+
+    @property
+    def refine(self) -> bool:
+        """Whether the nested residual is applied (``has_residual`` layers only); settable any time."""
+        return self._refine
+
+    @refine.setter
+    def refine(self, value: bool) -> None:
+        if value and not self.has_residual:
+            raise ValueError(
+                f"refine=True needs a layer quantized with residual=True (this one: {self.precision}, no residual)"
+            )
+        self._refine = bool(value)
+
+    @property
+    def weight_nvfp4(self) -> NVFP4Tensor:
+        """The NVFP4 weight as an :class:`~diffaccel.kernels.NVFP4Tensor` (``"nvfp4"`` layers only)."""
+        if self.precision != "nvfp4":
+            raise AttributeError(f"weight_nvfp4 exists on nvfp4 layers only, this one is {self.precision}")
+        return self._nvfp4("weight_")
+
+    @property
+    def residual_nvfp4(self) -> NVFP4Tensor | None:
+        """The NVFP4 residual (``None`` without one)."""
+        return self._nvfp4("residual_") if self.has_residual else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W^T + bias`` with the quantized weight; output dtype = ``x``'s dtype."""
+        if self.precision == "int8":
+            return int8_linear(x, self.weight_int8, self.weight_scale, self.bias, self.act_scale, impl=self.impl)
+        y = nvfp4_linear(x, self._nvfp4("weight_"), self.bias, impl=self.impl)
+        if self._refine:
+            y = y + nvfp4_linear(x, self._nvfp4("residual_"), None, impl=self.impl)
+        return y
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The effective ``(out_features, in_features)`` weight (with the residual while ``refine``).
+
+        Example:
+            >>> import torch
+            >>> q = QuantizedLinear.from_linear(torch.nn.Linear(16, 4), "int8")
+            >>> q.dequantized_weight(torch.bfloat16).dtype
+            torch.bfloat16
+        """
+        if self.precision == "int8":
+            weight = self.weight_int8.float() * self.weight_scale[:, None]
+        else:
+            weight = nvfp4_dequantize(self._nvfp4("weight_"), impl=self.impl)
+            if self._refine:
+                weight = weight + nvfp4_dequantize(self._nvfp4("residual_"), impl=self.impl)
+        return weight.to(dtype)
+
+    def _weight_tensors(self) -> list[torch.Tensor]:
+        if self.precision == "int8":
+            return [self.weight_int8, self.weight_scale]
+        prefixes = ("weight_",) + (("residual_",) if self.has_residual else ())
+        return [getattr(self, p + f) for p in prefixes for f in _NVFP4_FIELDS]
+
+    @property
+    def weight_nbytes(self) -> int:
+        """Storage bytes of the weight: codes, residual and weight scales (not the bias, not ``act_scale``)."""
+        return sum(t.numel() * t.element_size() for t in self._weight_tensors())
+
+    @property
+    def bits_per_weight(self) -> float:
+        """``weight_nbytes * 8 / (in_features * out_features)``: 4.5 (+ a little) for nvfp4, 9 nested."""
+        return self.weight_nbytes * 8 / (self.in_features * self.out_features)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QuantizedLinear:
+        # Module.to(dtype) / .half() would cast float8 block scales and fp32 scales: keep their
+        # dtypes, follow only the device fn moves them to.
+        quantized = {name: buf for name, buf in self._buffers.items() if buf is not None}
+        super()._apply(fn, recurse)
+        for name, old in quantized.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(device=new.device)
+        return self
+
+    def extra_repr(self) -> str:
+        """``in_features=..., out_features=..., precision=..., residual=..., refine=..., bias=...``."""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, precision={self.precision}, "
+            f"residual={self.has_residual}, refine={self._refine}, bias={self.bias is not None}"
+        )
+
+    def layout(self) -> dict[str, Any]:
+        """What rebuilding this layer needs besides its tensors (see :mod:`.serialization`).
+
+        Example:
+            >>> import torch
+            >>> QuantizedLinear.from_linear(torch.nn.Linear(16, 4), "nvfp4").layout()
+            {'precision': 'nvfp4', 'residual': False, 'refine': False, 'act_scale': False}
+        """
+        return {
+            "precision": self.precision,
+            "residual": self.has_residual,
+            "refine": self._refine,
+            "act_scale": getattr(self, "act_scale", None) is not None,
+        }

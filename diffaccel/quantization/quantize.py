@@ -1,0 +1,163 @@
+"""``quantize_(model, config)``: swap a diffusers denoiser's Linear layers for quantized ones, in place.
+
+In the style of torchao's ``quantize_``: one :class:`~diffaccel.quantization.QuantizationConfig`
+decides, per Linear layer, whether it becomes a
+:class:`~diffaccel.quantization.QuantizedLinear` and in which format. The plan is recorded on the
+model as ``model._diffaccel_quantization = {"config": QuantizationConfig, "layers": {name:
+layout}}`` and ``model.save_pretrained`` then also writes it (see
+:mod:`diffaccel.quantization.serialization`).
+
+Supported models (:data:`SUPPORTED_MODELS`): the transformers of Flux, SD3, PixArt, Wan,
+CogVideoX and LTX (every ``nn.Linear`` is in scope) and ``UNet2DConditionModel`` (only the Linear
+layers inside its ``attentions`` transformer blocks).
+
+Example:
+    >>> import torch
+    >>> from diffaccel.testing import tiny_pipeline
+    >>> from diffaccel.quantization import QuantizationConfig
+    >>> transformer = tiny_pipeline("flux").transformer
+    >>> _ = quantize_(transformer, QuantizationConfig("nvfp4", min_weight_numel=0))
+    >>> type(transformer.transformer_blocks[0].attn.to_q).__name__
+    'QuantizedLinear'
+    >>> transformer._diffaccel_quantization["layers"]["transformer_blocks.0.attn.to_q"]["precision"]
+    'nvfp4'
+    >>> type(transformer.proj_out).__name__   # excluded by default
+    'Linear'
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from torch import nn
+
+from ..errors import UnsupportedPipelineError
+from .config import QuantizationConfig
+from .linear import QuantizedLinear
+
+#: Model classes :func:`quantize_` accepts (diffusers class names), and their Linear scope.
+SUPPORTED_MODELS: dict[str, str] = {
+    "FluxTransformer2DModel": "every Linear",
+    "SD3Transformer2DModel": "every Linear",
+    "PixArtTransformer2DModel": "every Linear",
+    "WanTransformer3DModel": "every Linear",
+    "CogVideoXTransformer3DModel": "every Linear",
+    "LTXVideoTransformer3DModel": "every Linear",
+    "UNet2DConditionModel": "Linear layers inside the attentions' transformer blocks",
+}
+
+#: Attribute of a quantized model holding its plan.
+PLAN_ATTR = "_diffaccel_quantization"
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def _supported_class(model: nn.Module) -> str:
+    import diffusers
+
+    for name in SUPPORTED_MODELS:
+        if isinstance(model, getattr(diffusers, name)):
+            return name
+    raise UnsupportedPipelineError(
+        f"quantize_ does not support {type(model).__name__}; supported models: {', '.join(SUPPORTED_MODELS)}"
+    )
+
+
+def _in_scope(model_class: str, name: str) -> bool:
+    return model_class != "UNet2DConditionModel" or "attentions" in name.split(".")
+
+
+def quantization_plan(model: nn.Module, config: QuantizationConfig) -> dict[str, str]:
+    """The precision :func:`quantize_` would give each in-scope Linear layer (``"bf16"``: untouched).
+
+    Example:
+        >>> from diffaccel.testing import tiny_pipeline
+        >>> plan = quantization_plan(tiny_pipeline("sd").unet, QuantizationConfig("int8", min_weight_numel=0))
+        >>> plan["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"], "time_embedding.linear_1" in plan
+        ('int8', False)
+    """
+    if not isinstance(config, QuantizationConfig):
+        raise TypeError(f"config must be a QuantizationConfig, got {type(config).__name__}")
+    model_class = _supported_class(model)
+    return {
+        name: config.precision_for(name, module.weight.numel())
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and _in_scope(model_class, name)
+    }
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantizedLinear]:
+    """The model's :class:`QuantizedLinear` modules by qualified name.
+
+    Example:
+        >>> from diffaccel.testing import tiny_pipeline
+        >>> quantized_layers(tiny_pipeline("wan").transformer)
+        {}
+    """
+    return {name: module for name, module in model.named_modules() if isinstance(module, QuantizedLinear)}
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether :func:`quantize_` (or :func:`~diffaccel.quantization.load_quantized`) made ``model``.
+
+    Example:
+        >>> from diffaccel.testing import tiny_pipeline
+        >>> is_quantized(tiny_pipeline("wan").transformer)
+        False
+    """
+    return getattr(model, PLAN_ATTR, None) is not None or bool(quantized_layers(model))
+
+
+def record_plan(model: nn.Module, config: QuantizationConfig) -> None:
+    """Record ``config`` and the model's quantized layers on it and make ``save_pretrained`` keep them."""
+    from .serialization import install_save_pretrained
+
+    layers = {name: module.layout() for name, module in quantized_layers(model).items()}
+    setattr(model, PLAN_ATTR, {"config": config, "layers": layers})
+    install_save_pretrained(model)
+
+
+def quantize_(model: M, config: QuantizationConfig | None = None) -> M:
+    """Quantize ``model``'s in-scope Linear layers per ``config`` (default ``QuantizationConfig()``), in place.
+
+    Returns ``model``. Raises :class:`~diffaccel.errors.UnsupportedPipelineError` for models not in
+    :data:`SUPPORTED_MODELS` and ``ValueError`` for a model that is already quantized.
+
+    Example:
+        >>> import torch
+        >>> from diffaccel.testing import tiny_pipeline
+        >>> unet = quantize_(tiny_pipeline("sd").unet, QuantizationConfig("int8", min_weight_numel=0))
+        >>> len(unet._diffaccel_quantization["layers"])
+        70
+    """
+    config = QuantizationConfig() if config is None else config
+    plan = quantization_plan(model, config)
+    if is_quantized(model):
+        raise ValueError(
+            f"this {type(model).__name__} is already quantized; quantize the original weights instead "
+            "(reload the model) rather than quantizing twice"
+        )
+    for name, precision in plan.items():
+        if precision == "bf16":
+            continue
+        linear = model.get_submodule(name)
+        residual = config.residual and precision == "nvfp4"
+        model.set_submodule(name, QuantizedLinear.from_linear(linear, precision, residual=residual, impl=config.impl))
+    record_plan(model, config)
+    return model
+
+
+def plan_of(model: nn.Module) -> dict[str, Any]:
+    """The recorded plan ``{"config": QuantizationConfig, "layers": {...}}`` of a quantized model.
+
+    Example:
+        >>> from diffaccel.testing import tiny_pipeline
+        >>> plan_of(tiny_pipeline("wan").transformer)
+        Traceback (most recent call last):
+        ...
+        ValueError: this WanTransformer3DModel is not quantized (no quantize_ plan recorded)
+    """
+    plan = getattr(model, PLAN_ATTR, None)
+    if plan is None:
+        raise ValueError(f"this {type(model).__name__} is not quantized (no quantize_ plan recorded)")
+    return plan

@@ -1,0 +1,137 @@
+"""``memory_report(model)``: bits per weight and weight bytes per Linear layer, and in total.
+
+Every parameter of the model is counted. Quantized layers count their stored weight tensors
+(codes, residual, scales; see :attr:`QuantizedLinear.weight_nbytes`); every other parameter
+(unquantized Linear layers, biases, norms, convolutions, embeddings) counts at bf16, 16 bits, the
+dtype a quantized model is deployed in, whatever dtype it has now. The baseline is the same model
+with every parameter in bf16, so ``ratio`` is the saving quantization gives over bf16.
+
+Example:
+    >>> from diffaccel.testing import tiny_pipeline
+    >>> from diffaccel.quantization import QuantizationConfig, quantize_
+    >>> model = quantize_(tiny_pipeline("flux").transformer, QuantizationConfig(min_weight_numel=0))
+    >>> report = memory_report(model)
+    >>> report.layers[0].precision, report.ratio < 0.7
+    ('bf16', True)
+    >>> print(report)   # doctest: +ELLIPSIS
+    layer                                       precision      bits/weight   weight bytes
+    ...
+    total: ... bytes (bf16: ... bytes), ratio 0.6..., ... bits per weight
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .linear import QuantizedLinear
+
+_BF16_BYTES = 2
+
+
+@dataclass(frozen=True)
+class LayerMemory:
+    """One Linear layer: ``precision`` is ``"nvfp4"``, ``"nvfp4+residual"``, ``"int8"`` or ``"bf16"``."""
+
+    name: str
+    precision: str
+    numel: int
+    nbytes: int
+
+    @property
+    def bits_per_weight(self) -> float:
+        """``nbytes * 8 / numel``."""
+        return self.nbytes * 8 / self.numel
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """Per-layer and total weight storage of a model, against the same model in bf16.
+
+    ``nbytes`` counts every parameter (quantized layers as stored, the rest at bf16);
+    ``bf16_nbytes`` counts every parameter at bf16; ``ratio = nbytes / bf16_nbytes``.
+    """
+
+    layers: tuple[LayerMemory, ...]
+    nbytes: int
+    bf16_nbytes: int
+    numel: int
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        """Size relative to bf16 (``0.3``: 30% of the bf16 bytes)."""
+        return self.nbytes / self.bf16_nbytes
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Average bits per parameter over the whole model."""
+        return self.nbytes * 8 / self.numel
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form, for JSON reports."""
+        return {
+            "nbytes": self.nbytes,
+            "bf16_nbytes": self.bf16_nbytes,
+            "ratio": self.ratio,
+            "bits_per_weight": self.bits_per_weight,
+            "numel": self.numel,
+            "counts": dict(self.counts),
+            "layers": [dict(asdict(layer), bits_per_weight=layer.bits_per_weight) for layer in self.layers],
+        }
+
+    def __str__(self) -> str:
+        width = max([len("layer")] + [len(layer.name) for layer in self.layers])
+        lines = [f"{'layer':<{width}}  {'precision':<14} {'bits/weight':>11}  {'weight bytes':>13}"]
+        lines += [
+            f"{layer.name:<{width}}  {layer.precision:<14} {layer.bits_per_weight:>11.3f}  {layer.nbytes:>13,}"
+            for layer in self.layers
+        ]
+        lines.append(
+            f"total: {self.nbytes:,} bytes (bf16: {self.bf16_nbytes:,} bytes), ratio {self.ratio:.3f}, "
+            f"{self.bits_per_weight:.2f} bits per weight"
+        )
+        return "\n".join(lines)
+
+
+def _precision(module: QuantizedLinear) -> str:
+    return "nvfp4+residual" if module.has_residual else module.precision
+
+
+def memory_report(model: nn.Module) -> MemoryReport:
+    """Weight storage of ``model`` (any ``nn.Module``), per Linear layer and in total.
+
+    Example:
+        >>> import torch
+        >>> from diffaccel.quantization import QuantizedLinear
+        >>> model = torch.nn.Sequential(QuantizedLinear.from_linear(torch.nn.Linear(64, 64, bias=False), "nvfp4"))
+        >>> r = memory_report(model)
+        >>> r.layers[0].precision, r.layers[0].nbytes, r.bf16_nbytes
+        ('nvfp4', 2308, 8192)
+    """
+    layers: list[LayerMemory] = []
+    counts: dict[str, int] = {}
+    quantized_numel = quantized_nbytes = 0
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedLinear):
+            numel = module.in_features * module.out_features
+            layer = LayerMemory(name, _precision(module), numel, module.weight_nbytes)
+            quantized_numel += numel
+            quantized_nbytes += module.weight_nbytes
+        elif isinstance(module, nn.Linear):
+            layer = LayerMemory(name, "bf16", module.weight.numel(), module.weight.numel() * _BF16_BYTES)
+        else:
+            continue
+        layers.append(layer)
+        counts[layer.precision] = counts.get(layer.precision, 0) + 1
+    params = sum(p.numel() for p in model.parameters())
+    numel = params + quantized_numel
+    return MemoryReport(
+        layers=tuple(layers),
+        nbytes=params * _BF16_BYTES + quantized_nbytes,
+        bf16_nbytes=numel * _BF16_BYTES,
+        numel=numel,
+        counts=counts,
+    )
