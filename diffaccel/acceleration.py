@@ -30,10 +30,11 @@ from .attention import QuantizedAttentionConfig
 from .errors import DiffaccelError
 from .features.base import AttachedFeature, FeatureConfig
 from .features.encoder_reuse import EncoderReuseConfig
+from .quantization.config import QuantizationConfig
 
 #: Feature configs by their ``name``, for reading saved configurations back.
 FEATURE_CONFIGS: dict[str, type[FeatureConfig]] = {
-    config.name: config for config in (EncoderReuseConfig, QuantizedAttentionConfig)
+    config.name: config for config in (EncoderReuseConfig, QuantizedAttentionConfig, QuantizationConfig)
 }
 
 #: File that ``save_pretrained`` writes beside ``model_index.json``.
@@ -97,13 +98,21 @@ class AcceleratedPipelineMixin:
         """Load like diffusers, then attach ``acceleration=`` (a config or a list of configs).
 
         Without ``acceleration=``, a ``diffaccel_config.json`` saved beside the model (by
-        :meth:`save_pretrained`) is applied when the path is a local folder.
+        :meth:`save_pretrained`) is applied when the path is a local folder. A config with a
+        ``pretrained_components(path, kwargs)`` method supplies components to load its own way
+        (:class:`~diffaccel.quantization.QuantizationConfig`: the saved quantized denoiser, loaded
+        without re-quantizing); components passed in ``kwargs`` win.
         """
         acceleration = kwargs.pop("acceleration", None)
-        pipe = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         if acceleration is None:
             acceleration = load_acceleration_config(pretrained_model_name_or_path)
-        return accelerate(pipe, *_as_configs(acceleration))
+        configs = _as_configs(acceleration)
+        for config in configs:
+            load_components = getattr(config, "pretrained_components", None)
+            if load_components is not None:
+                kwargs = {**load_components(os.fspath(pretrained_model_name_or_path), kwargs), **kwargs}
+        pipe = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        return accelerate(pipe, *configs)
 
     @classmethod
     def from_pipe(cls, pipeline: Any, **kwargs: Any) -> Any:
