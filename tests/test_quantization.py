@@ -257,6 +257,15 @@ def test_residual_only_on_nvfp4_layers():
     assert all(layer.has_residual == (layer.precision == "nvfp4") for layer in layers.values())
     assert model._diffaccel_quantization["layers"]["blocks.0.attn1.to_q"]["residual"] is True
 
+    chosen = tiny_pipeline("wan").transformer  # "nvfp4+residual" nests the matching layers only
+    config = QuantizationConfig("nvfp4", overrides={"blocks.0.attn1.*": "nvfp4+residual"}, min_weight_numel=0)
+    plan = quantization_plan(chosen, config)
+    assert plan["blocks.0.attn1.to_q"] == "nvfp4+residual" and plan["blocks.0.attn2.to_q"] == "nvfp4"
+    quantize_(chosen, config)
+    nested = {name for name, layer in quantized_layers(chosen).items() if layer.has_residual}
+    assert nested == {f"blocks.0.attn1.{p}" for p in ("to_q", "to_k", "to_v", "to_out.0")}
+    assert all(layer.precision == "nvfp4" for layer in quantized_layers(chosen).values())
+
 
 def test_unsupported_and_twice_quantized_models_raise():
     with pytest.raises(UnsupportedPipelineError, match="FluxTransformer2DModel.*UNet2DConditionModel"):

@@ -9,9 +9,10 @@ Per layer, in this order:
    as it is.
 3. Otherwise the first ``overrides`` pattern that matches decides its precision, else ``precision``.
 
-Precisions: ``"nvfp4"`` (4.5 bits per weight; 9 with ``residual=True``, see
-:class:`~diffaccel.quantization.QuantizedLinear`), ``"int8"`` (W8A8) and ``"bf16"`` (leave the
-layer as it is). Patterns are :func:`fnmatch.fnmatchcase` patterns on the module's qualified name
+Precisions: ``"nvfp4"`` (4.5 bits per weight; see :class:`~diffaccel.quantization.QuantizedLinear`),
+``"nvfp4+residual"`` (nested NVFP4: 9 bits per weight, the residual applied while ``refine``;
+``residual=True`` makes every ``"nvfp4"`` layer nested), ``"int8"`` (W8A8) and ``"bf16"`` (leave
+the layer as it is). Patterns are :func:`fnmatch.fnmatchcase` patterns on the module's qualified name
 (``"transformer_blocks.0.attn.to_q"``).
 
 The default ``exclude`` (:data:`DEFAULT_EXCLUDE`) keeps the layers that are small in real models
@@ -52,7 +53,7 @@ from ..features.base import FeatureConfig
 from ..kernels._triton import IMPLS
 
 #: Values of ``QuantizationConfig.precision`` and of its ``overrides``.
-CONFIG_PRECISIONS: tuple[str, ...] = ("nvfp4", "int8", "bf16")
+CONFIG_PRECISIONS: tuple[str, ...] = ("nvfp4", "nvfp4+residual", "int8", "bf16")
 
 #: The embedding and input/output projection patterns of :data:`DEFAULT_EXCLUDE`, without the norms.
 EMBEDDING_EXCLUDE: tuple[str, ...] = (
@@ -77,19 +78,21 @@ class QuantizationConfig(FeatureConfig):
     pipeline's ``transformer`` or ``unet``; see :mod:`diffaccel.quantization.feature`.
 
     Args:
-        precision: format of the eligible layers no override names: ``"nvfp4"``, ``"int8"``, ``"bf16"``.
+        precision: format of the eligible layers no override names: ``"nvfp4"``, ``"nvfp4+residual"``,
+            ``"int8"`` or ``"bf16"``.
         overrides: ``{pattern: precision}`` (or ``(pattern, precision)`` pairs), first match wins;
             stored as a tuple of pairs so the config stays hashable.
         exclude: patterns of layers that stay unquantized (default :data:`DEFAULT_EXCLUDE`).
         min_weight_numel: layers with fewer weights stay unquantized (too small to gain).
-        residual: store the nested NVFP4 residual on nvfp4 layers (for dynamic precision).
+        residual: store the nested NVFP4 residual on every nvfp4 layer (for dynamic precision);
+            ``"nvfp4+residual"`` in ``overrides`` does it for chosen layers only.
         impl: kernel choice, ``"auto"`` (Triton on CUDA), ``"triton"`` or ``"reference"``.
 
     Example:
         >>> QuantizationConfig(precision="fp8")
         Traceback (most recent call last):
         ...
-        ValueError: QuantizationConfig.precision must be one of ('nvfp4', 'int8', 'bf16'), got 'fp8'
+        ValueError: QuantizationConfig.precision must be one of ('nvfp4', 'nvfp4+residual', 'int8', 'bf16'), got 'fp8'
     """
 
     name = "quantization"
@@ -138,16 +141,18 @@ class QuantizationConfig(FeatureConfig):
     def precision_for(self, name: str, weight_numel: int) -> str:
         """The precision of the in-scope Linear ``name`` with ``weight_numel`` weights (``"bf16"``: untouched).
 
+        ``"nvfp4"`` comes out as ``"nvfp4+residual"`` when ``residual`` is set.
+
         Example:
             >>> QuantizationConfig().precision_for("blocks.0.attn1.to_q", 100)   # below min_weight_numel
             'bf16'
+            >>> QuantizationConfig(residual=True).precision_for("blocks.0.attn1.to_q", 10**6)
+            'nvfp4+residual'
         """
         if any(fnmatchcase(name, pattern) for pattern in self.exclude) or weight_numel < self.min_weight_numel:
             return "bf16"
-        for pattern, value in self.overrides:
-            if fnmatchcase(name, pattern):
-                return value
-        return self.precision
+        precision = next((value for pattern, value in self.overrides if fnmatchcase(name, pattern)), self.precision)
+        return "nvfp4+residual" if precision == "nvfp4" and self.residual else precision
 
     def attach(self, pipe: Any) -> Any:
         """Quantize ``pipe``'s denoiser (see :class:`~diffaccel.quantization.feature.QuantizationFeature`)."""

@@ -68,7 +68,10 @@ def _in_scope(model_class: str, name: str) -> bool:
 
 
 def quantization_plan(model: nn.Module, config: QuantizationConfig) -> dict[str, str]:
-    """The precision :func:`quantize_` would give each in-scope Linear layer (``"bf16"``: untouched).
+    """The precision :func:`quantize_` would give each in-scope Linear layer.
+
+    Values are ``"nvfp4"``, ``"nvfp4+residual"``, ``"int8"`` or ``"bf16"`` (left untouched), the
+    names :func:`~diffaccel.quantization.memory_report` uses.
 
     Example:
         >>> from diffaccel.testing import tiny_pipeline
@@ -140,9 +143,13 @@ def quantize_(model: M, config: QuantizationConfig | None = None) -> M:
     for name, precision in plan.items():
         if precision == "bf16":
             continue
-        linear = model.get_submodule(name)
-        residual = config.residual and precision == "nvfp4"
-        model.set_submodule(name, QuantizedLinear.from_linear(linear, precision, residual=residual, impl=config.impl))
+        layer = QuantizedLinear.from_linear(
+            model.get_submodule(name),
+            "nvfp4" if precision == "nvfp4+residual" else precision,
+            residual=precision == "nvfp4+residual",
+            impl=config.impl,
+        )
+        model.set_submodule(name, layer)
     record_plan(model, config)
     return model
 
