@@ -98,16 +98,21 @@ class AcceleratedPipelineMixin:
         """Load like diffusers, then attach ``acceleration=`` (a config or a list of configs).
 
         Without ``acceleration=``, a ``diffaccel_config.json`` saved beside the model (by
-        :meth:`save_pretrained`) is applied when the path is a local folder. A config with a
-        ``pretrained_components(path, kwargs)`` method supplies components to load its own way
-        (:class:`~diffaccel.quantization.QuantizationConfig`: the saved quantized denoiser, loaded
-        without re-quantizing); components passed in ``kwargs`` win.
+        :meth:`save_pretrained`) is applied when the path is a local folder. A saved or requested
+        config with a ``pretrained_components(path, kwargs)`` method supplies components to load its
+        own way (:class:`~diffaccel.quantization.QuantizationConfig`: the saved quantized denoiser,
+        loaded without re-quantizing, even under another ``acceleration=``); components passed in
+        ``kwargs`` win.
         """
         acceleration = kwargs.pop("acceleration", None)
-        if acceleration is None:
-            acceleration = load_acceleration_config(pretrained_model_name_or_path)
-        configs = _as_configs(acceleration)
-        for config in configs:
+        try:
+            saved = load_acceleration_config(pretrained_model_name_or_path)
+        except DiffaccelError:
+            if acceleration is None:
+                raise
+            saved = []  # an explicit acceleration= overrides a saved config this version cannot read
+        configs = saved if acceleration is None else _as_configs(acceleration)
+        for config in (*saved, *configs):
             load_components = getattr(config, "pretrained_components", None)
             if load_components is not None:
                 kwargs = {**load_components(os.fspath(pretrained_model_name_or_path), kwargs), **kwargs}

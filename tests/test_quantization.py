@@ -372,6 +372,16 @@ def test_model_save_load_round_trip(tmp_path, max_shard_size):
         assert torch.equal(loaded(**_flux_inputs(loaded))[0], expected)
     assert memory_report(loaded).nbytes == memory_report(model).nbytes
 
+    half = load_quantized(FluxTransformer2DModel, tmp_path, torch_dtype=torch.bfloat16)
+    to_q = half.transformer_blocks[0].attn.to_q
+    assert to_q.bias.dtype == half.proj_out.weight.dtype == torch.bfloat16
+    assert to_q.weight_block_scale.dtype == torch.float8_e4m3fn and to_q.weight_tensor_scale.dtype == torch.float32
+    inputs = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
+              for k, v in _flux_inputs(half).items()}
+    with torch.no_grad():
+        out = half(**inputs)[0]
+    assert out.dtype == torch.bfloat16 and _rel(out, expected) < 0.1
+
 
 def test_model_save_refuses_pickle_and_load_needs_the_plan(tmp_path):
     unet = quantize_(tiny_pipeline("sd").unet, QuantizationConfig("int8", min_weight_numel=0))
@@ -399,6 +409,9 @@ def test_pipeline_save_load_round_trip_sd(tmp_path, monkeypatch):
     assert len(quantized_layers(loaded.unet)) == 70
     assert torch.equal(_run(loaded, "sd"), expected)
     assert loaded.acceleration_stats.features["quantization"] == stats
+    without = AcceleratedStableDiffusionPipeline.from_pretrained(tmp_path, acceleration=[])  # still loads quantized
+    without.set_progress_bar_config(disable=True)
+    assert without.acceleration == () and torch.equal(_run(without, "sd"), expected)
 
 
 def test_pipeline_save_load_round_trip_wan(tmp_path):
@@ -425,6 +438,14 @@ def test_detach_leaves_the_denoiser_quantized():
     with pytest.raises(ValueError, match="already quantized"):
         diffaccel.accelerate(pipe, QuantizationConfig("nvfp4", min_weight_numel=0))
     assert type(pipe).__name__ == "LTXPipeline"  # a failed accelerate restores the pipeline
+
+
+def test_from_pipe_shares_the_quantized_denoiser():
+    config = QuantizationConfig("nvfp4", min_weight_numel=0)
+    pipe = diffaccel.accelerate(tiny_pipeline("sd"), config)
+    layers = quantized_layers(pipe.unet)
+    other = AcceleratedStableDiffusionPipeline.from_pipe(pipe)
+    assert other.acceleration == (config,) and quantized_layers(other.unet) == layers
 
 
 def test_plain_diffusers_save_of_an_accelerated_pipeline_stays_loadable(tmp_path):

@@ -192,7 +192,16 @@ class QuantizedLinear(nn.Module):
 
     @property
     def weight_nvfp4(self) -> NVFP4Tensor:
-        """The NVFP4 weight as an :class:`~diffaccel.kernels.NVFP4Tensor` (``"nvfp4"`` layers only)."""
+        """The NVFP4 weight as an :class:`~diffaccel.kernels.NVFP4Tensor` (``"nvfp4"`` layers only).
+
+        Example:
+            >>> import torch
+            >>> from diffaccel.kernels import nvfp4_linear
+            >>> q = QuantizedLinear.from_linear(torch.nn.Linear(16, 4), "nvfp4")
+            >>> x = torch.randn(2, 16)
+            >>> torch.equal(q(x), nvfp4_linear(x, q.weight_nvfp4, q.bias))
+            True
+        """
         if self.precision != "nvfp4":
             raise AttributeError(f"weight_nvfp4 exists on nvfp4 layers only, this one is {self.precision}")
         return self._nvfp4("weight_")
@@ -206,9 +215,9 @@ class QuantizedLinear(nn.Module):
         """``x @ W^T + bias`` with the quantized weight; output dtype = ``x``'s dtype."""
         if self.precision == "int8":
             return int8_linear(x, self.weight_int8, self.weight_scale, self.bias, self.act_scale, impl=self.impl)
-        y = nvfp4_linear(x, self._nvfp4("weight_"), self.bias, impl=self.impl)
+        y = nvfp4_linear(x, self.weight_nvfp4, self.bias, impl=self.impl)
         if self._refine:
-            y = y + nvfp4_linear(x, self._nvfp4("residual_"), None, impl=self.impl)
+            y = y + nvfp4_linear(x, self.residual_nvfp4, None, impl=self.impl)
         return y
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -223,9 +232,9 @@ class QuantizedLinear(nn.Module):
         if self.precision == "int8":
             weight = self.weight_int8.float() * self.weight_scale[:, None]
         else:
-            weight = nvfp4_dequantize(self._nvfp4("weight_"), impl=self.impl)
+            weight = nvfp4_dequantize(self.weight_nvfp4, impl=self.impl)
             if self._refine:
-                weight = weight + nvfp4_dequantize(self._nvfp4("residual_"), impl=self.impl)
+                weight = weight + nvfp4_dequantize(self.residual_nvfp4, impl=self.impl)
         return weight.to(dtype)
 
     def _weight_tensors(self) -> list[torch.Tensor]:

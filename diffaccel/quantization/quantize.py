@@ -112,7 +112,18 @@ def is_quantized(model: nn.Module) -> bool:
 
 
 def record_plan(model: nn.Module, config: QuantizationConfig) -> None:
-    """Record ``config`` and the model's quantized layers on it and make ``save_pretrained`` keep them."""
+    """Record ``config`` and the model's quantized layers on it and make ``save_pretrained`` keep them.
+
+    :func:`quantize_` calls it; call it yourself after swapping in :class:`QuantizedLinear` layers by hand.
+
+    Example:
+        >>> from diffaccel.testing import tiny_pipeline
+        >>> model = tiny_pipeline("wan").transformer
+        >>> model.blocks[0].ffn.net[2] = QuantizedLinear.from_linear(model.blocks[0].ffn.net[2], "int8")
+        >>> record_plan(model, QuantizationConfig("int8"))
+        >>> list(plan_of(model)["layers"])
+        ['blocks.0.ffn.net.2']
+    """
     from .serialization import install_save_pretrained
 
     layers = {name: module.layout() for name, module in quantized_layers(model).items()}
@@ -162,9 +173,9 @@ def plan_of(model: nn.Module) -> dict[str, Any]:
         >>> plan_of(tiny_pipeline("wan").transformer)
         Traceback (most recent call last):
         ...
-        ValueError: this WanTransformer3DModel is not quantized (no quantize_ plan recorded)
+        ValueError: this WanTransformer3DModel has no quantize_ plan recorded (quantize it with quantize_)
     """
     plan = getattr(model, PLAN_ATTR, None)
     if plan is None:
-        raise ValueError(f"this {type(model).__name__} is not quantized (no quantize_ plan recorded)")
+        raise ValueError(f"this {type(model).__name__} has no quantize_ plan recorded (quantize it with quantize_)")
     return plan

@@ -67,7 +67,15 @@ def install_save_pretrained(model: nn.Module) -> None:
 
     The override is an instance attribute (the class, and so ``config.json``'s ``_class_name``
     and the pipeline's ``model_index.json``, stay diffusers'); it keeps the original signature,
-    which diffusers' pipeline ``save_pretrained`` inspects.
+    which diffusers' pipeline ``save_pretrained`` inspects. :func:`~diffaccel.quantization.quantize_`
+    installs it.
+
+    Example:
+        >>> from diffaccel.testing import tiny_pipeline
+        >>> model = tiny_pipeline("wan").transformer
+        >>> install_save_pretrained(model)
+        >>> "save_pretrained" in model.__dict__, "save_pretrained" in tiny_pipeline("wan").transformer.__dict__
+        (True, False)
     """
     if "save_pretrained" in model.__dict__:
         return
@@ -131,6 +139,18 @@ def load_quantized(
     folder holding ``config.json``, :data:`QUANTIZATION_FILE` and the safetensors weights.
     ``torch_dtype`` casts the float parameters (not the quantized buffers), keeping the model's
     ``_keep_in_fp32_modules`` in float32 as diffusers does; ``device`` is where tensors are loaded.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from diffusers import PixArtTransformer2DModel
+        >>> from diffaccel.testing import tiny_pipeline
+        >>> from diffaccel.quantization import QuantizationConfig, quantize_
+        >>> model = quantize_(tiny_pipeline("pixart-sigma").transformer, QuantizationConfig(min_weight_numel=0))
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     model.save_pretrained(folder)
+        ...     loaded = load_quantized(PixArtTransformer2DModel, folder, torch_dtype=torch.bfloat16)
+        >>> loaded.proj_out.weight.dtype, loaded.transformer_blocks[0].attn1.to_q.weight_block_scale.dtype
+        (torch.bfloat16, torch.float8_e4m3fn)
     """
     from accelerate import init_empty_weights
 
