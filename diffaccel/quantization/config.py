@@ -15,8 +15,8 @@ Precisions: ``"nvfp4"`` (4.5 bits per weight; see :class:`~diffaccel.quantizatio
 the layer as it is). Patterns are :func:`fnmatch.fnmatchcase` patterns on the module's qualified name
 (``"transformer_blocks.0.attn.to_q"``).
 
-The default ``exclude`` (:data:`DEFAULT_EXCLUDE`) keeps the layers that are small in real models
-and sensitive to error unquantized, picked by reading the Flux, SD3, PixArt, Wan, CogVideoX, LTX
+The default ``exclude`` (:data:`DEFAULT_EXCLUDE`) keeps unquantized the layers that are small in
+real models or sensitive to error, picked by reading the Flux, SD3, PixArt, Wan, CogVideoX, LTX
 transformers and the UNet:
 
 * ``*embed*``: time / text / guidance / pooled embeddings, ``context_embedder``, ``x_embedder``,
@@ -24,8 +24,8 @@ transformers and the UNet:
 * ``*caption_proj*``: PixArt's and LTX's caption projections;
 * ``*adaln*`` and ``*norm*``: adaLN modulation Linears (``norm1.linear``, ``norm1_context.linear``,
   ``norm.linear``, ``norm2.linear``, ``norm_out.linear``, PixArt's ``adaln_single.*``): they scale
-  and shift every token, so their error is amplified. In Flux they are about 18% of the weights:
-  pass ``exclude=EMBEDDING_EXCLUDE`` (or your own tuple) to quantize them too;
+  and shift every token, so their error is amplified. They are not small (about 27% of Flux.1's
+  12B weights, 3.2B): pass ``exclude=EMBEDDING_EXCLUDE`` (or your own tuple) to quantize them too;
 * ``*time_emb_proj*``: the UNet resnets' time projections (outside the UNet scope anyway);
 * ``proj_in`` and ``proj_out``: the model-level input patch projection (LTX) and the final output
   projection (only the top-level modules: ``single_transformer_blocks.0.proj_out`` is quantized).

@@ -30,6 +30,7 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..errors import UnsupportedPipelineError
 from .config import QuantizationConfig
@@ -134,7 +135,7 @@ def record_plan(model: nn.Module, config: QuantizationConfig) -> None:
 def quantize_(model: M, config: QuantizationConfig | None = None) -> M:
     """Quantize ``model``'s in-scope Linear layers per ``config`` (default ``QuantizationConfig()``), in place.
 
-    Returns ``model``. Raises :class:`~diffaccel.errors.UnsupportedPipelineError` for models not in
+    Shows a progress bar on terminals. Returns ``model``. Raises :class:`~diffaccel.errors.UnsupportedPipelineError` for models not in
     :data:`SUPPORTED_MODELS` and ``ValueError`` for a model that is already quantized.
 
     Example:
@@ -151,9 +152,8 @@ def quantize_(model: M, config: QuantizationConfig | None = None) -> M:
             f"this {type(model).__name__} is already quantized; quantize the original weights instead "
             "(reload the model) rather than quantizing twice"
         )
-    for name, precision in plan.items():
-        if precision == "bf16":
-            continue
+    todo = [(name, precision) for name, precision in plan.items() if precision != "bf16"]
+    for name, precision in tqdm(todo, desc="quantize_", leave=False, disable=None):  # a bar on terminals only
         layer = QuantizedLinear.from_linear(
             model.get_submodule(name),
             "nvfp4" if precision == "nvfp4+residual" else precision,
