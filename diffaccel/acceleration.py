@@ -30,11 +30,14 @@ from .attention import QuantizedAttentionConfig
 from .errors import DiffaccelError
 from .features.base import AttachedFeature, FeatureConfig
 from .features.encoder_reuse import EncoderReuseConfig
+from .quantization.allocation import DynamicPrecisionConfig
 from .quantization.config import QuantizationConfig
 
-#: Feature configs by their ``name``, for reading saved configurations back.
+#: Feature configs by their ``name``, for reading saved configurations back, in the order they
+#: attach (quantization before the dynamic precision that switches its layers).
 FEATURE_CONFIGS: dict[str, type[FeatureConfig]] = {
-    config.name: config for config in (EncoderReuseConfig, QuantizedAttentionConfig, QuantizationConfig)
+    config.name: config
+    for config in (QuantizationConfig, DynamicPrecisionConfig, EncoderReuseConfig, QuantizedAttentionConfig)
 }
 
 #: File that ``save_pretrained`` writes beside ``model_index.json``.
@@ -198,7 +201,7 @@ def load_acceleration_config(path: str | os.PathLike) -> list[FeatureConfig]:
     unknown = set(data) - set(FEATURE_CONFIGS)
     if unknown:
         raise DiffaccelError(f"{config_path} names unknown features {sorted(unknown)}; known: {sorted(FEATURE_CONFIGS)}")
-    return [FEATURE_CONFIGS[name].from_dict(values) for name, values in data.items()]
+    return [FEATURE_CONFIGS[name].from_dict(data[name]) for name in FEATURE_CONFIGS if name in data]
 
 
 def accelerate(pipe: Any, *configs: FeatureConfig) -> Any:
@@ -206,6 +209,8 @@ def accelerate(pipe: Any, *configs: FeatureConfig) -> Any:
 
     The pipeline's class becomes its accelerated subclass (so ``isinstance`` checks still hold)
     and every call records ``pipe.acceleration_stats``. Calling it again replaces the features.
+    Features attach in :data:`FEATURE_CONFIGS` order whatever order they are given in
+    (quantization first, then the dynamic precision that switches its layers).
 
     Args:
         pipe: a diffusers pipeline.
@@ -218,7 +223,9 @@ def accelerate(pipe: Any, *configs: FeatureConfig) -> Any:
         >>> pipe.acceleration
         (EncoderReuseConfig(schedule=FasterDiffusionSchedule(), parallel=None, max_parallel_steps=None, noise_injection=0.0, noise_injection_below=0.5),)
     """
-    configs = tuple(_as_configs(list(configs)))
+    order = list(FEATURE_CONFIGS)
+    configs = tuple(sorted(_as_configs(list(configs)),
+                           key=lambda c: order.index(c.name) if c.name in order else len(order)))
     names = [config.name for config in configs]
     if len(set(names)) != len(names):
         raise ValueError(f"each feature may be given once, got {names}")

@@ -1,0 +1,328 @@
+"""Per-block precision allocation from a calibration: static (fixed per layer) or dynamic (per
+block and timestep band).
+
+Both read the predictor of :mod:`diffaccel.quantization.calibration` (``error = slope *
+difference + intercept``) and spend the 8-bit precision where the predicted NVFP4 error is
+largest:
+
+* :func:`allocate_static` gives whole blocks INT8 (W8A8) and the rest NVFP4, once and for all:
+  its :meth:`StaticAllocation.quantization_config` goes to :func:`~diffaccel.quantization.quantize_`.
+* :func:`allocate_dynamic` keeps every layer in NVFP4 and, for the (block, band) pairs that
+  need it, adds the *nested* 4-bit residual correction (NVFP4 weight + NVFP4 of its error, ~8-bit
+  accuracy) only at those timestep bands. Only blocks refined somewhere store the residual, so
+  memory stays close to all-NVFP4. Its :class:`DynamicPrecisionConfig` is a feature for
+  :func:`diffaccel.accelerate` that switches ``QuantizedLinear.refine`` per step.
+
+A step's band is ``step * num_bands // num_steps``.
+
+Example:
+    >>> import numpy as np
+    >>> from diffaccel.quantization.calibration import CalibrationData
+    >>> data = CalibrationData(("a", "b"), ("p",), np.array([[[0.1, 0.5], [0.1, 0.2]]]),
+    ...                        np.array([[[0.01, 0.05], [0.01, 0.02]]]))
+    >>> allocate_static(data, int8_fraction=0.5).int8_blocks
+    ('b',)
+    >>> allocate_dynamic(data, num_bands=2, refine_fraction=0.25).schedule
+    (('b', (True, False)),)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from diffusers.hooks import HookRegistry
+
+from ..errors import UnsupportedCombinationError
+from ..features.base import AttachedFeature, FeatureConfig
+from .calibration import CalibrationData, PrecisionPredictor, StepCounter, denoiser_of, transformer_blocks
+from .config import QuantizationConfig
+from .linear import QuantizedLinear
+
+_DYNAMIC_HOOK = "diffaccel.dynamic_precision"
+
+
+def _check_budget(fraction: float | None, threshold: float | None, name: str) -> None:
+    if (fraction is None) == (threshold is None):
+        raise ValueError(f"give exactly one of {name} and error_threshold")
+    if fraction is not None and not (isinstance(fraction, (int, float)) and 0.0 <= fraction <= 1.0):
+        raise ValueError(f"{name} must be in [0, 1], got {fraction!r}")
+    if threshold is not None and not (isinstance(threshold, (int, float)) and threshold >= 0.0):
+        raise ValueError(f"error_threshold must be >= 0, got {threshold!r}")
+
+
+def _choose(scores: np.ndarray, fraction: float | None, threshold: float | None) -> np.ndarray:
+    """Boolean mask of the highest scores: a fraction of them (rounded up) or those over a threshold."""
+    if threshold is not None:
+        return scores > threshold
+    chosen = np.zeros(scores.shape, dtype=bool)
+    count = math.ceil(fraction * scores.size - 1e-9)
+    if count:
+        order = np.argsort(-scores, axis=None, kind="stable")[:count]
+        chosen.flat[order] = True
+    return chosen
+
+
+@dataclass(frozen=True)
+class StaticAllocation:
+    """A fixed precision per block: ``int8_blocks`` in INT8, every other block in NVFP4.
+
+    ``predicted_error`` maps each block to its predicted NVFP4 error (mean over the calibration).
+    """
+
+    predictor: PrecisionPredictor
+    predicted_error: Mapping[str, float]
+    int8_blocks: tuple[str, ...]
+
+    def overrides(self) -> dict[str, str]:
+        """``QuantizationConfig.overrides`` patterns that put the INT8 blocks' layers in INT8."""
+        return {f"{block}.*": "int8" for block in self.int8_blocks}
+
+    def quantization_config(self, base: QuantizationConfig | None = None) -> QuantizationConfig:
+        """``base`` (default: all NVFP4) with this allocation's INT8 overrides in front of its own."""
+        base = base or QuantizationConfig(precision="nvfp4")
+        return replace(base, overrides={**self.overrides(), **dict(base.overrides)})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form."""
+        return {"predictor": self.predictor.to_dict(), "predicted_error": dict(self.predicted_error),
+                "int8_blocks": list(self.int8_blocks)}
+
+
+def allocate_static(
+    data: CalibrationData,
+    *,
+    int8_fraction: float | None = None,
+    error_threshold: float | None = None,
+    predictor: PrecisionPredictor | None = None,
+) -> StaticAllocation:
+    """Give INT8 to the blocks with the largest predicted NVFP4 error.
+
+    Args:
+        data: a calibration (:func:`~diffaccel.quantization.calibration.calibrate`).
+        int8_fraction: this fraction of the blocks (rounded up) takes INT8; or
+        error_threshold: blocks whose predicted error exceeds it take INT8.
+        predictor: defaults to the one fitted on ``data``.
+    """
+    _check_budget(int8_fraction, error_threshold, "int8_fraction")
+    predictor = predictor or PrecisionPredictor.fit(data)
+    predicted = np.asarray(predictor.predict(np.nanmean(data.difference, axis=(0, 1))), dtype=np.float64)
+    chosen = _choose(predicted, int8_fraction, error_threshold)
+    return StaticAllocation(
+        predictor=predictor,
+        predicted_error={block: float(e) for block, e in zip(data.blocks, predicted)},
+        int8_blocks=tuple(block for block, c in zip(data.blocks, chosen) if c),
+    )
+
+
+@dataclass(frozen=True)
+class DynamicPrecisionConfig(FeatureConfig):
+    """Switch the nested residual of NVFP4 layers on per block and timestep band.
+
+    Args:
+        schedule: ``(block name, (refine in band 0, refine in band 1, ...))`` pairs (a mapping is
+            accepted); every block's tuple has the same length, the number of bands. Blocks not
+            listed are never refined.
+
+    The pipeline's denoiser must be quantized to NVFP4 with the residual stored for the listed
+    blocks (:meth:`quantization_config` gives such a config); attaching checks it.
+
+    Example:
+        >>> DynamicPrecisionConfig({"transformer_blocks.0": (True, False)}).num_bands
+        2
+    """
+
+    name = "dynamic_precision"
+
+    schedule: Any = ()
+
+    def __post_init__(self) -> None:
+        items = self.schedule.items() if isinstance(self.schedule, Mapping) else self.schedule
+        try:
+            schedule = tuple((str(block), tuple(bool(b) for b in bands)) for block, bands in items)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"DynamicPrecisionConfig.schedule must be (block, bands) pairs: {error}") from None
+        lengths = {len(bands) for _, bands in schedule}
+        if len(lengths) > 1 or 0 in lengths:
+            raise ValueError(f"DynamicPrecisionConfig.schedule needs one non-empty band tuple length, got {lengths}")
+        if len({block for block, _ in schedule}) != len(schedule):
+            raise ValueError("DynamicPrecisionConfig.schedule names a block twice")
+        object.__setattr__(self, "schedule", schedule)
+
+    @property
+    def num_bands(self) -> int:
+        """Timestep bands of the schedule (1 when it is empty)."""
+        return len(self.schedule[0][1]) if self.schedule else 1
+
+    @property
+    def refined_blocks(self) -> tuple[str, ...]:
+        """Blocks refined in at least one band: the ones that need the residual stored."""
+        return tuple(block for block, bands in self.schedule if any(bands))
+
+    def quantization_config(self, base: QuantizationConfig | None = None) -> QuantizationConfig:
+        """``base`` (default: all NVFP4) storing the nested residual for the refined blocks only."""
+        base = base or QuantizationConfig(precision="nvfp4")
+        nested = {f"{block}.*": "nvfp4+residual" for block in self.refined_blocks}
+        return replace(base, overrides={**nested, **dict(base.overrides)})
+
+    def attach(self, pipe: Any) -> "DynamicPrecision":
+        return DynamicPrecision(self, pipe)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schedule": {block: list(bands) for block, bands in self.schedule}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "DynamicPrecisionConfig":
+        return cls(schedule=data.get("schedule", ()))
+
+
+def allocate_dynamic(
+    data: CalibrationData,
+    *,
+    num_bands: int = 4,
+    refine_fraction: float | None = None,
+    error_threshold: float | None = None,
+    predictor: PrecisionPredictor | None = None,
+) -> DynamicPrecisionConfig:
+    """Refine the (block, timestep band) pairs with the largest predicted NVFP4 error.
+
+    Args:
+        data: a calibration.
+        num_bands: timestep bands (at most the calibration's steps).
+        refine_fraction: this fraction of all (block, band) pairs (rounded up) is refined; or
+        error_threshold: pairs whose predicted error exceeds it are refined.
+        predictor: defaults to the one fitted on ``data``.
+    """
+    if not isinstance(num_bands, int) or not 1 <= num_bands <= data.num_steps:
+        raise ValueError(f"num_bands must be an int in [1, {data.num_steps}] (the calibration's steps), got {num_bands!r}")
+    _check_budget(refine_fraction, error_threshold, "refine_fraction")
+    predictor = predictor or PrecisionPredictor.fit(data)
+    band_of_step = np.arange(data.num_steps) * num_bands // data.num_steps
+    difference = np.stack([np.nanmean(data.difference[:, band_of_step == band], axis=(0, 1))
+                           for band in range(num_bands)], axis=1)  # (blocks, bands)
+    chosen = _choose(np.asarray(predictor.predict(difference), dtype=np.float64), refine_fraction, error_threshold)
+    return DynamicPrecisionConfig(tuple((block, tuple(bool(c) for c in row))
+                                        for block, row in zip(data.blocks, chosen) if row.any()))
+
+
+@dataclass
+class DynamicPrecisionStats:
+    """What the dynamic allocation did in one call: per step, the fraction of quantized weights
+    refined and their mean bits per weight in use (refined NVFP4 layers count 9 bits)."""
+
+    num_steps: int = 0
+    refined_fraction: list[float] = field(default_factory=list)
+    bits_per_weight: list[float] = field(default_factory=list)
+
+    @property
+    def mean_bits_per_weight(self) -> float:
+        """Bits per quantized weight in use, averaged over the steps."""
+        return float(np.mean(self.bits_per_weight)) if self.bits_per_weight else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form."""
+        return {"num_steps": self.num_steps, "refined_fraction": list(self.refined_fraction),
+                "bits_per_weight": list(self.bits_per_weight), "mean_bits_per_weight": self.mean_bits_per_weight}
+
+
+class _BandSwitch(StepCounter):
+    """Denoiser hook: at each new step, set ``refine`` on every block's layers for the step's band."""
+
+    def __init__(self, feature: "DynamicPrecision") -> None:
+        super().__init__()
+        self.feature = feature
+
+    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        before = self.step
+        args, kwargs = super().pre_forward(module, *args, **kwargs)
+        if self.step != before:
+            self.feature.enter_step(self.step)
+        return args, kwargs
+
+
+class DynamicPrecision(AttachedFeature):
+    """:class:`DynamicPrecisionConfig` attached to a pipeline whose denoiser is quantized."""
+
+    def __init__(self, config: DynamicPrecisionConfig, pipe: Any) -> None:
+        self.config, self.pipe = config, pipe
+        self.model = denoiser_of(pipe)
+        blocks = dict(transformer_blocks(self.model))
+        unknown = [block for block, _ in config.schedule if block not in blocks]
+        if unknown:
+            raise UnsupportedCombinationError(
+                f"DynamicPrecisionConfig names blocks {unknown} that {type(self.model).__name__} does not have; "
+                f"its blocks: {sorted(blocks)}")
+        self.all_layers = [m for m in self.model.modules() if isinstance(m, QuantizedLinear)]
+        if not self.all_layers:
+            raise UnsupportedCombinationError(
+                "dynamic precision needs a quantized denoiser: quantize it first with "
+                "diffaccel.quantize_(model, config.quantization_config())")
+        self.layers: dict[str, list[QuantizedLinear]] = {}
+        for block, bands in config.schedule:
+            layers = [m for m in blocks[block].modules() if isinstance(m, QuantizedLinear)]
+            if any(bands) and not any(layer.has_residual for layer in layers):
+                raise UnsupportedCombinationError(
+                    f"block {block} is refined but none of its layers stores the nested residual; quantize with "
+                    "DynamicPrecisionConfig.quantization_config() (precision 'nvfp4+residual' for that block)")
+            self.layers[block] = [layer for layer in layers if layer.has_residual]
+        self.switch = _BandSwitch(self)
+        HookRegistry.check_if_exists_or_initialize(self.model).register_hook(self.switch, _DYNAMIC_HOOK)
+        self.num_steps: int | None = None
+        self.stats = DynamicPrecisionStats()
+
+    def begin_call(self, pipe: Any, call_kwargs: Mapping[str, Any]) -> None:
+        self.switch.reset()
+        self.num_steps = None
+        self.stats = DynamicPrecisionStats()
+
+    def enter_step(self, step: int) -> None:
+        """Set every scheduled block's ``refine`` flags for ``step``'s band and record the bits in use."""
+        if self.num_steps is None:
+            self.num_steps = max(int(getattr(self.pipe, "_num_timesteps", 0) or len(self.pipe.scheduler.timesteps)), 1)
+        band = min(step * self.config.num_bands // self.num_steps, self.config.num_bands - 1)
+        for block, bands in self.config.schedule:
+            for layer in self.layers[block]:
+                layer.refine = bands[band]
+        total = sum(layer.in_features * layer.out_features for layer in self.all_layers)
+        refined = sum(layer.in_features * layer.out_features for layer in self.all_layers if layer.refine)
+        bits = sum(_bits_in_use(layer) * layer.in_features * layer.out_features for layer in self.all_layers)
+        self.stats.num_steps = step + 1
+        self.stats.refined_fraction.append(refined / total)
+        self.stats.bits_per_weight.append(bits / total)
+
+    def _unrefine(self) -> None:
+        for layers in self.layers.values():
+            for layer in layers:
+                layer.refine = False
+
+    def end_call(self) -> DynamicPrecisionStats:
+        self._unrefine()
+        return self.stats
+
+    def detach(self, pipe: Any) -> None:
+        self._unrefine()
+        HookRegistry.check_if_exists_or_initialize(self.model).remove_hook(_DYNAMIC_HOOK, recurse=False)
+
+
+def _bits_in_use(layer: QuantizedLinear) -> float:
+    """Bits per weight the layer reads in its forward (the residual only when refined)."""
+    if layer.has_residual and not layer.refine:
+        return layer.bits_per_weight / 2
+    return layer.bits_per_weight
+
+
+def calibration_prompts(count: int = 8, seed: int = 0) -> list[str]:
+    """ShapeWorld training captions for calibration runs on the bundled micro models.
+
+    Example:
+        >>> len(calibration_prompts(3))
+        3
+    """
+    from ..shapeworld import sample_scene
+
+    rng = np.random.default_rng(seed)
+    kinds: Sequence[str] = ("single", "relation", "count")
+    return [sample_scene(rng, split="train", kind=kinds[i % len(kinds)]).caption for i in range(count)]

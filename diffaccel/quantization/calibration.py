@@ -1,0 +1,359 @@
+"""Calibration for mixed NVFP4 / INT8 precision (6Bit-Diffusion's sensitivity predictor).
+
+6Bit-Diffusion ("Inference-Time Mixed-Precision Quantization for Video Diffusion Models", 2026)
+observes that a transformer block's relative input-output difference is linearly correlated
+with the quantization error of its linear layers: blocks that change their input a lot are the
+ones 4-bit weights hurt. A calibration run measures both, per block and denoising step, on a
+handful of prompts:
+
+* ``difference[p, s, b] = ||out - in|| / ||in||`` of block ``b``'s hidden states at step ``s``
+  of prompt ``p`` (the block's image/video stream; both CFG branches averaged when the
+  pipeline runs them as separate calls);
+* ``error[p, s, b]``: the mean, over the block's ``nn.Linear`` layers, of the relative output
+  error ``||x W_q^T - x W^T|| / ||x W^T||`` when ``W`` is quantized to NVFP4 (computed on the
+  layer's real inputs, beside the float forward, which is left unchanged).
+
+:class:`PrecisionPredictor` fits ``error ~ slope * difference + intercept`` by least squares;
+:mod:`diffaccel.quantization.allocation` turns predicted errors into per-block precisions.
+
+Blocks are the modules diffusers registers as transformer blocks (``BasicTransformerBlock`` in
+UNets and PixArt, SD3's ``JointTransformerBlock``, Flux's, Wan's, CogVideoX's and LTX's blocks).
+Steps are counted by the denoiser's timestep: a call with a new timestep starts a new step.
+
+Example:
+    >>> from diffaccel.testing import tiny_call_inputs, tiny_pipeline
+    >>> pipe = tiny_pipeline("pixart-sigma")
+    >>> data = calibrate(pipe, ["a red circle"], num_inference_steps=3, progress=False,
+    ...                  **tiny_call_inputs("pixart-sigma"))
+    >>> data.difference.shape == (1, 3, len(data.blocks))
+    True
+    >>> predictor = PrecisionPredictor.fit(data)
+    >>> bool(predictor.predict(0.0) == predictor.intercept)
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from tqdm.auto import tqdm
+
+from ..errors import UnsupportedPipelineError
+from ..kernels import nvfp4_linear, nvfp4_quantize
+
+#: File that :meth:`CalibrationData.save` writes (beside a saved model, for instance).
+CALIBRATION_FILE = "diffaccel_calibration.json"
+
+_STEP_HOOK = "diffaccel.calibration.step"
+_BLOCK_HOOK = "diffaccel.calibration.block"
+
+
+def _block_registry() -> Any:
+    from diffusers.hooks._helpers import TransformerBlockRegistry
+
+    TransformerBlockRegistry._register()
+    return TransformerBlockRegistry
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The transformer blocks of a denoiser, as ``(qualified name, module)`` in forward order.
+
+    A block is a module whose class diffusers registers in its ``TransformerBlockRegistry``
+    (the registry its own caches use); blocks nested inside other blocks are not listed twice.
+
+    Example:
+        >>> from diffaccel.testing import tiny_pipeline
+        >>> [name for name, _ in transformer_blocks(tiny_pipeline("flux").transformer)]
+        ['transformer_blocks.0', 'single_transformer_blocks.0']
+    """
+    registered = tuple(_block_registry()._registry)
+    blocks: list[tuple[str, torch.nn.Module]] = []
+    for name, module in model.named_modules():
+        if isinstance(module, registered) and not any(name.startswith(b + ".") for b, _ in blocks):
+            blocks.append((name, module))
+    return blocks
+
+
+def denoiser_of(pipe: Any) -> torch.nn.Module:
+    """The pipeline's denoiser (``pipe.transformer`` or ``pipe.unet``) that has transformer blocks.
+
+    Raises :class:`~diffaccel.errors.UnsupportedPipelineError` when there is none.
+    """
+    for attr in ("transformer", "unet"):
+        model = getattr(pipe, attr, None)
+        if isinstance(model, torch.nn.Module) and transformer_blocks(model):
+            return model
+    raise UnsupportedPipelineError(
+        f"{type(pipe).__name__} has no denoiser with diffusers transformer blocks; supported: pipelines "
+        "whose `transformer` or `unet` holds them (SD/SDXL UNets, PixArt, SD3, Flux, Wan, CogVideoX, LTX)"
+    )
+
+
+def call_timestep(args: tuple, kwargs: dict) -> float | None:
+    """The timestep a denoiser call was given (``timestep=`` or the second positional argument)."""
+    timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+    if timestep is None:
+        return None
+    return float(torch.as_tensor(timestep).flatten()[0])
+
+
+class StepCounter(ModelHook):
+    """A denoiser hook that counts denoising steps: a call with a new timestep is a new step.
+
+    ``step`` is ``-1`` before the first call; :meth:`reset` starts a new pipeline call.
+    """
+
+    _is_stateful = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.step, self._last = -1, None
+
+    def reset(self) -> None:
+        """Forget the steps seen (a new pipeline call begins)."""
+        self.step, self._last = -1, None
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.reset()
+        return module
+
+    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        timestep = call_timestep(args, kwargs)
+        if self.step < 0 or timestep != self._last:
+            self.step, self._last = self.step + 1, timestep
+        return args, kwargs
+
+
+def block_hidden_states(block: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> tuple[Any, Any]:
+    """A block's hidden-states input and output, read with diffusers' block metadata."""
+    metadata = _block_registry().get(type(block))
+    hidden_in = metadata._get_parameter_from_args_kwargs(metadata.hidden_states_argument_name, args, kwargs)
+    hidden_out = output[metadata.return_hidden_states_index] if isinstance(output, (tuple, list)) else output
+    return hidden_in, hidden_out
+
+
+def relative_difference(new: torch.Tensor, old: torch.Tensor) -> float:
+    """``||new - old|| / ||old||`` in float32 (0 when both are zero)."""
+    new, old = new.detach().float(), old.detach().float()
+    denominator = old.norm()
+    return float((new - old).norm() / denominator) if denominator > 0 else float((new - old).norm() > 0)
+
+
+class _Recorder:
+    """Accumulates per-(step, block) sums of difference and error during one prompt."""
+
+    def __init__(self, blocks: Sequence[str]) -> None:
+        self.index = {name: i for i, name in enumerate(blocks)}
+        self.rows: dict[tuple[int, int], list[float]] = {}  # (step, block) -> [diff, n_diff, err, n_err]
+
+    def add(self, step: int, block: str, *, difference: float | None = None, error: float | None = None) -> None:
+        row = self.rows.setdefault((step, self.index[block]), [0.0, 0, 0.0, 0])
+        if difference is not None:
+            row[0], row[1] = row[0] + difference, row[1] + 1
+        if error is not None:
+            row[2], row[3] = row[2] + error, row[3] + 1
+
+    def arrays(self, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
+        shape = (num_steps, len(self.index))
+        diff, err = np.full(shape, np.nan), np.full(shape, np.nan)
+        for (step, block), (d, nd, e, ne) in self.rows.items():
+            if step < num_steps:
+                diff[step, block] = d / nd if nd else np.nan
+                err[step, block] = e / ne if ne else np.nan
+        return diff, err
+
+
+class _BlockHook(ModelHook):
+    """Records a block's relative input-output difference at each step."""
+
+    def __init__(self, name: str, counter: StepCounter, recorder: _Recorder) -> None:
+        super().__init__()
+        self.name, self.counter, self.recorder = name, counter, recorder
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        hidden_in, hidden_out = block_hidden_states(module, args, kwargs, output)
+        self.recorder.add(self.counter.step, self.name, difference=relative_difference(hidden_out, hidden_in))
+        return output
+
+
+@dataclass
+class CalibrationData:
+    """What :func:`calibrate` measured: arrays of shape ``(prompts, steps, blocks)``.
+
+    ``difference`` holds the blocks' relative input-output differences, ``error`` the mean
+    relative output error of their linear layers under NVFP4 weights.
+    """
+
+    blocks: tuple[str, ...]
+    prompts: tuple[str, ...]
+    difference: np.ndarray
+    error: np.ndarray
+
+    @property
+    def num_steps(self) -> int:
+        """Denoising steps per prompt."""
+        return int(self.difference.shape[1])
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form (JSON-serialisable; NaN for a block a step did not run)."""
+        return {"blocks": list(self.blocks), "prompts": list(self.prompts),
+                "difference": self.difference.tolist(), "error": self.error.tolist()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CalibrationData":
+        """Rebuild from :meth:`to_dict`'s output."""
+        return cls(tuple(data["blocks"]), tuple(data["prompts"]),
+                   np.asarray(data["difference"], dtype=np.float64), np.asarray(data["error"], dtype=np.float64))
+
+    def save(self, path: str | os.PathLike) -> str:
+        """Write JSON to ``path`` (a folder gets :data:`CALIBRATION_FILE` inside it); returns the file."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, CALIBRATION_FILE)
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(self.to_dict(), handle)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "CalibrationData":
+        """Read what :meth:`save` wrote (a file, or a folder holding :data:`CALIBRATION_FILE`)."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, CALIBRATION_FILE)
+        with open(path, encoding="utf-8") as handle:
+            return cls.from_dict(json.load(handle))
+
+
+def _linear_error_hooks(
+    blocks: Sequence[tuple[str, torch.nn.Module]], counter: StepCounter, recorder: _Recorder
+) -> list[torch.utils.hooks.RemovableHandle]:
+    """Forward hooks on every float ``nn.Linear`` of the blocks that record its NVFP4 error."""
+    handles = []
+    for block_name, block in blocks:
+        for module in block.modules():
+            if type(module) is not torch.nn.Linear:
+                continue
+            quantized = nvfp4_quantize(module.weight.detach().float())
+            bias = None if module.bias is None else module.bias.detach().float()
+
+            def hook(mod, inputs, output, quantized=quantized, bias=bias, block_name=block_name):
+                reference = output.detach().float()
+                approx = nvfp4_linear(inputs[0].detach().float(), quantized, bias)
+                recorder.add(counter.step, block_name, error=relative_difference(approx, reference))
+
+            handles.append(module.register_forward_hook(hook))
+    return handles
+
+
+def calibrate(
+    pipe: Any,
+    prompts: Sequence[str],
+    *,
+    num_inference_steps: int = 20,
+    seed: int = 0,
+    progress: bool = True,
+    **call_kwargs: Any,
+) -> CalibrationData:
+    """Run ``pipe`` on ``prompts`` and measure, per block and step, the relative input-output
+    difference and the NVFP4 error of the block's linear layers.
+
+    The denoiser must still hold float ``nn.Linear`` layers (calibrate before
+    :func:`~diffaccel.quantization.quantize_`). Outputs are not changed; the VAE is skipped
+    (``output_type="latent"``). Extra keyword arguments go to the pipeline call.
+
+    Example:
+        >>> from diffaccel.testing import tiny_call_inputs, tiny_pipeline
+        >>> data = calibrate(tiny_pipeline("wan"), ["a red circle"], num_inference_steps=2,
+        ...                  progress=False, **tiny_call_inputs("wan"))
+        >>> data.blocks, data.num_steps
+        (('blocks.0', 'blocks.1'), 2)
+    """
+    if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts must be a non-empty list of strings")
+    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
+    model = denoiser_of(pipe)
+    blocks = transformer_blocks(model)
+    names = [name for name, _ in blocks]
+    counter = StepCounter()
+    HookRegistry.check_if_exists_or_initialize(model).register_hook(counter, _STEP_HOOK)
+    registries = []
+    differences, errors = [], []
+    recorder = _Recorder(names)
+    handles = _linear_error_hooks(blocks, counter, recorder)
+    try:
+        for name, block in blocks:
+            registry = HookRegistry.check_if_exists_or_initialize(block)
+            registry.register_hook(_BlockHook(name, counter, recorder), _BLOCK_HOOK)
+            registries.append(registry)
+        for index, prompt in enumerate(tqdm(prompts, desc="calibration", disable=not progress)):
+            counter.reset()
+            recorder.rows = {}
+            generator = torch.Generator().manual_seed(seed + index)
+            with torch.no_grad():
+                pipe(prompt, num_inference_steps=num_inference_steps, generator=generator,
+                     output_type="latent", **call_kwargs)
+            diff, err = recorder.arrays(num_inference_steps)
+            differences.append(diff)
+            errors.append(err)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for registry in registries:
+            registry.remove_hook(_BLOCK_HOOK, recurse=False)
+        HookRegistry.check_if_exists_or_initialize(model).remove_hook(_STEP_HOOK, recurse=False)
+    return CalibrationData(tuple(names), tuple(prompts), np.stack(differences), np.stack(errors))
+
+
+@dataclass(frozen=True)
+class PrecisionPredictor:
+    """The linear predictor ``error = slope * difference + intercept`` of 6Bit-Diffusion.
+
+    ``correlation`` is Pearson's r of the calibration points it was fitted on.
+
+    Example:
+        >>> PrecisionPredictor(slope=0.5, intercept=0.25).predict(0.5)
+        0.5
+    """
+
+    slope: float
+    intercept: float
+    correlation: float = float("nan")
+    points: int = 0
+
+    def predict(self, difference: Any) -> Any:
+        """Predicted NVFP4 error for a relative block difference (a number or an array)."""
+        if np.ndim(difference):
+            return self.slope * np.asarray(difference, dtype=np.float64) + self.intercept
+        return self.slope * float(difference) + self.intercept
+
+    @classmethod
+    def fit(cls, data: CalibrationData) -> "PrecisionPredictor":
+        """Least-squares fit over every finite (difference, error) point of a calibration."""
+        x, y = data.difference.ravel(), data.error.ravel()
+        keep = np.isfinite(x) & np.isfinite(y)
+        x, y = x[keep], y[keep]
+        if x.size < 2 or np.ptp(x) == 0:
+            mean = float(y.mean()) if y.size else 0.0
+            return cls(slope=0.0, intercept=mean, correlation=float("nan"), points=int(x.size))
+        slope, intercept = np.polyfit(x, y, 1)
+        correlation = float(np.corrcoef(x, y)[0, 1]) if np.ptp(y) > 0 else float("nan")
+        return cls(slope=float(slope), intercept=float(intercept), correlation=correlation, points=int(x.size))
+
+    def to_dict(self) -> dict[str, float]:
+        """Plain-dict form."""
+        return {"slope": self.slope, "intercept": self.intercept, "correlation": self.correlation,
+                "points": self.points}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PrecisionPredictor":
+        """Rebuild from :meth:`to_dict`'s output."""
+        return cls(float(data["slope"]), float(data["intercept"]), float(data.get("correlation", "nan")),
+                   int(data.get("points", 0)))

@@ -1,0 +1,254 @@
+"""Calibration, the sensitivity predictor and the static / dynamic precision allocations."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import diffaccel
+from diffaccel.errors import UnsupportedCombinationError, UnsupportedPipelineError
+from diffaccel.kernels import nvfp4_linear, nvfp4_quantize
+from diffaccel.quantization import QuantizationConfig, QuantizedLinear, quantize_
+from diffaccel.quantization.allocation import (
+    DynamicPrecisionConfig,
+    allocate_dynamic,
+    allocate_static,
+    calibration_prompts,
+)
+from diffaccel.quantization.calibration import (
+    CalibrationData,
+    PrecisionPredictor,
+    calibrate,
+    transformer_blocks,
+)
+from diffaccel.testing import tiny_call_inputs, tiny_pipeline
+
+STEPS = 4
+
+
+def _run(pipe, name="pixart-sigma", steps=STEPS):
+    return pipe("a red circle", num_inference_steps=steps, output_type="latent",
+                generator=torch.Generator().manual_seed(0), **tiny_call_inputs(name))
+
+
+def _latents(output):
+    return output.images if hasattr(output, "images") else output.frames
+
+
+@pytest.fixture(scope="module")
+def pixart():
+    pipe = tiny_pipeline("pixart-sigma")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _synthetic(difference: np.ndarray, slope=2.0, intercept=0.01) -> CalibrationData:
+    blocks = tuple(f"b{i}" for i in range(difference.shape[-1]))
+    return CalibrationData(blocks, ("p",) * difference.shape[0], difference, slope * difference + intercept)
+
+
+def test_transformer_blocks_are_found_in_every_denoiser():
+    for name, attr in [("sd", "unet"), ("pixart-sigma", "transformer"), ("sd3", "transformer"),
+                       ("flux", "transformer"), ("wan", "transformer"), ("cogvideox", "transformer"),
+                       ("ltx", "transformer")]:
+        blocks = transformer_blocks(getattr(tiny_pipeline(name), attr))
+        assert blocks, name
+        names = [n for n, _ in blocks]
+        assert len(set(names)) == len(names)
+
+
+def test_calibration_matches_a_direct_measurement_and_changes_nothing(pixart):
+    before = _latents(_run(pixart))
+    block_name, block = transformer_blocks(pixart.transformer)[1]
+    seen: dict[str, list] = {"io": [], "errors": []}
+
+    def block_hook(module, args, kwargs, output):
+        if not seen["io"]:
+            seen["io"].append((kwargs.get("hidden_states", args[0] if args else None).clone(), output.clone()))
+
+    def linear_hook(module, inputs, output):
+        if len(seen["errors"]) < linears:
+            approx = nvfp4_linear(inputs[0].float(), nvfp4_quantize(module.weight.float()),
+                                  None if module.bias is None else module.bias.float())
+            seen["errors"].append(float((approx - output.float()).norm() / output.float().norm()))
+
+    linears = sum(1 for m in block.modules() if type(m) is torch.nn.Linear)
+    handles = [block.register_forward_hook(block_hook, with_kwargs=True)]
+    handles += [m.register_forward_hook(linear_hook) for m in block.modules() if type(m) is torch.nn.Linear]
+    try:
+        data = calibrate(pixart, ["a red circle"], num_inference_steps=STEPS, progress=False,
+                         **tiny_call_inputs("pixart-sigma"))
+    finally:
+        for handle in handles:
+            handle.remove()
+    hidden_in, hidden_out = seen["io"][0]
+    index = data.blocks.index(block_name)
+    expected = float((hidden_out - hidden_in).norm() / hidden_in.norm())
+    assert data.difference[0, 0, index] == pytest.approx(expected, rel=1e-5)
+    assert data.error[0, 0, index] == pytest.approx(np.mean(seen["errors"]), rel=1e-5)
+    assert data.difference.shape == data.error.shape == (1, STEPS, len(data.blocks))
+    assert np.isfinite(data.difference).all() and (data.error > 0).all()
+    assert torch.equal(_latents(_run(pixart)), before)  # no hooks left, outputs unchanged
+
+
+def test_calibration_counts_steps_with_separate_cfg_calls():
+    pipe = tiny_pipeline("wan")
+    data = calibrate(pipe, ["a red circle", "a blue square"], num_inference_steps=3, progress=False,
+                     guidance_scale=3.0, **tiny_call_inputs("wan"))
+    assert data.difference.shape == (2, 3, 2)
+    assert np.isfinite(data.difference).all() and np.isfinite(data.error).all()
+
+
+def test_calibration_rejects_bad_input(pixart):
+    with pytest.raises(ValueError, match="prompts"):
+        calibrate(pixart, "a red circle")
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        calibrate(pixart, ["a red circle"], num_inference_steps=0)
+
+    class NoDenoiser:
+        pass
+
+    with pytest.raises(UnsupportedPipelineError, match="supported"):
+        calibrate(NoDenoiser(), ["a red circle"])
+
+
+def test_calibration_save_load_round_trip(tmp_path):
+    data = _synthetic(np.random.default_rng(0).random((2, 3, 4)))
+    data.save(tmp_path)
+    back = CalibrationData.load(tmp_path)
+    assert back.blocks == data.blocks and np.array_equal(back.difference, data.difference)
+    assert np.array_equal(back.error, data.error)
+
+
+def test_predictor_recovers_a_linear_relation():
+    data = _synthetic(np.random.default_rng(1).random((3, 5, 4)), slope=0.3, intercept=0.02)
+    data.error[0, 0, 0] = np.nan  # a block that did not run is ignored
+    predictor = PrecisionPredictor.fit(data)
+    assert predictor.slope == pytest.approx(0.3) and predictor.intercept == pytest.approx(0.02)
+    assert predictor.correlation == pytest.approx(1.0) and predictor.points == 3 * 5 * 4 - 1
+    assert PrecisionPredictor.from_dict(predictor.to_dict()) == predictor
+
+
+def test_static_allocation_takes_the_most_sensitive_blocks():
+    difference = np.tile(np.array([0.1, 0.4, 0.2, 0.3]), (1, 2, 1))
+    data = _synthetic(difference)
+    assert allocate_static(data, int8_fraction=0.5).int8_blocks == ("b1", "b3")
+    assert allocate_static(data, int8_fraction=0.0).int8_blocks == ()
+    assert allocate_static(data, error_threshold=2.0 * 0.25 + 0.01).int8_blocks == ("b1", "b3")
+    config = allocate_static(data, int8_fraction=0.25).quantization_config(QuantizationConfig(min_weight_numel=0))
+    assert dict(config.overrides)["b1.*"] == "int8" and config.precision == "nvfp4"
+    with pytest.raises(ValueError, match="exactly one"):
+        allocate_static(data)
+    with pytest.raises(ValueError, match="int8_fraction"):
+        allocate_static(data, int8_fraction=1.5)
+
+
+def test_dynamic_allocation_bands():
+    # block b0 is volatile early, b1 late; four steps in two bands
+    difference = np.array([[[0.9, 0.1], [0.8, 0.1], [0.1, 0.7], [0.1, 0.9]]])
+    config = allocate_dynamic(_synthetic(difference), num_bands=2, refine_fraction=0.5)
+    assert config.schedule == (("b0", (True, False)), ("b1", (False, True)))
+    assert allocate_dynamic(_synthetic(difference), num_bands=2, refine_fraction=0.0).schedule == ()
+    assert DynamicPrecisionConfig.from_dict(config.to_dict()) == config
+    nested = config.quantization_config()
+    assert dict(nested.overrides) == {"b0.*": "nvfp4+residual", "b1.*": "nvfp4+residual"}
+    with pytest.raises(ValueError, match="num_bands"):
+        allocate_dynamic(_synthetic(difference), num_bands=5, refine_fraction=0.5)
+    with pytest.raises(ValueError, match="band tuple"):
+        DynamicPrecisionConfig({"a": (True,), "b": (True, False)})
+
+
+def _quantized(pipe, config):
+    pipe = copy.deepcopy(pipe)
+    quantize_(pipe.transformer, config)
+    return pipe
+
+
+def test_dynamic_precision_switches_refine_per_band(pixart):
+    blocks = [name for name, _ in transformer_blocks(pixart.transformer)]
+    config = DynamicPrecisionConfig({blocks[0]: (True, False), blocks[1]: (False, True)})
+    pipe = diffaccel.accelerate(_quantized(pixart, config.quantization_config(QuantizationConfig(min_weight_numel=0))),
+                                config)
+    layer_of = {b: next(m for m in dict(transformer_blocks(pipe.transformer))[b].modules()
+                        if isinstance(m, QuantizedLinear)) for b in blocks}
+    seen = {b: [] for b in blocks}
+    handles = [layer.register_forward_pre_hook(lambda m, a, b=b: seen[b].append(m.refine))
+               for b, layer in layer_of.items()]
+    _run(pipe)
+    for handle in handles:
+        handle.remove()
+    assert seen[blocks[0]] == [True, True, False, False]
+    assert seen[blocks[1]] == [False, False, True, True]
+    stats = pipe.acceleration_stats.features["dynamic_precision"]
+    assert stats.num_steps == STEPS and len(stats.bits_per_weight) == STEPS
+    assert all(4.5 < bits < 9.0 for bits in stats.bits_per_weight)
+    assert not any(layer.refine for layer in layer_of.values())  # reset after the call
+
+
+def test_refinement_brings_the_output_closer_to_float(pixart):
+    reference = _latents(_run(pixart))
+    blocks = [name for name, _ in transformer_blocks(pixart.transformer)]
+    base = QuantizationConfig(min_weight_numel=0)
+    never = DynamicPrecisionConfig({b: (False,) for b in blocks})
+    always = DynamicPrecisionConfig({b: (True,) for b in blocks})
+    nested = always.quantization_config(base)
+    plain = _latents(_run(_quantized(pixart, base)))
+    off = _latents(_run(diffaccel.accelerate(_quantized(pixart, nested), never)))
+    on = _latents(_run(diffaccel.accelerate(_quantized(pixart, nested), always)))
+    assert torch.equal(off, plain)  # the residual unused == plain NVFP4, bit for bit
+    assert (on - reference).norm() < 0.5 * (plain - reference).norm()
+
+
+def test_static_int8_blocks_are_closer_than_nvfp4(pixart):
+    reference = _latents(_run(pixart))
+    data = calibrate(pixart, calibration_prompts(2), num_inference_steps=STEPS, progress=False,
+                     **tiny_call_inputs("pixart-sigma"))
+    base = QuantizationConfig(min_weight_numel=0)
+    allocation = allocate_static(data, int8_fraction=1.0)
+    mixed = _quantized(pixart, allocation.quantization_config(base))
+    assert all(m.precision == "int8" for m in mixed.transformer.modules()
+               if isinstance(m, QuantizedLinear) and any(m is x for _, b in transformer_blocks(mixed.transformer)
+                                                         for x in b.modules()))
+    nvfp4 = _latents(_run(_quantized(pixart, base)))
+    assert (_latents(_run(mixed)) - reference).norm() < (nvfp4 - reference).norm()
+
+
+def test_dynamic_precision_refuses_unprepared_denoisers(pixart):
+    blocks = [name for name, _ in transformer_blocks(pixart.transformer)]
+    config = DynamicPrecisionConfig({blocks[0]: (True,)})
+    with pytest.raises(UnsupportedCombinationError, match="quantize"):
+        diffaccel.accelerate(copy.deepcopy(pixart), config)
+    with pytest.raises(UnsupportedCombinationError, match="residual"):
+        diffaccel.accelerate(_quantized(pixart, QuantizationConfig(min_weight_numel=0)), config)
+    with pytest.raises(UnsupportedCombinationError, match="does not have"):
+        diffaccel.accelerate(_quantized(pixart, QuantizationConfig(min_weight_numel=0)),
+                             DynamicPrecisionConfig({"nope": (True,)}))
+
+
+def test_calibration_prompts_are_training_captions():
+    from diffaccel.shapeworld import parse_prompt
+
+    prompts = calibration_prompts(6)
+    assert len(set(prompts)) > 1
+    for prompt in prompts:
+        parse_prompt(prompt)
+
+
+def test_quantized_pipeline_with_dynamic_precision_saves_and_loads(pixart, tmp_path):
+    from diffaccel.acceleration import accelerated_class
+
+    blocks = [name for name, _ in transformer_blocks(pixart.transformer)]
+    dynamic = DynamicPrecisionConfig({blocks[0]: (True, False)})
+    quantization = dynamic.quantization_config(QuantizationConfig(min_weight_numel=0))
+    # given in the "wrong" order: accelerate quantizes first, then attaches the switch
+    pipe = diffaccel.accelerate(copy.deepcopy(pixart), dynamic, quantization)
+    expected = _latents(_run(pipe))
+    pipe.save_pretrained(tmp_path)
+    loaded = accelerated_class(type(pixart)).from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.acceleration == (quantization, dynamic)
+    assert torch.equal(_latents(_run(loaded)), expected)
+    assert loaded.acceleration_stats.features["dynamic_precision"].refined_fraction[0] > 0
