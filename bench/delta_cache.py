@@ -1,12 +1,14 @@
 """Benchmark: the temporal delta cache on Wan and Flux against the untouched pipelines, side by side.
 
 For each model every variant (the untouched pipeline, the delta cache at several thresholds, and
-diffusers' own First Block Cache as the peer) runs on the same pipeline object, prompt and seed,
-in interleaved rounds (machine noise hits all variants alike). Times are medians over rounds of
-the whole pipeline call (text encoding, denoising, VAE decoding); fidelity is the PSNR of the
-decoded output against the untouched pipeline's. Results go to ``bench/results/`` as JSON.
+diffusers' own First Block Cache as the peer) runs on the same pipeline object, prompt and seeds,
+in interleaved rounds (machine noise hits all variants alike). Times are medians over rounds and
+seeds of the whole pipeline call (text encoding, denoising, VAE decoding); fidelity is the PSNR of
+the decoded output against the untouched pipeline's (median over seeds); ``delta_cache`` holds the
+first seed's statistics. Diffusers' First Block Cache keeps no statistics: a PSNR of inf there
+means it skipped nothing. Results go to ``bench/results/`` as JSON.
 
-    python bench/delta_cache.py            # CPU, widened tiny Wan and Flux, random weights (~3 min)
+    python bench/delta_cache.py            # CPU, widened tiny Wan and Flux, random weights (~4 min)
     python bench/delta_cache.py --quick    # smoke run: narrow models, few steps, 1 round
 
 The models are ``diffaccel.testing`` pipelines with **random weights**, widened so that the
@@ -49,7 +51,13 @@ MODELS: dict[str, dict[bool, tuple[str, dict[str, Any], dict[str, Any]]]] = {
     "flux": {
         False: (
             "flux",
-            dict(num_layers=4, num_single_layers=8, num_attention_heads=4, attention_head_dim=64, axes_dims_rope=(16, 24, 24)),
+            dict(
+                num_layers=4,
+                num_single_layers=8,
+                num_attention_heads=4,
+                attention_head_dim=64,
+                axes_dims_rope=(16, 24, 24),
+            ),
             dict(height=256, width=256, max_sequence_length=16),
         ),
         True: ("flux", {}, dict(height=64, width=64, max_sequence_length=16)),
@@ -65,7 +73,9 @@ def psnr(output: np.ndarray, reference: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10.0 * np.log10(1.0 / mse)
 
 
-def make_variants(pipe: Any, thresholds: list[float], max_skips: int, fbc_thresholds: list[float]) -> dict[str, Variant]:
+def make_variants(
+    pipe: Any, thresholds: list[float], max_skips: int, fbc_thresholds: list[float]
+) -> dict[str, Variant]:
     """name -> (setup, teardown) applied around each timed call."""
     from diffusers.hooks import FirstBlockCacheConfig
 
@@ -90,7 +100,8 @@ def make_variants(pipe: Any, thresholds: list[float], max_skips: int, fbc_thresh
 def run_once(pipe: Any, call: dict[str, Any], steps: int, seed: int) -> tuple[float, np.ndarray, dict[str, Any] | None]:
     """One timed call: seconds, the decoded output and the delta cache's stats (if attached)."""
     start = time.perf_counter()
-    result = pipe(PROMPT, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="np", **call)
+    generator = torch.Generator().manual_seed(seed)
+    result = pipe(PROMPT, num_inference_steps=steps, generator=generator, output_type="np", **call)
     seconds = time.perf_counter() - start
     output = result.frames if hasattr(result, "frames") else result.images
     stats = getattr(pipe, "acceleration_stats", None)
@@ -99,24 +110,26 @@ def run_once(pipe: Any, call: dict[str, Any], steps: int, seed: int) -> tuple[fl
 
 
 def bench_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Every variant on one model, interleaved over rounds."""
+    """Every variant on one model, interleaved over rounds (each round runs every seed)."""
     name, overrides, call = MODELS[model][args.quick]
     pipe = tiny_pipeline(name, **overrides)
     variants = make_variants(pipe, args.thresholds, args.max_consecutive_skips, args.fbc_thresholds)
     times: dict[str, list[float]] = {variant: [] for variant in variants}
-    outputs: dict[str, np.ndarray] = {}
-    stats: dict[str, dict[str, Any] | None] = {}
+    outputs: dict[str, dict[int, np.ndarray]] = {variant: {} for variant in variants}
+    stats: dict[str, dict[int, dict[str, Any] | None]] = {variant: {} for variant in variants}
     for variant, (setup, teardown) in variants.items():  # warm-up, and the outputs for PSNR
         setup()
         try:
-            _, outputs[variant], stats[variant] = run_once(pipe, call, args.steps, args.seed)
+            for seed in args.seeds:
+                _, outputs[variant][seed], stats[variant][seed] = run_once(pipe, call, args.steps, seed)
         finally:
             teardown()
     for round_index in range(args.rounds):
         for variant, (setup, teardown) in variants.items():
             setup()
             try:
-                times[variant].append(run_once(pipe, call, args.steps, args.seed)[0])
+                for seed in args.seeds:
+                    times[variant].append(run_once(pipe, call, args.steps, seed)[0])
             finally:
                 teardown()
         print(f"{model}: round {round_index + 1}/{args.rounds} done", file=sys.stderr)
@@ -124,13 +137,17 @@ def bench_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
     results = {}
     for variant in variants:
         median = statistics.median(times[variant])
-        row_stats = stats[variant]
+        seed_stats = [stats[variant][seed] for seed in args.seeds]
+        fidelity = [psnr(outputs[variant][seed], outputs["baseline"][seed]) for seed in args.seeds]
         results[variant] = {
             "median_seconds": median,
             "speedup_vs_baseline": base / median,
-            "skipped_block_fraction": row_stats["skipped_fraction"] if row_stats else None,
-            "psnr_vs_baseline_db": None if variant == "baseline" else psnr(outputs[variant], outputs["baseline"]),
-            "delta_cache": row_stats,
+            "skipped_block_fraction": (
+                statistics.mean(row["skipped_fraction"] for row in seed_stats) if seed_stats[0] else None
+            ),
+            "psnr_vs_baseline_db": None if variant == "baseline" else statistics.median(fidelity),
+            "seconds": times[variant],
+            "delta_cache": seed_stats[0],
         }
     return {
         "pipeline": type(pipe).__name__,
@@ -148,25 +165,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 20, --quick 6)")
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.02, 0.05, 0.1, 0.2])
     parser.add_argument("--max-consecutive-skips", type=int, default=2)
-    parser.add_argument("--fbc-thresholds", type=float, nargs="*", default=[0.05], help="diffusers First Block Cache peer")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 3, --quick 1)")
+    parser.add_argument(
+        "--fbc-thresholds", type=float, nargs="*", default=[0.05, 0.2], help="diffusers First Block Cache (the peer)"
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 (--quick: 0)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 5, --quick 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (see the module docs)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: tiny models, 6 steps, 1 round")
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny models, 6 steps, 1 seed, 1 round")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/delta_cache_cpu[_quick].json)")
     args = parser.parse_args(argv)
     args.steps = args.steps or (6 if args.quick else 20)
-    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.rounds = args.rounds or (1 if args.quick else 5)
+    args.seeds = args.seeds or ([0] if args.quick else [0, 1])
     torch.set_num_threads(args.threads)
 
     models = {model: bench_model(model, args) for model in args.models}
     report = {
         "benchmark": "delta_cache",
         "command": "python bench/delta_cache.py" + (" --quick" if args.quick else ""),
-        "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} torch threads)",
+        "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{args.threads} torch threads)",
         "weights": "random (diffaccel.testing tiny pipelines, widened)",
         "steps": args.steps,
-        "seed": args.seed,
+        "seeds": args.seeds,
         "rounds": args.rounds,
         "max_consecutive_skips": args.max_consecutive_skips,
         "first_steps": DeltaCacheConfig().first_steps,
@@ -183,7 +204,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"{'-' if skipped is None else f'{skipped:.2f}':>8s} {row['psnr_vs_baseline_db'] or float('inf'):8.2f}"
             )
     suffix = "_quick" if args.quick else ""
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"delta_cache_cpu{suffix}.json")
+    results_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    out = args.out or os.path.join(results_dir, f"delta_cache_cpu{suffix}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=2)

@@ -70,7 +70,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
-from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
+from diffusers.hooks.hooks import CacheContext, StateManager
 from diffusers.utils.torch_utils import unwrap_module
 
 from ..errors import UnsupportedCombinationError, UnsupportedPipelineError
@@ -266,17 +266,14 @@ def _relative_l1(current: torch.Tensor, reference: torch.Tensor) -> float:
     return difference / scale
 
 
-class _BranchState(BaseState):
+class _BranchState:
     """One CFG branch's step and block caches during one pipeline call."""
 
     def __init__(self) -> None:
-        self.calls = 0
+        self.calls = 0  # denoiser calls so far (the step index when the context gives none)
         self.step = 0
         self.num_steps = 0
         self.blocks: dict[str, _BlockCache] = {}
-
-    def reset(self) -> None:
-        self.calls, self.step, self.num_steps, self.blocks = 0, 0, 0, {}
 
 
 class _BranchStates(StateManager):
@@ -284,7 +281,7 @@ class _BranchStates(StateManager):
     default branch when the pipeline sets no context."""
 
     def __init__(self) -> None:
-        super().__init__(_BranchState)
+        super().__init__(_BranchState)  # get_state below builds the states itself
         self.current: CacheContext | None = None
         self.branches: dict[str, _BranchState] = {}
 
