@@ -3,15 +3,16 @@
 6Bit-Diffusion ("Inference-Time Mixed-Precision Quantization for Video Diffusion Models", 2026)
 observes that a transformer block's relative input-output difference is linearly correlated
 with the quantization error of its linear layers: blocks that change their input a lot are the
-ones 4-bit weights hurt. A calibration run measures both, per block and denoising step, on a
-handful of prompts:
+ones 4-bit weights hurt (the error of the residual branch scales with the residual). A
+calibration run measures both, per block and denoising step, on a handful of prompts:
 
 * ``difference[p, s, b] = ||out - in|| / ||in||`` of block ``b``'s hidden states at step ``s``
   of prompt ``p`` (the block's image/video stream; both CFG branches averaged when the
   pipeline runs them as separate calls);
-* ``error[p, s, b]``: the mean, over the block's ``nn.Linear`` layers, of the relative output
-  error ``||x W_q^T - x W^T|| / ||x W^T||`` when ``W`` is quantized to NVFP4 (computed on the
-  layer's real inputs, beside the float forward, which is left unchanged).
+* ``error[p, s, b] = ||out_q - out|| / ||out||``: the block's output error when the Linear
+  layers inside it that the :class:`~diffaccel.quantization.QuantizationConfig` quantizes take
+  NVFP4 weights (the block runs a second time on the same inputs with the quantized weights
+  swapped in; its float output is the one the pipeline goes on with; 0 for a block with none).
 
 :class:`PrecisionPredictor` fits ``error ~ slope * difference + intercept`` by least squares;
 :mod:`diffaccel.quantization.allocation` turns predicted errors into per-block precisions.
@@ -24,7 +25,7 @@ Example:
     >>> from diffaccel.testing import tiny_call_inputs, tiny_pipeline
     >>> pipe = tiny_pipeline("pixart-sigma")
     >>> data = calibrate(pipe, ["a red circle"], num_inference_steps=3, progress=False,
-    ...                  **tiny_call_inputs("pixart-sigma"))
+    ...                  config=QuantizationConfig(min_weight_numel=0), **tiny_call_inputs("pixart-sigma"))
     >>> data.difference.shape == (1, 3, len(data.blocks))
     True
     >>> predictor = PrecisionPredictor.fit(data)
@@ -45,7 +46,9 @@ from diffusers.hooks import HookRegistry, ModelHook
 from tqdm.auto import tqdm
 
 from ..errors import UnsupportedPipelineError
-from ..kernels import nvfp4_linear, nvfp4_quantize
+from ..kernels import nvfp4_dequantize, nvfp4_quantize
+from .config import QuantizationConfig
+from .quantize import quantization_plan
 
 #: File that :meth:`CalibrationData.save` writes (beside a saved model, for instance).
 CALIBRATION_FILE = "diffaccel_calibration.json"
@@ -170,16 +173,30 @@ class _Recorder:
 
 
 class _BlockHook(ModelHook):
-    """Records a block's relative input-output difference at each step."""
+    """Records a block's relative input-output difference and its output error under NVFP4 weights."""
 
-    def __init__(self, name: str, counter: StepCounter, recorder: _Recorder) -> None:
+    def __init__(self, name: str, linears: list[torch.nn.Linear], counter: StepCounter, recorder: _Recorder) -> None:
         super().__init__()
         self.name, self.counter, self.recorder = name, counter, recorder
+        self.linears = linears
+        self.quantized = [nvfp4_dequantize(nvfp4_quantize(m.weight.detach()), m.weight.dtype) for m in self.linears]
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         output = self.fn_ref.original_forward(*args, **kwargs)
         hidden_in, hidden_out = block_hidden_states(module, args, kwargs, output)
-        self.recorder.add(self.counter.step, self.name, difference=relative_difference(hidden_out, hidden_in))
+        error = 0.0
+        if self.linears:
+            originals = [m.weight.data for m in self.linears]
+            try:
+                for linear, weight in zip(self.linears, self.quantized):
+                    linear.weight.data = weight
+                quantized = self.fn_ref.original_forward(*args, **kwargs)
+            finally:
+                for linear, weight in zip(self.linears, originals):
+                    linear.weight.data = weight
+            error = relative_difference(block_hidden_states(module, args, kwargs, quantized)[1], hidden_out)
+        self.recorder.add(self.counter.step, self.name, difference=relative_difference(hidden_out, hidden_in),
+                          error=error)
         return output
 
 
@@ -187,8 +204,8 @@ class _BlockHook(ModelHook):
 class CalibrationData:
     """What :func:`calibrate` measured: arrays of shape ``(prompts, steps, blocks)``.
 
-    ``difference`` holds the blocks' relative input-output differences, ``error`` the mean
-    relative output error of their linear layers under NVFP4 weights.
+    ``difference`` holds the blocks' relative input-output differences, ``error`` their relative
+    output errors with NVFP4 weights.
     """
 
     blocks: tuple[str, ...]
@@ -231,47 +248,29 @@ class CalibrationData:
             return cls.from_dict(json.load(handle))
 
 
-def _linear_error_hooks(
-    blocks: Sequence[tuple[str, torch.nn.Module]], counter: StepCounter, recorder: _Recorder
-) -> list[torch.utils.hooks.RemovableHandle]:
-    """Forward hooks on every float ``nn.Linear`` of the blocks that record its NVFP4 error."""
-    handles = []
-    for block_name, block in blocks:
-        for module in block.modules():
-            if type(module) is not torch.nn.Linear:
-                continue
-            quantized = nvfp4_quantize(module.weight.detach().float())
-            bias = None if module.bias is None else module.bias.detach().float()
-
-            def hook(mod, inputs, output, quantized=quantized, bias=bias, block_name=block_name):
-                reference = output.detach().float()
-                approx = nvfp4_linear(inputs[0].detach().float(), quantized, bias)
-                recorder.add(counter.step, block_name, error=relative_difference(approx, reference))
-
-            handles.append(module.register_forward_hook(hook))
-    return handles
-
-
 def calibrate(
     pipe: Any,
     prompts: Sequence[str],
     *,
     num_inference_steps: int = 20,
     seed: int = 0,
+    config: QuantizationConfig | None = None,
     progress: bool = True,
     **call_kwargs: Any,
 ) -> CalibrationData:
     """Run ``pipe`` on ``prompts`` and measure, per block and step, the relative input-output
-    difference and the NVFP4 error of the block's linear layers.
+    difference and the block's output error with NVFP4 weights.
 
     The denoiser must still hold float ``nn.Linear`` layers (calibrate before
-    :func:`~diffaccel.quantization.quantize_`). Outputs are not changed; the VAE is skipped
-    (``output_type="latent"``). Extra keyword arguments go to the pipeline call.
+    :func:`~diffaccel.quantization.quantize_`). ``config`` (default ``QuantizationConfig()``) names
+    the layers that will be quantized: only those count in a block's error. Outputs are not
+    changed; the VAE is skipped (``output_type="latent"``). Prompt ``i`` is seeded with
+    ``seed + i``; extra keyword arguments go to the pipeline call.
 
     Example:
         >>> from diffaccel.testing import tiny_call_inputs, tiny_pipeline
-        >>> data = calibrate(tiny_pipeline("wan"), ["a red circle"], num_inference_steps=2,
-        ...                  progress=False, **tiny_call_inputs("wan"))
+        >>> data = calibrate(tiny_pipeline("wan"), ["a red circle"], num_inference_steps=2, progress=False,
+        ...                  config=QuantizationConfig(min_weight_numel=0), **tiny_call_inputs("wan"))
         >>> data.blocks, data.num_steps
         (('blocks.0', 'blocks.1'), 2)
     """
@@ -281,17 +280,19 @@ def calibrate(
         raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
     model = denoiser_of(pipe)
     blocks = transformer_blocks(model)
+    plan = quantization_plan(model, config or QuantizationConfig())
+    quantized = [name for name, precision in plan.items() if precision != "bf16"]
     names = [name for name, _ in blocks]
     counter = StepCounter()
     HookRegistry.check_if_exists_or_initialize(model).register_hook(counter, _STEP_HOOK)
     registries = []
     differences, errors = [], []
     recorder = _Recorder(names)
-    handles = _linear_error_hooks(blocks, counter, recorder)
     try:
         for name, block in blocks:
             registry = HookRegistry.check_if_exists_or_initialize(block)
-            registry.register_hook(_BlockHook(name, counter, recorder), _BLOCK_HOOK)
+            linears = [model.get_submodule(layer) for layer in quantized if layer.startswith(name + ".")]
+            registry.register_hook(_BlockHook(name, linears, counter, recorder), _BLOCK_HOOK)
             registries.append(registry)
         for index, prompt in enumerate(tqdm(prompts, desc="calibration", disable=not progress)):
             counter.reset()
@@ -304,8 +305,6 @@ def calibrate(
             differences.append(diff)
             errors.append(err)
     finally:
-        for handle in handles:
-            handle.remove()
         for registry in registries:
             registry.remove_hook(_BLOCK_HOOK, recurse=False)
         HookRegistry.check_if_exists_or_initialize(model).remove_hook(_STEP_HOOK, recurse=False)

@@ -1,0 +1,190 @@
+"""Memory and quality of NVFP4 / INT8 weights and of the static and dynamic precision allocations.
+
+Side by side in one run, on the bundled micro-SD (its UNet's transformer blocks) and on a small
+random-weight Wan transformer: the untouched float pipeline, all-INT8, all-NVFP4, static mixed
+(INT8 for the blocks the predictor ranks most sensitive) and dynamic mixed (NVFP4 everywhere,
+the nested 4-bit residual switched on per block and timestep band). Each variant reports the
+denoiser's weight bytes against bf16 (``diffaccel.memory_report``), the bits per weight the
+quantized layers read, PSNR against the untouched pipeline's images (same seeds) and, on
+micro-SD, the ShapeWorld verifier's accuracy on held-out prompts. The calibration (prompts from
+the training split, never the evaluated ones) and the fitted predictor are reported too.
+Writes ``bench/results/mixed_precision_<device>.json``.
+
+    python bench/mixed_precision.py                    # micro-SD and Wan, CPU: ~10 minutes
+    python bench/mixed_precision.py --quick            # smoke run on tiny pipelines
+
+CPU timings are not reported: on the CPU the kernels' reference path dequantizes weights at
+every call, so only memory and quality are meaningful here; speed is ``bench/kernels.py``'s job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import pathlib
+import platform
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def psnr(images: np.ndarray, reference: np.ndarray) -> float:
+    """PSNR in dB of images in [0, 1] against a reference (inf when identical)."""
+    mse = float(np.mean((images.astype(np.float64) - reference.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10.0 * np.log10(1.0 / mse)
+
+
+def _memory(report: Any) -> dict[str, Any]:
+    """The report's totals (the per-layer rows are left out of the JSON)."""
+    return {key: value for key, value in report.to_dict().items() if key != "layers"}
+
+
+def _variants(calibration: Any, args: argparse.Namespace, base: Any) -> dict[str, tuple[Any, Any]]:
+    """name -> (QuantizationConfig or None, DynamicPrecisionConfig or None)."""
+    from dataclasses import replace
+
+    from diffaccel.quantization.allocation import allocate_dynamic, allocate_static
+
+    variants: dict[str, tuple[Any, Any]] = {
+        "int8": (replace(base, precision="int8"), None),
+        "nvfp4": (replace(base, precision="nvfp4"), None),
+    }
+    for fraction in args.fractions:
+        static = allocate_static(calibration, int8_fraction=fraction)
+        variants[f"static int8 {fraction:.2f}"] = (static.quantization_config(base), None)
+        dynamic = allocate_dynamic(calibration, num_bands=args.bands, refine_fraction=fraction)
+        variants[f"dynamic refine {fraction:.2f}"] = (dynamic.quantization_config(base), dynamic)
+    return variants
+
+
+def run_model(
+    label: str,
+    make_pipe: Callable[[], Any],
+    generate: Callable[[Any], np.ndarray],
+    calibrate_kwargs: dict[str, Any],
+    args: argparse.Namespace,
+    score: Callable[[np.ndarray], dict[str, float]] | None = None,
+) -> dict[str, Any]:
+    """Every variant of one model; ``generate(pipe)`` returns images (N, H, W, 3) in [0, 1]."""
+    import diffaccel
+    from diffaccel.quantization import QuantizationConfig, memory_report, quantize_
+    from diffaccel.quantization.allocation import calibration_prompts
+    from diffaccel.quantization.calibration import PrecisionPredictor, calibrate, denoiser_of
+
+    pipe = make_pipe()
+    reference = generate(pipe)
+    base = QuantizationConfig(min_weight_numel=0)
+    calibration = calibrate(pipe, calibration_prompts(args.calibration_prompts), config=base, progress=True,
+                            **calibrate_kwargs)
+    predictor = PrecisionPredictor.fit(calibration)
+    print(f"[{label}] predictor: error = {predictor.slope:.4f} * difference + {predictor.intercept:.4f} "
+          f"(r = {predictor.correlation:.3f}, {predictor.points} points)", flush=True)
+    float_model = copy.deepcopy(denoiser_of(pipe))
+    result: dict[str, Any] = {"predictor": predictor.to_dict(), "calibration": calibration.to_dict(), "variants": {}}
+    untouched = {"psnr": float("inf"), "memory": _memory(memory_report(float_model))}
+    if score is not None:
+        untouched.update(score(reference))
+    result["variants"]["untouched"] = untouched
+    for name, (config, dynamic) in _variants(calibration, args, base).items():
+        model = quantize_(copy.deepcopy(float_model), config)
+        setattr(pipe, "transformer" if hasattr(pipe, "transformer") else "unet", model)
+        if dynamic is not None:
+            diffaccel.accelerate(pipe, dynamic)
+        images = generate(pipe)
+        row: dict[str, Any] = {"psnr": psnr(images, reference), "memory": _memory(memory_report(model))}
+        if dynamic is not None:
+            row["schedule"] = dynamic.to_dict()["schedule"]
+            row["bits_in_use"] = pipe.acceleration_stats.features["dynamic_precision"].mean_bits_per_weight
+            diffaccel.restore(pipe)
+        if score is not None:
+            row.update(score(images))
+        result["variants"][name] = row
+        memory = row["memory"]
+        extra = "".join(f", {key} {row[key]:.3f}" for key in ("accuracy", "mean_score", "bits_in_use") if key in row)
+        print(f"[{label}] {name:22s} PSNR {row['psnr']:6.2f} dB, weights {memory['nbytes'] / 1e6:.3f} MB "
+              f"({1 / memory['ratio']:.2f}x smaller than bf16){extra}", flush=True)
+    return result
+
+
+def micro_sd(args: argparse.Namespace) -> dict[str, Any]:
+    from diffaccel.micro_models import load_micro_sd
+    from diffaccel.shapeworld import Verifier, eval_prompts
+
+    prompts = eval_prompts("single", args.prompts, seed=0, split="heldout") + \
+        eval_prompts("relation", args.prompts, seed=0, split="heldout")
+
+    def make_pipe():
+        pipe = load_micro_sd()
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def generate(pipe):
+        return pipe(prompts, num_inference_steps=args.steps, guidance_scale=5.0, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    def score(images):
+        results = Verifier().verify(images, prompts)
+        return {"accuracy": sum(r.passed for r in results) / len(results),
+                "mean_score": sum(r.score for r in results) / len(results)}
+
+    return run_model("micro-sd", make_pipe, generate,
+                     {"num_inference_steps": args.steps, "guidance_scale": 5.0}, args, score)
+
+
+def wan(args: argparse.Namespace, quick: bool) -> dict[str, Any]:
+    from diffaccel.testing import tiny_call_inputs, tiny_pipeline
+
+    size = {} if quick else {"num_layers": 4, "num_attention_heads": 4, "attention_head_dim": 32, "ffn_dim": 512}
+    call = tiny_call_inputs("wan")
+
+    def make_pipe():
+        pipe = tiny_pipeline("wan", seed=0, **size)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def generate(pipe):
+        frames = pipe(["a red circle moving left", "two blue squares"], num_inference_steps=args.steps,
+                      output_type="np", generator=torch.Generator().manual_seed(0), **call).frames
+        return np.asarray(frames).reshape(-1, *np.asarray(frames).shape[-3:])
+
+    return run_model("wan", make_pipe, generate, {"num_inference_steps": args.steps, **call}, args)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny pipelines, few steps (smoke test)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 25; quick 3)")
+    parser.add_argument("--prompts", type=int, default=16, help="held-out prompts per kind on micro-SD")
+    parser.add_argument("--calibration-prompts", type=int, default=4)
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5])
+    parser.add_argument("--bands", type=int, default=4, help="timestep bands of the dynamic allocation")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=pathlib.Path, default=None)
+    args = parser.parse_args(argv)
+    args.steps = args.steps or (3 if args.quick else 25)
+    if args.steps < args.bands:
+        args.bands = args.steps
+    if args.prompts < 1 or args.calibration_prompts < 1:
+        raise ValueError("--prompts and --calibration-prompts must be >= 1")
+    if not all(0.0 <= f <= 1.0 for f in args.fractions):
+        raise ValueError(f"--fractions must be in [0, 1], got {args.fractions}")
+    torch.set_num_threads(args.threads)
+    report: dict[str, Any] = {"device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+                              "args": {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in vars(args).items()}}
+    if args.quick:
+        args.prompts = min(args.prompts, 2)
+    report["micro_sd"] = micro_sd(args)
+    report["wan"] = wan(args, args.quick)
+    out = args.out or REPO / "bench" / "results" / ("mixed_precision_quick.json" if args.quick else "mixed_precision_cpu.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=float) + "\n")
+    print(f"wrote {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
