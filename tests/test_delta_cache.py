@@ -14,7 +14,9 @@ import torch
 
 import diffaccel
 from diffaccel import QuantizedAttentionConfig, UnsupportedCombinationError, UnsupportedPipelineError
-from diffaccel.features.delta_cache import BLOCK_HOOK, DENOISER_HOOK, DeltaCacheConfig, DeltaCacheStats
+from diffaccel.features.delta_cache import BLOCK_HOOK, DENOISER_HOOK, DeltaCache, DeltaCacheConfig, DeltaCacheStats
+from diffaccel.rewards import FunctionReward
+from diffaccel.steering import FKSteeringConfig, steer
 from diffaccel.testing import tiny_call_inputs, tiny_pipeline
 
 INF = float("inf")
@@ -31,6 +33,16 @@ CASES: dict[str, tuple[str, dict[str, Any], tuple[str, ...]]] = {
     "wan": ("wan", {}, ("cond", "uncond")),  # guidance 5: two calls per step
     "ltx": ("ltx", {}, ("cond_uncond",)),  # CFG batched under one context
 }
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny models gain nothing from a second thread, and on a busy 2-core machine its OpenMP
+    barriers stall whenever the other core is taken."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @functools.lru_cache(maxsize=None)
@@ -82,12 +94,15 @@ def _stats(pipe: Any) -> DeltaCacheStats:
     return pipe.acceleration_stats.features["delta_cache"]
 
 
-def expected_skip_steps(num_steps: int, first: int, last: int, max_skips: int) -> list[int]:
+def expected_skip_steps(
+    num_steps: int, first: int, last: int, max_skips: int, steps: range | None = None
+) -> list[int]:
     """The steps at which a block skips when every predicted change is below the threshold,
     by the rule in the module docs: a cache exists after the first computed step, steps outside
-    ``[first, num_steps - last)`` compute, and a block computes after ``max_skips`` skips in a row."""
+    ``[first, num_steps - last)`` compute, and a block computes after ``max_skips`` skips in a row.
+    ``steps``: the steps its denoiser runs (default: all)."""
     skips, cached, run = [], False, 0
-    for step in range(num_steps):
+    for step in steps if steps is not None else range(num_steps):
         if cached and first <= step < num_steps - last and run < max_skips:
             skips.append(step)
             run += 1
@@ -96,8 +111,8 @@ def expected_skip_steps(num_steps: int, first: int, last: int, max_skips: int) -
     return skips
 
 
-def _no_hooks_left(pipe: Any) -> bool:
-    for module in pipe.transformer.modules():
+def _no_hooks_left(denoiser: torch.nn.Module) -> bool:
+    for module in denoiser.modules():
         registry = getattr(module, "_diffusers_hook", None)
         if registry is not None and (DENOISER_HOOK in registry.hooks or BLOCK_HOOK in registry.hooks):
             return False
@@ -122,7 +137,7 @@ def test_restore_gives_back_the_untouched_output(case):
     with _accelerated(name, DeltaCacheConfig(threshold=INF)) as pipe:
         skipped = _run(case, pipe=pipe)
     assert not torch.equal(skipped, _baseline(case))
-    assert _no_hooks_left(pipe)
+    assert _no_hooks_left(pipe.transformer)
     assert torch.equal(_run(case), _baseline(case))
 
 
@@ -188,6 +203,36 @@ def test_every_pipeline_runs_with_the_default_config():
         assert torch.isfinite(output).all(), case
         assert stats.blocks_computed + stats.blocks_skipped == _num_blocks(name) * len(branches) * 8, case
         assert stats.skipped_per_step[0] == stats.skipped_per_step[-1] == 0, case
+
+
+@pytest.mark.parametrize("threshold", [0.0, INF])
+def test_two_stage_wan_caches_each_transformer(threshold):
+    """Wan 2.2's high-noise ``transformer`` and low-noise ``transformer_2`` each get a cache; the
+    second starts empty at the boundary step."""
+    from diffusers import WanPipeline
+
+    def two_stage() -> Any:
+        base = tiny_pipeline("wan")
+        parts = {key: getattr(base, key) for key in ("tokenizer", "text_encoder", "vae", "scheduler", "transformer")}
+        pipe = WanPipeline(**parts, transformer_2=tiny_pipeline("wan", seed=1).transformer, boundary_ratio=0.75)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    steps = 8
+    untouched = _run("wan", steps, pipe=two_stage())
+    pipe = diffaccel.accelerate(two_stage(), DeltaCacheConfig(threshold=threshold))
+    output = _run("wan", steps, pipe=pipe)
+    stats = _stats(pipe)
+    boundary = pipe.config.boundary_ratio * pipe.scheduler.config.num_train_timesteps  # the pipeline's rule
+    high = [i for i, t in enumerate(pipe.scheduler.timesteps) if t >= boundary]
+    assert 2 < len(high) < steps - 2  # both stages have steps to skip
+    stages = (range(0, len(high)), range(len(high), steps))
+    skip_steps = [s for stage in stages for s in expected_skip_steps(steps, 1, 1, 2, stage)] if threshold else []
+    per_step = _num_blocks("wan") * 2
+    assert stats.skipped_per_step == [per_step if s in skip_steps else 0 for s in range(steps)]
+    assert torch.equal(output, untouched) == (threshold == 0)
+    diffaccel.restore(pipe)
+    assert _no_hooks_left(pipe.transformer) and _no_hooks_left(pipe.transformer_2)
 
 
 def test_a_threshold_between_changes_skips_some_blocks_only():
@@ -345,6 +390,41 @@ def test_reindex_reorders_the_cached_samples():
             assert close == reindex  # without reindexing, sample 0 gets sample 1's residuals
 
 
+def _selection_spread(pipe: Any, name: str) -> float:
+    """FK steering where every particle copies the brightest at step 0: with a deterministic
+    scheduler they stay identical only if the cached block inputs and residuals moved with them."""
+    config = FKSteeringConfig(
+        num_particles=3, potential="immediate", lmbda=1e6, resample_every=100, final_correction=False
+    )
+    reward = FunctionReward(lambda media, prompts: media.mean(dim=tuple(range(1, media.ndim))), name="brightness")
+    with pytest.warns(UserWarning, match="deterministic"):
+        out = steer(pipe, config, reward)(
+            PROMPT, num_inference_steps=5, generator=torch.Generator().manual_seed(0), output_type="pt",
+            **tiny_call_inputs(name),
+        )
+    assert out.stats.resampled_steps == [0] and len(set(out.stats.ancestry[0])) == 1
+    media = out.images if hasattr(out, "images") else out.frames
+    return float((media - media[:1]).abs().max())
+
+
+@pytest.mark.parametrize("name", ["wan", "pixart-sigma"])  # CFG as two calls / CFG batched
+def test_fk_steering_moves_the_caches_with_the_particles(name, monkeypatch):
+    with _accelerated(name, DeltaCacheConfig(threshold=INF)) as pipe:
+        assert _selection_spread(pipe, name) < 1e-5
+        assert _stats(pipe).blocks_skipped > 0
+        monkeypatch.setattr(DeltaCache, "reindex", lambda self, indices: None)
+        assert _selection_spread(pipe, name) > 1e-3  # the check above can fail
+
+
+@pytest.mark.filterwarnings("ignore:FlowMatchEulerDiscreteScheduler is deterministic")
+def test_fk_steering_chunks_are_refused():
+    config = FKSteeringConfig(num_particles=2, resample_every=1, max_batch=1)
+    reward = FunctionReward(lambda media, prompts: media.mean(dim=tuple(range(1, media.ndim))))
+    with _accelerated("wan", DeltaCacheConfig()) as pipe:
+        with pytest.raises(UnsupportedCombinationError, match="max_batch"):
+            steer(pipe, config, reward)(PROMPT, num_inference_steps=3, output_type="pt", **tiny_call_inputs("wan"))
+
+
 def test_state_is_reset_between_calls():
     config = DeltaCacheConfig(threshold=0.05, max_consecutive_skips=3)
     with _accelerated("wan", config) as pipe:
@@ -404,7 +484,7 @@ def test_composes_with_quantized_attention():
     # Every block has one attention call, and skipped blocks make none.
     evaluations = stats.blocks_computed + stats.blocks_skipped
     assert attention_calls == attention_calls_alone * stats.blocks_computed // evaluations
-    assert _no_hooks_left(pipe)
+    assert _no_hooks_left(pipe.transformer)
 
 
 @pytest.mark.parametrize(

@@ -504,10 +504,19 @@ class DeltaCache(AttachedFeature):
 
     def begin_call(self, pipe: Any, call_kwargs: Mapping[str, Any]) -> None:
         """Reset every branch's caches and the statistics."""
+        from ..steering.session import CHUNK_HOOK  # here: the steering package is not needed to import this one
+
         for attribute, denoiser in self.denoisers.items():
             if getattr(pipe, attribute, None) is not denoiser:
                 raise UnsupportedCombinationError(
                     f"the pipeline's {attribute} was replaced after diffaccel.accelerate(); call it again"
+                )
+            registry = getattr(denoiser, "_diffusers_hook", None)
+            if registry is not None and CHUNK_HOOK in registry.hooks:
+                raise UnsupportedCombinationError(
+                    "FK steering's max_batch smaller than the number of particles cannot be combined with the "
+                    "delta cache (each chunk would count as a step and meet the other chunks' caches); "
+                    "raise max_batch or drop one of them"
                 )
         for hook in self._denoiser_hooks:
             hook.states.reset()
