@@ -12,7 +12,21 @@ Example:
 
 from .acceleration import AccelerationStats, accelerate, restore
 from .errors import DiffaccelError, UnsupportedCombinationError, UnsupportedPipelineError
+from .features.delta_cache import DeltaCacheConfig, DeltaCacheStats
 from .features.encoder_reuse import EncoderReuseConfig, EncoderReuseStats
+from .quantization import (
+    DynamicPrecisionConfig,
+    MemoryReport,
+    QuantizationConfig,
+    QuantizationStats,
+    QuantizedLinear,
+    allocate_dynamic,
+    allocate_static,
+    calibrate,
+    load_quantized,
+    memory_report,
+    quantize_,
+)
 from .features.key_steps import ExplicitSchedule, FasterDiffusionSchedule, UniformSchedule, parse_schedule
 from .steering import FKSteeringConfig, FlowMatchSDEScheduler, NoiseSearchConfig, search, steer
 from .attention import (
@@ -30,21 +44,34 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AccelerationStats",
+    "DeltaCacheConfig",
+    "DeltaCacheStats",
     "DiffaccelError",
+    "DynamicPrecisionConfig",
     "EncoderReuseConfig",
     "EncoderReuseStats",
     "ExplicitSchedule",
     "FKSteeringConfig",
     "FlowMatchSDEScheduler",
     "FasterDiffusionSchedule",
+    "MemoryReport",
     "NoiseSearchConfig",
     "QuantizedAttention",
     "QuantizedAttentionConfig",
+    "QuantizationConfig",
+    "QuantizationStats",
+    "QuantizedLinear",
     "UniformSchedule",
     "UnsupportedCombinationError",
     "UnsupportedPipelineError",
     "accelerate",
+    "allocate_dynamic",
+    "allocate_static",
+    "calibrate",
+    "load_quantized",
+    "memory_report",
     "parse_schedule",
+    "quantize_",
     "quantized_sdpa",
     "remove_quantized_attention",
     "restore",

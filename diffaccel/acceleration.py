@@ -29,6 +29,7 @@ from typing import Any, Sequence, Union
 from .attention import QuantizedAttentionConfig
 from .errors import DiffaccelError
 from .features.base import AttachedFeature, FeatureConfig
+from .features.delta_cache import DeltaCacheConfig
 from .features.encoder_reuse import EncoderReuseConfig
 from .quantization.allocation import DynamicPrecisionConfig
 from .quantization.config import QuantizationConfig
@@ -37,7 +38,8 @@ from .quantization.config import QuantizationConfig
 #: attach (quantization before the dynamic precision that switches its layers).
 FEATURE_CONFIGS: dict[str, type[FeatureConfig]] = {
     config.name: config
-    for config in (QuantizationConfig, DynamicPrecisionConfig, EncoderReuseConfig, QuantizedAttentionConfig)
+    for config in (QuantizationConfig, DynamicPrecisionConfig, DeltaCacheConfig, EncoderReuseConfig,
+                   QuantizedAttentionConfig)
 }
 
 #: File that ``save_pretrained`` writes beside ``model_index.json``.

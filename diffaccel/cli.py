@@ -43,6 +43,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``diffaccel`` command."""
     parser = argparse.ArgumentParser(prog="diffaccel", description=__doc__.split("\n")[0])
@@ -66,6 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--parallel", action=argparse.BooleanOptionalAction, default=None, help="batched decoding (default: on CUDA)")
     gen.add_argument("--max-parallel-steps", type=_positive_int, default=None, help="cap on steps per batched decoder call")
     gen.add_argument("--noise-injection", type=float, default=0.0, help="prior noise injection coefficient (paper: 0.003)")
+    gen.add_argument(
+        "--quantize",
+        choices=("nvfp4", "int8"),
+        default=None,
+        help="quantize the denoiser's Linear layers: NVFP4 weights (W4A16) or INT8 (W8A8) (default: off)",
+    )
+    gen.add_argument(
+        "--delta-cache",
+        type=_nonnegative_float,
+        default=None,
+        metavar="THRESHOLD",
+        help="temporal delta cache for transformer denoisers: skip blocks whose input changed less than this (e.g. 0.05)",
+    )
     gen.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     gen.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None)
     gen.add_argument("--stats-json", default=None, help="also write the call's statistics to this JSON file")
@@ -111,6 +131,9 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"--out must end with one of {', '.join(_IMAGE_SUFFIXES)}: {args.out}")
     if args.model not in _BUILTIN_MODELS and not os.path.isdir(args.model) and os.path.sep in args.model:
         raise SystemExit(f"--model: no such folder: {args.model}")
+    if args.delta_cache is not None and args.model in _BUILTIN_MODELS:
+        raise SystemExit(f"--delta-cache needs a transformer pipeline (PixArt, SD3, Flux, Wan, CogVideoX, LTX); "
+                         f"{args.model} is a UNet pipeline")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
     configs = []
@@ -124,6 +147,12 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
             )
         )
         configs[0].schedule.key_steps(args.steps)  # out-of-range explicit steps fail before loading
+    if args.quantize is not None:
+        # the bundled models' layers are all small: quantize them all (min_weight_numel=0)
+        small = {"min_weight_numel": 0} if args.model in _BUILTIN_MODELS else {}
+        configs.append(diffaccel.QuantizationConfig(precision=args.quantize, **small))
+    if args.delta_cache is not None:
+        configs.append(diffaccel.DeltaCacheConfig(threshold=args.delta_cache))
     pipe = load_pipeline(args.model, device, dtype)
     pipe = diffaccel.accelerate(pipe, *configs)
     pipe.set_progress_bar_config(disable=False, desc="denoising")
@@ -153,6 +182,7 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
             f"decoder evaluations: {reuse['decoder_evaluations']} in {reuse['batched_decoder_calls']} calls"
             f"{' (parallel)' if reuse['parallel'] else ''}"
         )
+    _print_feature_stats(stats["features"])
     verification = _verify(image, args.prompt)
     if verification is not None:
         stats["verifier"] = verification
@@ -162,6 +192,19 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
         with open(args.stats_json, "w", encoding="utf-8") as handle:
             json.dump(stats, handle, indent=2)
     return stats
+
+
+def _print_feature_stats(features: dict[str, Any]) -> None:
+    """One line each for the quantization and delta-cache statistics of the call."""
+    quantization = features.get("quantization")
+    if quantization is not None:
+        layers = ", ".join(f"{count} {precision}" for precision, count in sorted(quantization["layers"].items()))
+        print(f"quantized weights: {quantization['nbytes'] / 1e6:.2f} MB vs {quantization['bf16_nbytes'] / 1e6:.2f} MB "
+              f"in bf16 ({quantization['bits_per_weight']:.2f} bits per weight; Linear layers: {layers})")
+    cache = features.get("delta_cache")
+    if cache is not None:
+        total = cache["blocks_computed"] + cache["blocks_skipped"]
+        print(f"delta cache: {cache['blocks_skipped']}/{total} block evaluations skipped")
 
 
 def _verify(image: Any, prompt: str) -> dict[str, Any] | None:

@@ -55,6 +55,9 @@ def test_verifier_skips_prompts_outside_shapeworld(tmp_path, capsys):
         (["--encoder-reuse", "sometimes"], "unknown key-step schedule"),
         (["--encoder-reuse", "0,3,9", "--steps", "5"], "out of range"),
         (["--steps", "0"], "must be >= 1"),
+        (["--delta-cache", "0.1"], "needs a transformer pipeline"),
+        (["--delta-cache", "-1"], "must be >= 0"),
+        (["--quantize", "fp8"], "invalid choice"),
     ],
 )
 def test_bad_arguments_fail_before_model_work(tmp_path, capsys, argv, message):
@@ -80,3 +83,24 @@ def test_demo_compare_reports_and_restores():
     assert not hasattr(pipe.unet, "_diffusers_hook")
     with pytest.raises(ValueError, match="empty"):
         demo.compare(pipe, "  ", 6, 0, "uniform:2", False)
+
+
+def test_quantized_default_model_still_draws_the_prompt(tmp_path, capsys):
+    out, stats_path = tmp_path / "int8.png", tmp_path / "stats.json"
+    main(["generate", "a red circle", "--steps", "25", "--quantize", "int8", "--out", str(out),
+          "--stats-json", str(stats_path)])
+    printed = capsys.readouterr().out
+    stats = json.loads(stats_path.read_text())
+    assert stats["features"]["quantization"]["layers"]["int8"] > 0 and "quantized weights:" in printed
+    assert stats["verifier"]["passed"]
+
+
+def test_delta_cache_on_a_transformer_pipeline(tmp_path, capsys):
+    folder = tmp_path / "sd3"
+    tiny_pipeline("sd3").save_pretrained(folder)
+    stats_path = tmp_path / "stats.json"
+    main(["generate", "a red circle", "--model", str(folder), "--steps", "6", "--height", "64", "--width", "64",
+          "--delta-cache", "1e9", "--quantize", "nvfp4", "--out", str(tmp_path / "x.png"), "--stats-json", str(stats_path)])
+    cache = json.loads(stats_path.read_text())["features"]["delta_cache"]
+    assert cache["blocks_skipped"] > 0
+    assert f"delta cache: {cache['blocks_skipped']}/" in capsys.readouterr().out

@@ -6,6 +6,9 @@
 * :func:`quantize_`: swap a model's Linear layers in place (:mod:`.quantize`).
 * :func:`memory_report`: bits per weight and bytes against bf16 (:mod:`.report`).
 * :func:`load_quantized`: load what a quantized model's ``save_pretrained`` wrote (:mod:`.serialization`).
+* :func:`calibrate` / :class:`PrecisionPredictor`: 6Bit-Diffusion's sensitivity predictor (:mod:`.calibration`).
+* :func:`allocate_static` / :func:`allocate_dynamic`: per-block INT8, or the nested residual per
+  timestep band with :class:`DynamicPrecisionConfig` (:mod:`.allocation`).
 
 Example:
     >>> import diffaccel, torch
@@ -17,6 +20,15 @@ Example:
     {'int8': 20, 'bf16': 6}
 """
 
+from .allocation import (
+    DynamicPrecisionConfig,
+    DynamicPrecisionStats,
+    StaticAllocation,
+    allocate_dynamic,
+    allocate_static,
+    calibration_prompts,
+)
+from .calibration import CalibrationData, PrecisionPredictor, calibrate
 from .config import CONFIG_PRECISIONS, DEFAULT_EXCLUDE, EMBEDDING_EXCLUDE, QuantizationConfig
 from .feature import QuantizationFeature, QuantizationStats
 from .linear import PRECISIONS, QuantizedLinear
@@ -25,6 +37,15 @@ from .report import LayerMemory, MemoryReport, memory_report
 from .serialization import QUANTIZATION_FILE, load_quantized
 
 __all__ = [
+    "CalibrationData",
+    "DynamicPrecisionConfig",
+    "DynamicPrecisionStats",
+    "PrecisionPredictor",
+    "StaticAllocation",
+    "allocate_dynamic",
+    "allocate_static",
+    "calibrate",
+    "calibration_prompts",
     "CONFIG_PRECISIONS",
     "DEFAULT_EXCLUDE",
     "EMBEDDING_EXCLUDE",
