@@ -37,7 +37,11 @@ The block's timestep conditioning (``temb``) is not part of the prediction: ``fi
 ``true_cfg_scale``) wrap each call in ``transformer.cache_context("cond")`` / ``("uncond")``; the
 state lives in a diffusers ``StateManager``, so every context keeps its own cache and step
 counter. Pipelines that batch CFG (PixArt, SD3, CogVideoX, LTX) keep one state for the batch.
-SD3's skip-layer-guidance calls (``skip_layers=``) run every block uncached.
+SD3's skip-layer-guidance calls (``skip_layers=``) run every block uncached. Wan 2.2's second
+transformer has its own hooks and caches, empty at its first step.
+
+**Particles.** :meth:`DeltaCache.reindex` reorders the cached inputs and residuals when FK
+steering resamples; FK steering's ``max_batch`` chunking (one denoiser call per chunk) is refused.
 
 Built on diffusers hooks: one ``ModelHook`` per transformer block, one on each denoiser
 (``transformer``, and ``transformer_2`` where a pipeline has one) that picks the branch state and
@@ -48,6 +52,7 @@ a scalar back from the device (a sync per block and step).
 
 Example:
     >>> import diffaccel
+    >>> from diffaccel.features.delta_cache import DeltaCacheConfig
     >>> from diffaccel.testing import tiny_call_inputs, tiny_pipeline
     >>> pipe = diffaccel.accelerate(tiny_pipeline("wan"), DeltaCacheConfig(threshold=float("inf")))
     >>> _ = pipe("a red circle", num_inference_steps=4, output_type="latent", **tiny_call_inputs("wan"))
