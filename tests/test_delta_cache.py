@@ -487,6 +487,33 @@ def test_composes_with_quantized_attention():
     assert _no_hooks_left(pipe.transformer)
 
 
+def test_composes_with_quantized_linear_layers():
+    quantization = diffaccel.QuantizationConfig(precision="int8", min_weight_numel=0, impl="reference")
+    outputs, skipped = {}, {}
+    for threshold in (0.0, INF):
+        with _accelerated("wan", quantization, DeltaCacheConfig(threshold=threshold)) as pipe:
+            outputs[threshold] = _run("wan", pipe=pipe)
+            skipped[threshold] = _stats(pipe).blocks_skipped
+            assert pipe.acceleration_stats.features["quantization"] is not None
+    with _accelerated("wan", quantization) as pipe:
+        quantized_only = _run("wan", pipe=pipe)
+    assert torch.equal(outputs[0.0], quantized_only)  # the block hooks change nothing when off
+    assert skipped == {0.0: 0, INF: _num_blocks("wan") * 2 * len(expected_skip_steps(6, 1, 1, 2))}
+    assert torch.isfinite(outputs[INF]).all() and not torch.equal(outputs[INF], quantized_only)
+
+
+def test_saved_pipeline_loads_the_delta_cache_back(tmp_path):
+    from diffaccel.acceleration import accelerated_class
+
+    config = DeltaCacheConfig(threshold=0.1, max_consecutive_skips=3, blocks=("blocks",))
+    pipe = diffaccel.accelerate(tiny_pipeline("wan"), config)
+    pipe.save_pretrained(tmp_path)
+    loaded = accelerated_class(type(diffaccel.restore(pipe))).from_pretrained(tmp_path)
+    assert loaded.acceleration == (config,)
+    _run("wan", pipe=loaded)
+    assert _stats(loaded).blocks == _num_blocks("wan")
+
+
 @pytest.mark.parametrize(
     "kwargs,field",
     [
