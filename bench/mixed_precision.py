@@ -24,7 +24,7 @@ import copy
 import json
 import pathlib
 import platform
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -43,21 +43,47 @@ def _memory(report: Any) -> dict[str, Any]:
     return {key: value for key, value in report.to_dict().items() if key != "layers"}
 
 
-def _variants(calibration: Any, args: argparse.Namespace, base: Any) -> dict[str, tuple[Any, Any]]:
-    """name -> (QuantizationConfig or None, DynamicPrecisionConfig or None)."""
+def _static(calibration: Any, blocks: Sequence[str], predictor: Any) -> Any:
+    from diffaccel.quantization.allocation import StaticAllocation
+
+    return StaticAllocation(predictor, {}, tuple(sorted(blocks, key=calibration.blocks.index)))
+
+
+def _variants(calibration: Any, args: argparse.Namespace, base: Any, transformer: bool) -> dict[str, tuple[Any, list]]:
+    """name -> (QuantizationConfig or None, extra feature configs for ``diffaccel.accelerate``).
+
+    Controls for the predictor: the same number of INT8 blocks ranked by the *measured* NVFP4
+    error instead of the predicted one, and drawn at random (seeded).
+    """
     from dataclasses import replace
 
+    import diffaccel
+    from diffaccel.quantization import PrecisionPredictor
     from diffaccel.quantization.allocation import allocate_dynamic, allocate_static
 
-    variants: dict[str, tuple[Any, Any]] = {
-        "int8": (replace(base, precision="int8"), None),
-        "nvfp4": (replace(base, precision="nvfp4"), None),
+    predictor = PrecisionPredictor.fit(calibration)
+    measured = np.nanmean(calibration.error, axis=(0, 1))
+    rng = np.random.default_rng(0)
+    variants: dict[str, tuple[Any, list]] = {
+        "int8": (replace(base, precision="int8"), []),
+        "nvfp4": (replace(base, precision="nvfp4"), []),
     }
     for fraction in args.fractions:
         static = allocate_static(calibration, int8_fraction=fraction)
-        variants[f"static int8 {fraction:.2f}"] = (static.quantization_config(base), None)
+        count = len(static.int8_blocks)
+        variants[f"static int8 {fraction:.2f}"] = (static.quantization_config(base), [])
+        by_error = [calibration.blocks[i] for i in np.argsort(-measured, kind="stable")[:count]]
+        variants[f"  control: measured {fraction:.2f}"] = (_static(calibration, by_error, predictor).quantization_config(base), [])
+        drawn = list(rng.choice(calibration.blocks, size=count, replace=False))
+        variants[f"  control: random {fraction:.2f}"] = (_static(calibration, drawn, predictor).quantization_config(base), [])
         dynamic = allocate_dynamic(calibration, num_bands=args.bands, refine_fraction=fraction)
-        variants[f"dynamic refine {fraction:.2f}"] = (dynamic.quantization_config(base), dynamic)
+        variants[f"dynamic refine {fraction:.2f}"] = (dynamic.quantization_config(base), [dynamic])
+    if transformer:
+        cache = diffaccel.DeltaCacheConfig(threshold=args.delta_threshold)
+        variants[f"delta cache {args.delta_threshold}"] = (None, [cache])
+        fraction = args.fractions[0]
+        static = allocate_static(calibration, int8_fraction=fraction).quantization_config(base)
+        variants[f"static {fraction:.2f} + cache + qattn"] = (static, [cache, diffaccel.QuantizedAttentionConfig()])
     return variants
 
 
@@ -83,29 +109,35 @@ def run_model(
     predictor = PrecisionPredictor.fit(calibration)
     print(f"[{label}] predictor: error = {predictor.slope:.4f} * difference + {predictor.intercept:.4f} "
           f"(r = {predictor.correlation:.3f}, {predictor.points} points)", flush=True)
+    attr = "transformer" if hasattr(pipe, "transformer") else "unet"
     float_model = copy.deepcopy(denoiser_of(pipe))
     result: dict[str, Any] = {"predictor": predictor.to_dict(), "calibration": calibration.to_dict(), "variants": {}}
     untouched = {"psnr": float("inf"), "memory": _memory(memory_report(float_model))}
     if score is not None:
         untouched.update(score(reference))
     result["variants"]["untouched"] = untouched
-    for name, (config, dynamic) in _variants(calibration, args, base).items():
-        model = quantize_(copy.deepcopy(float_model), config)
-        setattr(pipe, "transformer" if hasattr(pipe, "transformer") else "unet", model)
-        if dynamic is not None:
-            diffaccel.accelerate(pipe, dynamic)
+    for name, (config, features) in _variants(calibration, args, base, attr == "transformer").items():
+        model = copy.deepcopy(float_model) if config is None else quantize_(copy.deepcopy(float_model), config)
+        setattr(pipe, attr, model)
+        diffaccel.accelerate(pipe, *features)
         images = generate(pipe)
+        stats = pipe.acceleration_stats.features
+        diffaccel.restore(pipe)
         row: dict[str, Any] = {"psnr": psnr(images, reference), "memory": _memory(memory_report(model))}
-        if dynamic is not None:
-            row["schedule"] = dynamic.to_dict()["schedule"]
-            row["bits_in_use"] = pipe.acceleration_stats.features["dynamic_precision"].mean_bits_per_weight
-            diffaccel.restore(pipe)
+        if "dynamic_precision" in stats:
+            row["schedule"] = features[0].to_dict()["schedule"]
+            row["bits_in_use"] = stats["dynamic_precision"].mean_bits_per_weight
+        if "delta_cache" in stats:
+            row["skipped_blocks"] = stats["delta_cache"].skipped_fraction
+        if config is not None:
+            row["int8_blocks"] = sorted({pattern[:-2] for pattern, value in config.overrides if value == "int8"})
         if score is not None:
             row.update(score(images))
         result["variants"][name] = row
         memory = row["memory"]
-        extra = "".join(f", {key} {row[key]:.3f}" for key in ("accuracy", "mean_score", "bits_in_use") if key in row)
-        print(f"[{label}] {name:22s} PSNR {row['psnr']:6.2f} dB, weights {memory['nbytes'] / 1e6:.3f} MB "
+        extra = "".join(f", {key} {row[key]:.3f}" for key in ("accuracy", "mean_score", "bits_in_use", "skipped_blocks")
+                        if key in row)
+        print(f"[{label}] {name:30s} PSNR {row['psnr']:6.2f} dB, weights {memory['nbytes'] / 1e6:.3f} MB "
               f"({1 / memory['ratio']:.2f}x smaller than bf16){extra}", flush=True)
     return result
 
@@ -162,6 +194,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--calibration-prompts", type=int, default=4)
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5])
     parser.add_argument("--bands", type=int, default=4, help="timestep bands of the dynamic allocation")
+    parser.add_argument("--delta-threshold", type=float, default=0.05, help="delta cache threshold of the composed run")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=pathlib.Path, default=None)
     args = parser.parse_args(argv)
