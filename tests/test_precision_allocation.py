@@ -165,6 +165,7 @@ def test_dynamic_allocation_bands():
     difference = np.array([[[0.9, 0.1], [0.8, 0.1], [0.1, 0.7], [0.1, 0.9]]])
     config = allocate_dynamic(_synthetic(difference), num_bands=2, refine_fraction=0.5)
     assert config.schedule == (("b0", (True, False)), ("b1", (False, True)))
+    assert config.predictor.slope == pytest.approx(2.0)
     assert allocate_dynamic(_synthetic(difference), num_bands=2, refine_fraction=0.0).schedule == ()
     assert DynamicPrecisionConfig.from_dict(config.to_dict()) == config
     nested = config.quantization_config()
@@ -266,3 +267,32 @@ def test_quantized_pipeline_with_dynamic_precision_saves_and_loads(pixart, tmp_p
     assert loaded.acceleration == (quantization, dynamic)
     assert torch.equal(_latents(_run(loaded)), expected)
     assert loaded.acceleration_stats.features["dynamic_precision"].refined_fraction[0] > 0
+
+
+@pytest.mark.parametrize("name", ["sd", "pixart-sigma", "sd3", "flux", "wan", "cogvideox", "ltx"])
+def test_every_pipeline_runs_with_a_dynamic_allocation(name):
+    pipe = tiny_pipeline(name)
+    pipe.set_progress_bar_config(disable=True)
+    base = QuantizationConfig(min_weight_numel=0)
+    data = calibrate(pipe, ["a red circle"], num_inference_steps=2, progress=False, config=base,
+                     **tiny_call_inputs(name))
+    dynamic = allocate_dynamic(data, num_bands=2, refine_fraction=0.5)
+    quantize_(getattr(pipe, "unet" if name == "sd" else "transformer"), dynamic.quantization_config(base))
+    pipe = diffaccel.accelerate(pipe, dynamic)
+    output = _latents(_run(pipe, name, steps=2))
+    assert torch.isfinite(output).all()
+    stats = pipe.acceleration_stats.features["dynamic_precision"]
+    assert stats.num_steps == 2 and max(stats.refined_fraction) > 0
+
+
+def test_quantization_composes_with_encoder_reuse():
+    pipe = tiny_pipeline("sd")
+    pipe.set_progress_bar_config(disable=True)
+    quantize_(pipe.unet, QuantizationConfig(min_weight_numel=0))
+    quantized = _latents(_run(pipe, "sd"))
+    every_step = diffaccel.accelerate(pipe, diffaccel.EncoderReuseConfig("all"))
+    assert torch.equal(_latents(_run(every_step, "sd")), quantized)  # every step a key step: nothing reused
+    reuse = diffaccel.accelerate(pipe, diffaccel.EncoderReuseConfig("uniform:2"))
+    reused = _latents(_run(reuse, "sd"))
+    assert reuse.acceleration_stats.features["encoder_reuse"].encoder_evaluations == STEPS // 2
+    assert torch.isfinite(reused).all() and not torch.equal(reused, quantized)

@@ -126,6 +126,8 @@ class DynamicPrecisionConfig(FeatureConfig):
         schedule: ``(block name, (refine in band 0, refine in band 1, ...))`` pairs (a mapping is
             accepted); every block's tuple has the same length, the number of bands. Blocks not
             listed are never refined.
+        predictor: the predictor the schedule was derived from (kept for the record: it is
+            saved with the pipeline's ``diffaccel_config.json``), or ``None``.
 
     The pipeline's denoiser must be quantized to NVFP4 with the residual stored for the listed
     blocks (:meth:`quantization_config` gives such a config); attaching checks it.
@@ -138,6 +140,7 @@ class DynamicPrecisionConfig(FeatureConfig):
     name = "dynamic_precision"
 
     schedule: Any = ()
+    predictor: PrecisionPredictor | None = None
 
     def __post_init__(self) -> None:
         items = self.schedule.items() if isinstance(self.schedule, Mapping) else self.schedule
@@ -151,6 +154,8 @@ class DynamicPrecisionConfig(FeatureConfig):
         if len({block for block, _ in schedule}) != len(schedule):
             raise ValueError("DynamicPrecisionConfig.schedule names a block twice")
         object.__setattr__(self, "schedule", schedule)
+        if self.predictor is not None and not isinstance(self.predictor, PrecisionPredictor):
+            raise ValueError(f"DynamicPrecisionConfig.predictor must be a PrecisionPredictor or None, got {self.predictor!r}")
 
     @property
     def num_bands(self) -> int:
@@ -172,11 +177,14 @@ class DynamicPrecisionConfig(FeatureConfig):
         return DynamicPrecision(self, pipe)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schedule": {block: list(bands) for block, bands in self.schedule}}
+        return {"schedule": {block: list(bands) for block, bands in self.schedule},
+                "predictor": None if self.predictor is None else self.predictor.to_dict()}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "DynamicPrecisionConfig":
-        return cls(schedule=data.get("schedule", ()))
+        predictor = data.get("predictor")
+        return cls(schedule=data.get("schedule", ()),
+                   predictor=None if predictor is None else PrecisionPredictor.from_dict(predictor))
 
 
 def allocate_dynamic(
@@ -205,7 +213,7 @@ def allocate_dynamic(
                            for band in range(num_bands)], axis=1)  # (blocks, bands)
     chosen = _choose(np.asarray(predictor.predict(difference), dtype=np.float64), refine_fraction, error_threshold)
     return DynamicPrecisionConfig(tuple((block, tuple(bool(c) for c in row))
-                                        for block, row in zip(data.blocks, chosen) if row.any()))
+                                        for block, row in zip(data.blocks, chosen) if row.any()), predictor)
 
 
 @dataclass
