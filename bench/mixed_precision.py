@@ -62,7 +62,6 @@ def _variants(calibration: Any, args: argparse.Namespace, base: Any, transformer
     from diffaccel.quantization.allocation import allocate_dynamic, allocate_static
 
     predictor = PrecisionPredictor.fit(calibration)
-    measured = np.nanmean(calibration.error, axis=(0, 1))
     rng = np.random.default_rng(0)
     variants: dict[str, tuple[Any, list]] = {
         "int8": (replace(base, precision="int8"), []),
@@ -72,8 +71,8 @@ def _variants(calibration: Any, args: argparse.Namespace, base: Any, transformer
         static = allocate_static(calibration, int8_fraction=fraction)
         count = len(static.int8_blocks)
         variants[f"static int8 {fraction:.2f}"] = (static.quantization_config(base), [])
-        by_error = [calibration.blocks[i] for i in np.argsort(-measured, kind="stable")[:count]]
-        variants[f"  control: measured {fraction:.2f}"] = (_static(calibration, by_error, predictor).quantization_config(base), [])
+        by_error = allocate_static(calibration, int8_fraction=fraction, by="measured")
+        variants[f"  control: measured {fraction:.2f}"] = (by_error.quantization_config(base), [])
         drawn = list(rng.choice(calibration.blocks, size=count, replace=False))
         variants[f"  control: random {fraction:.2f}"] = (_static(calibration, drawn, predictor).quantization_config(base), [])
         dynamic = allocate_dynamic(calibration, num_bands=args.bands, refine_fraction=fraction)

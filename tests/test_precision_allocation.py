@@ -154,6 +154,10 @@ def test_static_allocation_takes_the_most_sensitive_blocks():
     assert allocate_static(data, error_threshold=2.0 * 0.25 + 0.01).int8_blocks == ("b1", "b3")
     config = allocate_static(data, int8_fraction=0.25).quantization_config(QuantizationConfig(min_weight_numel=0))
     assert dict(config.overrides)["b1.*"] == "int8" and config.precision == "nvfp4"
+    data.error[..., 0] = 10.0  # measured: b0 is the most sensitive, whatever the differences say
+    assert allocate_static(data, int8_fraction=0.25, by="measured").int8_blocks == ("b0",)
+    with pytest.raises(ValueError, match="by must be"):
+        allocate_static(data, int8_fraction=0.25, by="oracle")
     with pytest.raises(ValueError, match="exactly one"):
         allocate_static(data)
     with pytest.raises(ValueError, match="int8_fraction"):

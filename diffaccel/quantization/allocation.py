@@ -98,6 +98,7 @@ def allocate_static(
     int8_fraction: float | None = None,
     error_threshold: float | None = None,
     predictor: PrecisionPredictor | None = None,
+    by: str = "predicted",
 ) -> StaticAllocation:
     """Give INT8 to the blocks with the largest predicted NVFP4 error.
 
@@ -106,10 +107,18 @@ def allocate_static(
         int8_fraction: this fraction of the blocks (rounded up) takes INT8; or
         error_threshold: blocks whose predicted error exceeds it take INT8.
         predictor: defaults to the one fitted on ``data``.
+        by: ``"predicted"`` ranks blocks by the predictor applied to their mean difference (the
+            paper's recipe); ``"measured"`` by the calibration's measured mean error, which a
+            static allocation has at hand anyway (``predicted_error`` then holds those errors).
     """
     _check_budget(int8_fraction, error_threshold, "int8_fraction")
+    if by not in ("predicted", "measured"):
+        raise ValueError(f"by must be 'predicted' or 'measured', got {by!r}")
     predictor = predictor or PrecisionPredictor.fit(data)
-    predicted = np.asarray(predictor.predict(np.nanmean(data.difference, axis=(0, 1))), dtype=np.float64)
+    if by == "measured":
+        predicted = np.nanmean(data.error, axis=(0, 1))
+    else:
+        predicted = np.asarray(predictor.predict(np.nanmean(data.difference, axis=(0, 1))), dtype=np.float64)
     chosen = _choose(predicted, int8_fraction, error_threshold)
     return StaticAllocation(
         predictor=predictor,
@@ -266,8 +275,9 @@ class DynamicPrecision(AttachedFeature):
         self.all_layers = [m for m in self.model.modules() if isinstance(m, QuantizedLinear)]
         if not self.all_layers:
             raise UnsupportedCombinationError(
-                "dynamic precision needs a quantized denoiser: quantize it first with "
-                "diffaccel.quantize_(model, config.quantization_config())")
+                f"dynamic precision needs a quantized denoiser, and {type(self.model).__name__} has no quantized "
+                "layers: quantize it first with diffaccel.quantize_(model, config.quantization_config(base)) "
+                "(check that its layers are not all excluded or under the base config's min_weight_numel)")
         self.layers: dict[str, list[QuantizedLinear]] = {}
         for block, bands in config.schedule:
             layers = [m for m in blocks[block].modules() if isinstance(m, QuantizedLinear)]
