@@ -13,6 +13,9 @@ Writes ``bench/results/mixed_precision_<device>.json``.
     python bench/mixed_precision.py                    # micro-SD and Wan, CPU: ~10 minutes
     python bench/mixed_precision.py --quick            # smoke run on tiny pipelines
 
+It also sizes full-size Wan 2.1 (1.3B, 14B) and FLUX.1-dev weights under each format with
+``planned_memory`` on meta-device models (no weights are loaded or downloaded).
+
 CPU timings are not reported: on the CPU the kernels' reference path dequantizes weights at
 every call, so only memory and quality are meaningful here; speed is ``bench/kernels.py``'s job.
 """
@@ -185,6 +188,55 @@ def wan(args: argparse.Namespace, quick: bool) -> dict[str, Any]:
     return run_model("wan", make_pipe, generate, {"num_inference_steps": args.steps, **call}, args)
 
 
+#: Full-size architectures (public configs), built on the meta device to size their quantized weights.
+FULL_SIZE = {
+    "Wan2.1-T2V-1.3B": ("WanTransformer3DModel", dict(
+        patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+        text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads")),
+    "Wan2.1-T2V-14B": ("WanTransformer3DModel", dict(
+        patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
+        text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads")),
+    "FLUX.1-dev": ("FluxTransformer2DModel", dict(
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True)),
+}
+
+
+def full_size_memory() -> dict[str, Any]:
+    """Planned weight bytes of full-size models (``planned_memory`` on meta-device models)."""
+    import diffusers
+
+    from diffaccel.quantization import EMBEDDING_EXCLUDE, QuantizationConfig, planned_memory
+    from diffaccel.quantization.calibration import transformer_blocks
+
+    configs = {
+        "nvfp4": QuantizationConfig("nvfp4"),
+        "nvfp4, adaLN too": QuantizationConfig("nvfp4", exclude=EMBEDDING_EXCLUDE),
+        "nested nvfp4 everywhere": QuantizationConfig("nvfp4", residual=True),
+        "int8": QuantizationConfig("int8"),
+    }
+    out: dict[str, Any] = {}
+    for label, (cls, kwargs) in FULL_SIZE.items():
+        with torch.device("meta"):
+            model = getattr(diffusers, cls)(**kwargs)
+        blocks = [name for name, _ in transformer_blocks(model)]
+        quarter = blocks[: -(-len(blocks) // 4)]  # memory only: which quarter does not matter here
+        per_model = dict(configs)
+        per_model["INT8 on 25% of blocks"] = QuantizationConfig("nvfp4", overrides={f"{b}.*": "int8" for b in quarter})
+        per_model["nested on 25% of blocks"] = QuantizationConfig(
+            "nvfp4", overrides={f"{b}.*": "nvfp4+residual" for b in quarter})
+        out[label] = {}
+        for name, config in per_model.items():
+            report = planned_memory(model, config)
+            out[label][name] = {"nbytes": report.nbytes, "bf16_nbytes": report.bf16_nbytes,
+                                "times_smaller": 1 / report.ratio}
+            print(f"[full size] {label:16s} {name:24s} {report.nbytes / 1e9:6.2f} GB vs {report.bf16_nbytes / 1e9:6.2f} GB "
+                  f"bf16 ({1 / report.ratio:.2f}x smaller)", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny pipelines, few steps (smoke test)")
@@ -209,6 +261,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               "args": {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in vars(args).items()}}
     if args.quick:
         args.prompts = min(args.prompts, 2)
+    report["full_size_memory"] = full_size_memory()
     report["micro_sd"] = micro_sd(args)
     report["wan"] = wan(args, args.quick)
     out = args.out or REPO / "bench" / "results" / ("mixed_precision_quick.json" if args.quick else "mixed_precision_cpu.json")

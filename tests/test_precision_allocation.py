@@ -300,3 +300,28 @@ def test_quantization_composes_with_encoder_reuse():
     reused = _latents(_run(reuse, "sd"))
     assert reuse.acceleration_stats.features["encoder_reuse"].encoder_evaluations == STEPS // 2
     assert torch.isfinite(reused).all() and not torch.equal(reused, quantized)
+
+
+@pytest.mark.parametrize("name", ["sd", "flux", "wan"])
+@pytest.mark.parametrize("overrides", [{}, {"*.ff*": "int8", "*attn*": "nvfp4+residual"}])
+def test_planned_memory_is_what_quantizing_gives(name, overrides):
+    from diffaccel.quantization import memory_report, planned_memory
+
+    model = getattr(tiny_pipeline(name), "unet" if name == "sd" else "transformer")
+    config = QuantizationConfig(min_weight_numel=0, overrides=overrides)
+    planned = planned_memory(model, config)
+    actual = memory_report(quantize_(model, config))
+    assert planned.nbytes == actual.nbytes and planned.bf16_nbytes == actual.bf16_nbytes
+    assert planned.counts == actual.counts and planned.layers == actual.layers
+
+
+def test_planned_memory_reads_shapes_only():
+    from diffusers import WanTransformer3DModel
+
+    from diffaccel.quantization import planned_memory
+
+    with torch.device("meta"):
+        model = WanTransformer3DModel(num_layers=2, num_attention_heads=2, attention_head_dim=64, ffn_dim=512,
+                                      text_dim=64, freq_dim=32, in_channels=4, out_channels=4)
+    report = planned_memory(model, QuantizationConfig())
+    assert report.counts["nvfp4"] > 0 and 1 / report.ratio > 2

@@ -4,7 +4,8 @@
 * :class:`QuantizationConfig`: which layer gets which format (:mod:`.config`); also a
   :func:`diffaccel.accelerate` feature (:mod:`.feature`).
 * :func:`quantize_`: swap a model's Linear layers in place (:mod:`.quantize`).
-* :func:`memory_report`: bits per weight and bytes against bf16 (:mod:`.report`).
+* :func:`memory_report`: bits per weight and bytes against bf16 (:mod:`.report`);
+  :func:`planned_memory`: the same for a plan, before quantizing (meta-device models too).
 * :func:`load_quantized`: load what a quantized model's ``save_pretrained`` wrote (:mod:`.serialization`).
 * :func:`calibrate` / :class:`PrecisionPredictor`: 6Bit-Diffusion's sensitivity predictor (:mod:`.calibration`).
 * :func:`allocate_static` / :func:`allocate_dynamic`: per-block INT8, or the nested residual per
@@ -33,7 +34,7 @@ from .config import CONFIG_PRECISIONS, DEFAULT_EXCLUDE, EMBEDDING_EXCLUDE, Quant
 from .feature import QuantizationFeature, QuantizationStats
 from .linear import PRECISIONS, QuantizedLinear
 from .quantize import SUPPORTED_MODELS, is_quantized, quantization_plan, quantize_, quantized_layers
-from .report import LayerMemory, MemoryReport, memory_report
+from .report import LayerMemory, MemoryReport, memory_report, planned_memory
 from .serialization import QUANTIZATION_FILE, load_quantized
 
 __all__ = [
@@ -61,6 +62,7 @@ __all__ = [
     "is_quantized",
     "load_quantized",
     "memory_report",
+    "planned_memory",
     "quantization_plan",
     "quantize_",
     "quantized_layers",

@@ -26,6 +26,7 @@ from typing import Any
 
 from torch import nn
 
+from .config import QuantizationConfig
 from .linear import QuantizedLinear
 
 _BF16_BYTES = 2
@@ -133,5 +134,62 @@ def memory_report(model: nn.Module) -> MemoryReport:
         nbytes=params * _BF16_BYTES + quantized_nbytes,
         bf16_nbytes=numel * _BF16_BYTES,
         numel=numel,
+        counts=counts,
+    )
+
+
+def _planned_nbytes(precision: str, out_features: int, in_features: int) -> int:
+    """Weight bytes :class:`QuantizedLinear` stores for a layer of this shape and precision."""
+    if precision == "int8":
+        return out_features * in_features + 4 * out_features  # int8 codes, float32 scale per channel
+    padded = -(-in_features // 16) * 16
+    nvfp4 = out_features * padded // 2 + out_features * padded // 16 + 4  # codes, E4M3 scales, FP32 scale
+    return 2 * nvfp4 if precision == "nvfp4+residual" else nvfp4
+
+
+def planned_memory(model: nn.Module, config: QuantizationConfig | None = None) -> MemoryReport:
+    """What :func:`memory_report` would say after ``quantize_(model, config)``, without quantizing.
+
+    Only shapes are read, so ``model`` may live on the ``meta`` device: size a 12B-parameter
+    model's quantized weights before loading them.
+
+    Example:
+        >>> import torch
+        >>> from diffaccel.testing import tiny_pipeline
+        >>> config = QuantizationConfig(min_weight_numel=0)
+        >>> model = tiny_pipeline("wan").transformer
+        >>> planned = planned_memory(model, config)
+        >>> from diffaccel.quantization import quantize_
+        >>> planned.nbytes == memory_report(quantize_(model, config)).nbytes
+        True
+    """
+    from .quantize import quantization_plan
+
+    config = QuantizationConfig() if config is None else config
+    plan = quantization_plan(model, config)
+    layers: list[LayerMemory] = []
+    counts: dict[str, int] = {}
+    quantized_numel = quantized_nbytes = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        precision = plan.get(name, "bf16")
+        if precision == "nvfp4" and config.residual:
+            precision = "nvfp4+residual"
+        numel = module.in_features * module.out_features
+        if precision == "bf16":
+            layer = LayerMemory(name, "bf16", numel, numel * _BF16_BYTES)
+        else:
+            layer = LayerMemory(name, precision, numel, _planned_nbytes(precision, module.out_features, module.in_features))
+            quantized_numel += numel
+            quantized_nbytes += layer.nbytes
+        layers.append(layer)
+        counts[precision] = counts.get(precision, 0) + 1
+    params = sum(p.numel() for p in model.parameters())
+    return MemoryReport(
+        layers=tuple(layers),
+        nbytes=(params - quantized_numel) * _BF16_BYTES + quantized_nbytes,
+        bf16_nbytes=params * _BF16_BYTES,
+        numel=params,
         counts=counts,
     )
