@@ -3,12 +3,15 @@
 Side by side in one run, on the bundled micro-SD (its UNet's transformer blocks) and on a small
 random-weight Wan transformer: the untouched float pipeline, all-INT8, all-NVFP4, static mixed
 (INT8 for the blocks the predictor ranks most sensitive) and dynamic mixed (NVFP4 everywhere,
-the nested 4-bit residual switched on per block and timestep band). Each variant reports the
+the nested 4-bit residual switched on per block and timestep band, or online from each block's
+difference at the previous step). Each variant reports the
 denoiser's weight bytes against bf16 (``diffaccel.memory_report``), the bits per weight the
 quantized layers read, PSNR against the untouched pipeline's images (same seeds) and, on
 micro-SD, the ShapeWorld verifier's accuracy on held-out prompts. The calibration (prompts from
-the training split, never the evaluated ones) and the fitted predictor are reported too.
-Writes ``bench/results/mixed_precision_<device>.json``.
+the training split, never the evaluated ones) and the fitted predictor are reported too, with
+two controls for the static allocation (as many INT8 blocks ranked by measured error, and drawn
+at random) and, on Wan, the delta cache and its composition with quantization and quantized
+attention. Writes ``bench/results/mixed_precision_<device>.json``.
 
     python bench/mixed_precision.py                    # micro-SD and Wan, CPU: ~10 minutes
     python bench/mixed_precision.py --quick            # smoke run on tiny pipelines
@@ -80,6 +83,8 @@ def _variants(calibration: Any, args: argparse.Namespace, base: Any, transformer
         variants[f"  control: random {fraction:.2f}"] = (_static(calibration, drawn, predictor).quantization_config(base), [])
         dynamic = allocate_dynamic(calibration, num_bands=args.bands, refine_fraction=fraction)
         variants[f"dynamic refine {fraction:.2f}"] = (dynamic.quantization_config(base), [dynamic])
+        online = allocate_dynamic(calibration, num_bands=args.bands, refine_fraction=fraction, online=True)
+        variants[f"dynamic online {fraction:.2f}"] = (online.quantization_config(base), [online])
     if transformer:
         cache = diffaccel.DeltaCacheConfig(threshold=args.delta_threshold)
         variants[f"delta cache {args.delta_threshold}"] = (None, [cache])

@@ -325,3 +325,49 @@ def test_planned_memory_reads_shapes_only():
                                       text_dim=64, freq_dim=32, in_channels=4, out_channels=4)
     report = planned_memory(model, QuantizationConfig())
     assert report.counts["nvfp4"] > 0 and 1 / report.ratio > 2
+
+
+def test_online_allocation_threshold_and_blocks():
+    difference = np.array([[[0.9, 0.1, 0.2], [0.8, 0.1, 0.3], [0.1, 0.1, 0.7], [0.1, 0.1, 0.6]]])
+    config = allocate_dynamic(_synthetic(difference, slope=1.0, intercept=0.0), num_bands=2,
+                              refine_fraction=0.25, online=True)
+    # 3 of the 12 points (0.9, 0.8, 0.7) lie above the threshold; b1 never does and stores nothing
+    assert config.online_threshold == pytest.approx(0.6)
+    assert [block for block, _ in config.schedule] == ["b0", "b2"] and config.refined_blocks == ("b0", "b2")
+    assert DynamicPrecisionConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="needs a predictor"):
+        DynamicPrecisionConfig({"b0": (True,)}, online_threshold=0.1)
+
+
+def test_online_decisions_follow_the_measured_differences(pixart):
+    blocks = [name for name, _ in transformer_blocks(pixart.transformer)]
+    measured = {b: [] for b in blocks}
+    probes = []
+    for name, block in transformer_blocks(pixart.transformer):
+        def probe(module, args, kwargs, output, name=name):
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            measured[name].append(float((output - hidden).norm() / hidden.norm()))
+        probes.append(block.register_forward_hook(probe, with_kwargs=True))
+    _run(pixart)
+    for handle in probes:
+        handle.remove()
+    # a threshold between the two blocks' step-1 differences: only the larger one is refined at step 2
+    low, high = sorted(measured[b][1] for b in blocks)
+    identity = PrecisionPredictor(slope=1.0, intercept=0.0)
+    config = DynamicPrecisionConfig({b: (False,) for b in blocks}, identity, online_threshold=(low + high) / 2)
+    pipe = diffaccel.accelerate(_quantized(pixart, config.quantization_config(QuantizationConfig(min_weight_numel=0))),
+                                config)
+    seen = {b: [] for b in blocks}
+    layers = {b: next(m for m in dict(transformer_blocks(pipe.transformer))[b].modules() if isinstance(m, QuantizedLinear))
+              for b in blocks}
+    handles = [layer.register_forward_pre_hook(lambda m, a, b=b: seen[b].append(m.refine)) for b, layer in layers.items()]
+    _run(pipe)
+    for handle in handles:
+        handle.remove()
+    for block in blocks:
+        expected = [False] + [d > (low + high) / 2 for d in measured[block][:-1]]
+        assert seen[block] == expected, block
+    assert any(seen[b][2] for b in blocks) and not all(seen[b][2] for b in blocks)
+    diffaccel.restore(pipe)
+    assert not any(hasattr(m, "_diffusers_hook") and m._diffusers_hook.get_hook("diffaccel.dynamic_precision.probe")
+                   for _, m in transformer_blocks(pipe.transformer))

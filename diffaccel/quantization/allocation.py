@@ -11,7 +11,9 @@ largest:
   need it, adds the *nested* 4-bit residual correction (NVFP4 weight + NVFP4 of its error, ~8-bit
   accuracy) only at those timestep bands. Only blocks refined somewhere store the residual, so
   memory stays close to all-NVFP4. Its :class:`DynamicPrecisionConfig` is a feature for
-  :func:`diffaccel.accelerate` that switches ``QuantizedLinear.refine`` per step.
+  :func:`diffaccel.accelerate` that switches ``QuantizedLinear.refine`` per step, from the
+  calibrated bands or, with ``online=True``, from each block's difference measured at the
+  previous step of the running call (the predictor decides at inference).
 
 A step's band is ``step * num_bands // num_steps``.
 
@@ -34,15 +36,24 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from diffusers.hooks import HookRegistry
+from diffusers.hooks import HookRegistry, ModelHook
 
 from ..errors import UnsupportedCombinationError
 from ..features.base import AttachedFeature, FeatureConfig
-from .calibration import CalibrationData, PrecisionPredictor, StepCounter, denoiser_of, transformer_blocks
+from .calibration import (
+    CalibrationData,
+    PrecisionPredictor,
+    StepCounter,
+    block_hidden_states,
+    denoiser_of,
+    relative_difference,
+    transformer_blocks,
+)
 from .config import QuantizationConfig
 from .linear import QuantizedLinear
 
 _DYNAMIC_HOOK = "diffaccel.dynamic_precision"
+_PROBE_HOOK = "diffaccel.dynamic_precision.probe"
 
 
 def _check_budget(fraction: float | None, threshold: float | None, name: str) -> None:
@@ -135,8 +146,12 @@ class DynamicPrecisionConfig(FeatureConfig):
         schedule: ``(block name, (refine in band 0, refine in band 1, ...))`` pairs (a mapping is
             accepted); every block's tuple has the same length, the number of bands. Blocks not
             listed are never refined.
-        predictor: the predictor the schedule was derived from (kept for the record: it is
-            saved with the pipeline's ``diffaccel_config.json``), or ``None``.
+        predictor: the predictor the schedule was derived from (saved with the pipeline's
+            ``diffaccel_config.json``), or ``None``.
+        online_threshold: decide at inference instead: from step 1 on, each listed block is
+            refined when ``predictor.predict(d) > online_threshold``, ``d`` being the block's
+            relative input-output difference measured at the previous step (the schedule's band
+            decides step 0). Needs ``predictor``. ``None`` (default): the schedule decides.
 
     The pipeline's denoiser must be quantized to NVFP4 with the residual stored for the listed
     blocks (:meth:`quantization_config` gives such a config); attaching checks it.
@@ -150,6 +165,7 @@ class DynamicPrecisionConfig(FeatureConfig):
 
     schedule: Any = ()
     predictor: PrecisionPredictor | None = None
+    online_threshold: float | None = None
 
     def __post_init__(self) -> None:
         items = self.schedule.items() if isinstance(self.schedule, Mapping) else self.schedule
@@ -165,6 +181,13 @@ class DynamicPrecisionConfig(FeatureConfig):
         object.__setattr__(self, "schedule", schedule)
         if self.predictor is not None and not isinstance(self.predictor, PrecisionPredictor):
             raise ValueError(f"DynamicPrecisionConfig.predictor must be a PrecisionPredictor or None, got {self.predictor!r}")
+        if self.online_threshold is not None:
+            threshold = self.online_threshold
+            if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold != threshold:
+                raise ValueError(f"DynamicPrecisionConfig.online_threshold must be a number or None, got {threshold!r}")
+            if self.predictor is None:
+                raise ValueError("DynamicPrecisionConfig.online_threshold needs a predictor")
+            object.__setattr__(self, "online_threshold", float(threshold))
 
     @property
     def num_bands(self) -> int:
@@ -173,8 +196,9 @@ class DynamicPrecisionConfig(FeatureConfig):
 
     @property
     def refined_blocks(self) -> tuple[str, ...]:
-        """Blocks refined in at least one band: the ones that need the residual stored."""
-        return tuple(block for block, bands in self.schedule if any(bands))
+        """Blocks that may be refined (in some band, or any listed block when online): the ones
+        that need the residual stored."""
+        return tuple(block for block, bands in self.schedule if any(bands) or self.online_threshold is not None)
 
     def quantization_config(self, base: QuantizationConfig | None = None) -> QuantizationConfig:
         """``base`` (default: all NVFP4) storing the nested residual for the refined blocks only."""
@@ -187,13 +211,15 @@ class DynamicPrecisionConfig(FeatureConfig):
 
     def to_dict(self) -> dict[str, Any]:
         return {"schedule": {block: list(bands) for block, bands in self.schedule},
-                "predictor": None if self.predictor is None else self.predictor.to_dict()}
+                "predictor": None if self.predictor is None else self.predictor.to_dict(),
+                "online_threshold": self.online_threshold}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "DynamicPrecisionConfig":
         predictor = data.get("predictor")
         return cls(schedule=data.get("schedule", ()),
-                   predictor=None if predictor is None else PrecisionPredictor.from_dict(predictor))
+                   predictor=None if predictor is None else PrecisionPredictor.from_dict(predictor),
+                   online_threshold=data.get("online_threshold"))
 
 
 def allocate_dynamic(
@@ -203,6 +229,7 @@ def allocate_dynamic(
     refine_fraction: float | None = None,
     error_threshold: float | None = None,
     predictor: PrecisionPredictor | None = None,
+    online: bool = False,
 ) -> DynamicPrecisionConfig:
     """Refine the (block, timestep band) pairs with the largest predicted NVFP4 error.
 
@@ -212,6 +239,11 @@ def allocate_dynamic(
         refine_fraction: this fraction of all (block, band) pairs (rounded up) is refined; or
         error_threshold: pairs whose predicted error exceeds it are refined.
         predictor: defaults to the one fitted on ``data``.
+        online: decide per step at inference from the measured block differences
+            (``DynamicPrecisionConfig.online_threshold``): the threshold is ``error_threshold``,
+            or the predicted error that ``refine_fraction`` of the calibration's (prompt, step,
+            block) points exceed; the blocks that exceeded it anywhere in the calibration store
+            the residual; the bands decide step 0.
     """
     if not isinstance(num_bands, int) or not 1 <= num_bands <= data.num_steps:
         raise ValueError(f"num_bands must be an int in [1, {data.num_steps}] (the calibration's steps), got {num_bands!r}")
@@ -220,9 +252,26 @@ def allocate_dynamic(
     band_of_step = np.arange(data.num_steps) * num_bands // data.num_steps
     difference = np.stack([np.nanmean(data.difference[:, band_of_step == band], axis=(0, 1))
                            for band in range(num_bands)], axis=1)  # (blocks, bands)
-    chosen = _choose(np.asarray(predictor.predict(difference), dtype=np.float64), refine_fraction, error_threshold)
-    return DynamicPrecisionConfig(tuple((block, tuple(bool(c) for c in row))
-                                        for block, row in zip(data.blocks, chosen) if row.any()), predictor)
+    predicted = np.asarray(predictor.predict(difference), dtype=np.float64)
+    if not online:
+        chosen = _choose(predicted, refine_fraction, error_threshold)
+        return DynamicPrecisionConfig(tuple((block, tuple(bool(c) for c in row))
+                                            for block, row in zip(data.blocks, chosen) if row.any()), predictor)
+    points = np.asarray(predictor.predict(data.difference), dtype=np.float64)  # (prompts, steps, blocks)
+    threshold = error_threshold if error_threshold is not None else _threshold_for(points, refine_fraction)
+    eligible = np.nan_to_num(points, nan=-np.inf).max(axis=(0, 1)) > threshold
+    return DynamicPrecisionConfig(tuple((block, tuple(bool(p > threshold) for p in row))
+                                        for block, row, e in zip(data.blocks, predicted, eligible) if e),
+                                  predictor, online_threshold=threshold)
+
+
+def _threshold_for(points: np.ndarray, fraction: float) -> float:
+    """The value that ``fraction`` (rounded up) of the finite points lie strictly above."""
+    values = np.sort(points[np.isfinite(points)])[::-1]
+    count = math.ceil(fraction * values.size - 1e-9)
+    if count == 0 or values.size == 0:
+        return float(values[0]) if values.size else 0.0
+    return float(values[count]) if count < values.size else float(np.nextafter(values[-1], -np.inf))
 
 
 @dataclass
@@ -260,6 +309,20 @@ class _BandSwitch(StepCounter):
         return args, kwargs
 
 
+class _DifferenceProbe(ModelHook):
+    """Block hook: records the block's relative input-output difference at every call."""
+
+    def __init__(self, name: str, feature: "DynamicPrecision") -> None:
+        super().__init__()
+        self.name, self.feature = name, feature
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        hidden_in, hidden_out = block_hidden_states(module, args, kwargs, output)
+        self.feature.current.setdefault(self.name, []).append(relative_difference(hidden_out, hidden_in))
+        return output
+
+
 class DynamicPrecision(AttachedFeature):
     """:class:`DynamicPrecisionConfig` attached to a pipeline whose denoiser is quantized."""
 
@@ -288,12 +351,16 @@ class DynamicPrecision(AttachedFeature):
             self.layers[block] = [layer for layer in layers if layer.has_residual]
         self.switch = _BandSwitch(self)
         HookRegistry.check_if_exists_or_initialize(self.model).register_hook(self.switch, _DYNAMIC_HOOK)
+        self.probed = [blocks[block] for block, _ in config.schedule] if config.online_threshold is not None else []
+        for (block, _), module in zip(config.schedule, self.probed):
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(_DifferenceProbe(block, self), _PROBE_HOOK)
+        self.current: dict[str, list[float]] = {}
         self.num_steps: int | None = None
         self.stats = DynamicPrecisionStats()
 
     def begin_call(self, pipe: Any, call_kwargs: Mapping[str, Any]) -> None:
         self.switch.reset()
-        self.num_steps = None
+        self.num_steps, self.current = None, {}
         self.stats = DynamicPrecisionStats()
 
     def enter_step(self, step: int) -> None:
@@ -301,9 +368,14 @@ class DynamicPrecision(AttachedFeature):
         if self.num_steps is None:
             self.num_steps = max(int(getattr(self.pipe, "_num_timesteps", 0) or len(self.pipe.scheduler.timesteps)), 1)
         band = min(step * self.config.num_bands // self.num_steps, self.config.num_bands - 1)
+        previous, self.current = self.current, {}
         for block, bands in self.config.schedule:
+            refine = bands[band]
+            if self.config.online_threshold is not None and previous.get(block):
+                predicted = self.config.predictor.predict(float(np.mean(previous[block])))
+                refine = predicted > self.config.online_threshold
             for layer in self.layers[block]:
-                layer.refine = bands[band]
+                layer.refine = refine
         total = sum(layer.in_features * layer.out_features for layer in self.all_layers)
         refined = sum(layer.in_features * layer.out_features for layer in self.all_layers if layer.refine)
         bits = sum(_bits_in_use(layer) * layer.in_features * layer.out_features for layer in self.all_layers)
@@ -323,6 +395,8 @@ class DynamicPrecision(AttachedFeature):
     def detach(self, pipe: Any) -> None:
         self._unrefine()
         HookRegistry.check_if_exists_or_initialize(self.model).remove_hook(_DYNAMIC_HOOK, recurse=False)
+        for module in self.probed:
+            HookRegistry.check_if_exists_or_initialize(module).remove_hook(_PROBE_HOOK, recurse=False)
 
 
 def _bits_in_use(layer: QuantizedLinear) -> float:
