@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from diffaccel.cli import RANDOM_MODEL, main
+from diffaccel.quantization import QuantizedLinear
 from diffaccel.testing import tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,6 +84,13 @@ def test_demo_compare_reports_and_restores():
     assert not hasattr(pipe.unet, "_diffusers_hook")
     with pytest.raises(ValueError, match="empty"):
         demo.compare(pipe, "  ", 6, 0, "uniform:2", False)
+    with pytest.raises(ValueError, match="weights must be"):
+        demo.compare(pipe, "a blue square", 6, 0, "uniform:2", False, "fp8")
+    _, quantized, summary = demo.compare(pipe, "a blue square", 6, 0, "uniform:2", False, "nvfp4")
+    assert "nvfp4 weights: UNet" in summary and quantized.tobytes() != fast.tobytes()
+    assert not any(isinstance(m, QuantizedLinear) for m in pipe.unet.modules())  # the float UNet is kept
+    base_again, _, _ = demo.compare(pipe, "a blue square", 6, 0, "uniform:2", False)
+    assert base_again.tobytes() == base.tobytes()
 
 
 def test_quantized_default_model_still_draws_the_prompt(tmp_path, capsys):
