@@ -456,3 +456,24 @@ def test_plain_diffusers_save_of_an_accelerated_pipeline_stays_loadable(tmp_path
     unet = load_quantized(UNet2DConditionModel, tmp_path / "unet")
     plain = StableDiffusionPipeline.from_pretrained(tmp_path, unet=unet)
     assert quantized_layers(plain.unet)
+
+
+@pytest.mark.parametrize("precision, residual", [("nvfp4", False), ("nvfp4", True), ("int8", False)])
+def test_quantized_linear_triton_path_matches_the_reference(monkeypatch, precision, residual):
+    """The layer's Triton kernels (interpreted on CPU, compiled on CUDA) agree with its reference path."""
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(3)
+    linear = torch.nn.Linear(32, 16)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(16, 32, generator=g))
+    x = torch.randn(5, 32, generator=g, dtype=torch.float32).to(device=device, dtype=torch.float16)
+    layers = {impl: QuantizedLinear.from_linear(linear, precision, residual=residual, impl=impl).to(device)
+              for impl in ("triton", "reference")}
+    for layer in layers.values():
+        layer.refine = residual
+    with torch.no_grad():
+        triton_out, reference_out = (layers[impl](x).float() for impl in ("triton", "reference"))
+    assert triton_out.dtype == reference_out.dtype == torch.float32
+    assert torch.allclose(triton_out, reference_out, rtol=2e-2, atol=2e-2)
