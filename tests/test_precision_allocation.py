@@ -371,3 +371,30 @@ def test_online_decisions_follow_the_measured_differences(pixart):
     diffaccel.restore(pipe)
     assert not any(hasattr(m, "_diffusers_hook") and m._diffusers_hook.get_hook("diffaccel.dynamic_precision.probe")
                    for _, m in transformer_blocks(pipe.transformer))
+
+
+@pytest.mark.filterwarnings("ignore:FlowMatchEulerDiscreteScheduler is deterministic")
+def test_fk_steering_on_a_quantized_cached_pipeline():
+    """Every feature at once under FK steering: particles that all copy one stay identical."""
+    from diffaccel.rewards import FunctionReward
+    from diffaccel.steering import FKSteeringConfig, steer
+
+    pipe = tiny_pipeline("wan")
+    pipe.set_progress_bar_config(disable=True)
+    base = QuantizationConfig(min_weight_numel=0)
+    data = calibrate(pipe, ["a red circle"], num_inference_steps=5, progress=False, config=base,
+                     **tiny_call_inputs("wan"))
+    dynamic = allocate_dynamic(data, num_bands=2, refine_fraction=0.5, online=True)
+    pipe = diffaccel.accelerate(pipe, dynamic.quantization_config(base), dynamic,
+                                diffaccel.DeltaCacheConfig(threshold=float("inf")), diffaccel.QuantizedAttentionConfig())
+    config = FKSteeringConfig(num_particles=3, potential="immediate", lmbda=1e6, resample_every=100,
+                              final_correction=False)
+    reward = FunctionReward(lambda media, prompts: media.mean(dim=tuple(range(1, media.ndim))), name="brightness")
+    out = steer(pipe, config, reward)("a red circle", num_inference_steps=5, output_type="pt",
+                                      generator=torch.Generator().manual_seed(0), **tiny_call_inputs("wan"))
+    assert out.stats.resampled_steps == [0] and len(set(out.stats.ancestry[0])) == 1
+    assert float((out.frames - out.frames[:1]).abs().max()) < 1e-5
+    features = pipe.acceleration_stats.features
+    assert features["delta_cache"].blocks_skipped > 0 and features["quantization"].layers["nvfp4+residual"] > 0
+    assert max(features["dynamic_precision"].refined_fraction) > 0
+    assert features["quantized_attention"].calls > 0
