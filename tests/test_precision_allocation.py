@@ -398,3 +398,33 @@ def test_fk_steering_on_a_quantized_cached_pipeline():
     assert features["delta_cache"].blocks_skipped > 0 and features["quantization"].layers["nvfp4+residual"] > 0
     assert max(features["dynamic_precision"].refined_fraction) > 0
     assert features["quantized_attention"].calls > 0
+
+
+def test_static_activation_scales_from_calibration(tmp_path):
+    from diffusers import WanTransformer3DModel
+
+    from diffaccel.quantization import load_quantized
+    from diffaccel.quantization.calibration import calibrate_activation_scales
+
+    pipe = tiny_pipeline("wan")
+    pipe.set_progress_bar_config(disable=True)
+    quantize_(pipe.transformer, QuantizationConfig("int8", min_weight_numel=0))
+    dynamic = _latents(_run(pipe, "wan"))
+    layer_name, layer = next((n, m) for n, m in pipe.transformer.named_modules() if isinstance(m, QuantizedLinear))
+    seen = []
+    handle = layer.register_forward_pre_hook(lambda m, inputs: seen.append(float(inputs[0].abs().amax())))
+    scales = calibrate_activation_scales(pipe, ["a red circle", "a blue square"], num_inference_steps=STEPS,
+                                         progress=False, **tiny_call_inputs("wan"))
+    handle.remove()
+    assert scales[layer_name] == pytest.approx(max(seen) / 127, rel=1e-6)
+    assert float(layer.act_scale) == pytest.approx(scales[layer_name])
+    static = _latents(_run(pipe, "wan"))
+    assert not torch.equal(static, dynamic)
+    assert (static - dynamic).norm() / dynamic.norm() < 0.05
+    pipe.transformer.save_pretrained(tmp_path)
+    loaded = load_quantized(WanTransformer3DModel, tmp_path)
+    assert float(loaded.get_submodule(layer_name).act_scale) == float(layer.act_scale)
+    with pytest.raises(ValueError, match="clip"):
+        calibrate_activation_scales(pipe, ["a red circle"], clip=0.0)
+    with pytest.raises(UnsupportedPipelineError, match="INT8"):
+        calibrate_activation_scales(tiny_pipeline("wan"), ["a red circle"])

@@ -7,7 +7,8 @@
 * :func:`memory_report`: bits per weight and bytes against bf16 (:mod:`.report`);
   :func:`planned_memory`: the same for a plan, before quantizing (meta-device models too).
 * :func:`load_quantized`: load what a quantized model's ``save_pretrained`` wrote (:mod:`.serialization`).
-* :func:`calibrate` / :class:`PrecisionPredictor`: 6Bit-Diffusion's sensitivity predictor (:mod:`.calibration`).
+* :func:`calibrate` / :class:`PrecisionPredictor`: 6Bit-Diffusion's sensitivity predictor;
+  :func:`calibrate_activation_scales`: static INT8 activation scales (:mod:`.calibration`).
 * :func:`allocate_static` / :func:`allocate_dynamic`: per-block INT8, or the nested residual per
   timestep band with :class:`DynamicPrecisionConfig` (:mod:`.allocation`).
 
@@ -29,7 +30,7 @@ from .allocation import (
     allocate_static,
     calibration_prompts,
 )
-from .calibration import CalibrationData, PrecisionPredictor, calibrate
+from .calibration import CalibrationData, PrecisionPredictor, calibrate, calibrate_activation_scales
 from .config import CONFIG_PRECISIONS, DEFAULT_EXCLUDE, EMBEDDING_EXCLUDE, QuantizationConfig
 from .feature import QuantizationFeature, QuantizationStats
 from .linear import PRECISIONS, QuantizedLinear
@@ -46,6 +47,7 @@ __all__ = [
     "allocate_dynamic",
     "allocate_static",
     "calibrate",
+    "calibrate_activation_scales",
     "calibration_prompts",
     "CONFIG_PRECISIONS",
     "DEFAULT_EXCLUDE",
