@@ -10,8 +10,8 @@ quantized layers read, PSNR against the untouched pipeline's images (same seeds)
 micro-SD, the ShapeWorld verifier's accuracy on held-out prompts. The calibration (prompts from
 the training split, never the evaluated ones) and the fitted predictor are reported too, with
 two controls for the static allocation (as many INT8 blocks ranked by measured error, and drawn
-at random) and, on Wan, the delta cache and its composition with quantization and quantized
-attention. Writes ``bench/results/mixed_precision_<device>.json``.
+at random), the delta cache and its composition with quantization, quantized attention and (on
+micro-SD) encoder reuse. Writes ``bench/results/mixed_precision_<device>.json``.
 
     python bench/mixed_precision.py                    # micro-SD and Wan, CPU: ~10 minutes
     python bench/mixed_precision.py --quick            # smoke run on tiny pipelines
@@ -85,12 +85,14 @@ def _variants(calibration: Any, args: argparse.Namespace, base: Any, transformer
         variants[f"dynamic refine {fraction:.2f}"] = (dynamic.quantization_config(base), [dynamic])
         online = allocate_dynamic(calibration, num_bands=args.bands, refine_fraction=fraction, online=True)
         variants[f"dynamic online {fraction:.2f}"] = (online.quantization_config(base), [online])
-    if transformer:
-        cache = diffaccel.DeltaCacheConfig(threshold=args.delta_threshold)
-        variants[f"delta cache {args.delta_threshold}"] = (None, [cache])
-        fraction = args.fractions[0]
-        static = allocate_static(calibration, int8_fraction=fraction).quantization_config(base)
-        variants[f"static {fraction:.2f} + cache + qattn"] = (static, [cache, diffaccel.QuantizedAttentionConfig()])
+    cache = diffaccel.DeltaCacheConfig(threshold=args.delta_threshold)
+    variants[f"delta cache {args.delta_threshold}"] = (None, [cache])
+    fraction = args.fractions[0]
+    static = allocate_static(calibration, int8_fraction=fraction).quantization_config(base)
+    variants[f"static {fraction:.2f} + cache + qattn"] = (static, [cache, diffaccel.QuantizedAttentionConfig()])
+    if not transformer:
+        reuse = diffaccel.EncoderReuseConfig("faster-diffusion", parallel=False)
+        variants[f"static {fraction:.2f} + cache + encoder reuse"] = (static, [cache, reuse])
     return variants
 
 
@@ -136,6 +138,8 @@ def run_model(
             row["bits_in_use"] = stats["dynamic_precision"].mean_bits_per_weight
         if "delta_cache" in stats:
             row["skipped_blocks"] = stats["delta_cache"].skipped_fraction
+        if "encoder_reuse" in stats:
+            row["encoder_evaluations"] = stats["encoder_reuse"].encoder_evaluations
         if config is not None:
             row["int8_blocks"] = sorted({pattern[:-2] for pattern, value in config.overrides if value == "int8"})
         if score is not None:

@@ -35,10 +35,11 @@ from .quantization.allocation import DynamicPrecisionConfig
 from .quantization.config import QuantizationConfig
 
 #: Feature configs by their ``name``, for reading saved configurations back, in the order they
-#: attach (quantization before the dynamic precision that switches its layers).
+#: attach (quantization before the dynamic precision that switches its layers; the delta cache's
+#: denoiser hook after, so outside, encoder reuse's, so that it sees one call per step).
 FEATURE_CONFIGS: dict[str, type[FeatureConfig]] = {
     config.name: config
-    for config in (QuantizationConfig, DynamicPrecisionConfig, DeltaCacheConfig, EncoderReuseConfig,
+    for config in (QuantizationConfig, DynamicPrecisionConfig, EncoderReuseConfig, DeltaCacheConfig,
                    QuantizedAttentionConfig)
 }
 

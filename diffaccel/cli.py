@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_nonnegative_float,
         default=None,
         metavar="THRESHOLD",
-        help="temporal delta cache for transformer denoisers: skip blocks whose input changed less than this (e.g. 0.05)",
+        help="temporal delta cache: skip transformer blocks whose input changed less than this (e.g. 0.05)",
     )
     gen.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     gen.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None)
@@ -131,9 +131,6 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"--out must end with one of {', '.join(_IMAGE_SUFFIXES)}: {args.out}")
     if args.model not in _BUILTIN_MODELS and not os.path.isdir(args.model) and os.path.sep in args.model:
         raise SystemExit(f"--model: no such folder: {args.model}")
-    if args.delta_cache is not None and args.model in _BUILTIN_MODELS:
-        raise SystemExit(f"--delta-cache needs a transformer pipeline (PixArt, SD3, Flux, Wan, CogVideoX, LTX); "
-                         f"{args.model} is a UNet pipeline")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
     configs = []

@@ -56,7 +56,6 @@ def test_verifier_skips_prompts_outside_shapeworld(tmp_path, capsys):
         (["--encoder-reuse", "sometimes"], "unknown key-step schedule"),
         (["--encoder-reuse", "0,3,9", "--steps", "5"], "out of range"),
         (["--steps", "0"], "must be >= 1"),
-        (["--delta-cache", "0.1"], "needs a transformer pipeline"),
         (["--delta-cache", "-1"], "must be >= 0"),
         (["--quantize", "fp8"], "invalid choice"),
     ],
@@ -93,13 +92,14 @@ def test_demo_compare_reports_and_restores():
     assert base_again.tobytes() == base.tobytes()
 
 
-def test_quantized_default_model_still_draws_the_prompt(tmp_path, capsys):
+def test_quantized_cached_default_model_still_draws_the_prompt(tmp_path, capsys):
     out, stats_path = tmp_path / "int8.png", tmp_path / "stats.json"
-    main(["generate", "a red circle", "--steps", "25", "--quantize", "int8", "--out", str(out),
-          "--stats-json", str(stats_path)])
+    main(["generate", "a red circle", "--steps", "25", "--quantize", "int8", "--delta-cache", "0.05",
+          "--out", str(out), "--stats-json", str(stats_path)])
     printed = capsys.readouterr().out
     stats = json.loads(stats_path.read_text())
     assert stats["features"]["quantization"]["layers"]["int8"] > 0 and "quantized weights:" in printed
+    assert stats["features"]["delta_cache"]["blocks_skipped"] > 0 and "delta cache:" in printed
     assert stats["verifier"]["passed"]
 
 

@@ -44,8 +44,8 @@ transformer has its own hooks and caches, empty at its first step.
 steering resamples; FK steering's ``max_batch`` chunking (one denoiser call per chunk) is refused.
 
 Built on diffusers hooks: one ``ModelHook`` per transformer block, one on each denoiser
-(``transformer``, and ``transformer_2`` where a pipeline has one) that picks the branch state and
-the step. Hooks sit on whole blocks, so they compose with module swaps inside them (quantized
+(``transformer``, and ``transformer_2`` where a pipeline has one; or ``unet``, whose blocks are the
+``BasicTransformerBlock`` lists inside its attentions) that picks the branch state and the step. Hooks sit on whole blocks, so they compose with module swaps inside them (quantized
 Linear layers, quantized attention processors). State is reset per pipeline call. Memory: one
 input and one residual (two for dual-stream blocks) per block and branch. Each prediction reads
 a scalar back from the device (a sync per block and step).
@@ -88,8 +88,8 @@ BLOCK_HOOK = "diffaccel.delta_cache.block"
 #: Branch name used when the pipeline sets no cache context (CFG batched, or no CFG).
 DEFAULT_BRANCH = "default"
 
-#: Pipeline attributes that may hold a transformer denoiser.
-DENOISER_ATTRIBUTES = ("transformer", "transformer_2")
+#: Pipeline attributes that may hold a denoiser with transformer blocks.
+DENOISER_ATTRIBUTES = ("transformer", "transformer_2", "unet")
 
 #: Names of the ``ModuleList`` attributes that hold a denoiser's transformer blocks.
 BLOCK_LIST_NAMES = (
@@ -102,7 +102,7 @@ BLOCK_LIST_NAMES = (
 
 _SUPPORTED = (
     "PixArt-Alpha/Sigma, SD3, Flux, CogVideoX, Wan, LTX-Video and other transformer denoisers whose "
-    "blocks diffusers' TransformerBlockRegistry describes"
+    "blocks diffusers' TransformerBlockRegistry describes, and UNets' transformer blocks (SD, SDXL)"
 )
 
 
@@ -116,13 +116,21 @@ def _block_metadata(block: torch.nn.Module) -> Any:
         return None
 
 
+def _described(blocks: Any) -> bool:
+    return isinstance(blocks, torch.nn.ModuleList) and len(blocks) > 0 and all(_block_metadata(b) for b in blocks)
+
+
 def _block_lists(denoiser: torch.nn.Module) -> dict[str, torch.nn.ModuleList]:
-    """The denoiser's block lists whose every block diffusers' registry describes."""
-    lists = {}
-    for name in BLOCK_LIST_NAMES:
-        blocks = getattr(denoiser, name, None)
-        if isinstance(blocks, torch.nn.ModuleList) and len(blocks) and all(_block_metadata(b) for b in blocks):
-            lists[name] = blocks
+    """The denoiser's block lists whose every block diffusers' registry describes.
+
+    A transformer's lists are its own attributes (``transformer_blocks``, ...); a UNet's are the
+    ``transformer_blocks`` of the ``Transformer2DModel`` in each cross-attention block, by qualified
+    name (``down_blocks.0.attentions.0.transformer_blocks``).
+    """
+    lists = {name: getattr(denoiser, name) for name in BLOCK_LIST_NAMES if _described(getattr(denoiser, name, None))}
+    if not lists:
+        lists = {name: module for name, module in denoiser.named_modules()
+                 if name.endswith(".transformer_blocks") and _described(module)}
     return lists
 
 
@@ -472,7 +480,7 @@ class DeltaCache(AttachedFeature):
         self._denoiser_hooks: list[_DenoiserHook] = []
         self.denoisers = _denoisers(pipe)
         plan = {attribute: self._chosen_blocks(attribute, denoiser) for attribute, denoiser in self.denoisers.items()}
-        self.num_blocks = sum(len(blocks) for blocks in plan["transformer"].values())
+        self.num_blocks = sum(len(blocks) for blocks in next(iter(plan.values())).values())
         try:
             for attribute, lists in plan.items():
                 denoiser = self.denoisers[attribute]
@@ -560,7 +568,7 @@ def _denoisers(pipe: Any) -> dict[str, torch.nn.Module]:
         module = getattr(pipe, attribute, None)
         if isinstance(module, torch.nn.Module) and _block_lists(module):
             found[attribute] = module
-    if "transformer" not in found:
+    if not found:
         denoiser = getattr(pipe, "transformer", None)
         if denoiser is None:
             denoiser = getattr(pipe, "unet", None)
