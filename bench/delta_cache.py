@@ -21,7 +21,6 @@ whenever its core is taken, which makes timings swing by 10x and more.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -35,6 +34,7 @@ import torch
 import diffaccel
 from diffaccel.features.delta_cache import DeltaCacheConfig
 from diffaccel.testing import tiny_pipeline
+from benchkit import psnr, write_report
 
 PROMPT = "a red circle to the left of a blue square"
 
@@ -65,12 +65,6 @@ MODELS: dict[str, dict[bool, tuple[str, dict[str, Any], dict[str, Any]]]] = {
 }
 
 Variant = tuple[Callable[[], None], Callable[[], None]]
-
-
-def psnr(output: np.ndarray, reference: np.ndarray) -> float:
-    """PSNR in dB of float outputs in [0, 1] (inf when identical)."""
-    mse = float(np.mean((output.astype(np.float64) - reference.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * np.log10(1.0 / mse)
 
 
 def make_variants(
@@ -206,10 +200,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     suffix = "_quick" if args.quick else ""
     results_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     out = args.out or os.path.join(results_dir, f"delta_cache_cpu{suffix}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=2)
-    print(f"wrote {out}")
+    write_report(report, out)
     return report
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import pathlib
 import platform
 import re
@@ -36,6 +35,7 @@ import time
 from typing import Any
 
 import torch
+from benchkit import write_report
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -200,9 +200,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   f"rel. L2 {row['relative_l2_error']:.4f}")
     tag = "quick" if args.quick else re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
     out = args.out or REPO / "bench" / "results" / f"dit_gpu_{tag}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_report(report, out)
     return report
 
 

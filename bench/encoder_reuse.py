@@ -15,7 +15,6 @@ trained model for fidelity claims and say which model a figure comes from.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -28,14 +27,9 @@ import torch
 
 import diffaccel
 from diffaccel import EncoderReuseConfig
+from benchkit import psnr, write_report
 
 PROMPTS = ["a red circle to the left of a blue square", "two green triangles", "a yellow square above a purple circle"]
-
-
-def psnr(image: np.ndarray, reference: np.ndarray) -> float:
-    """PSNR in dB of float images in [0, 1] (inf when identical)."""
-    mse = float(np.mean((image.astype(np.float64) - reference.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * np.log10(1.0 / mse)
 
 
 def build_pipeline(args: argparse.Namespace) -> tuple[Any, str]:
@@ -192,10 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         share = report["sequential_cost_model"]["decoder_share"]
         print(f"decoder share of a full UNet step (fitted): {share:.2f}")
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"encoder_reuse_{args.device}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=2)
-    print(f"wrote {out}")
+    write_report(report, out)
     return report
 
 

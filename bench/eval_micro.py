@@ -21,6 +21,7 @@ import torch
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "train"))
+from benchkit import write_report  # noqa: E402
 
 
 def generate(pipe, prompts: list[str], steps: int, guidance: float, seed: int, batch: int) -> torch.Tensor:
@@ -134,9 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.sd = args.sd or micro_model_path("micro-sd")
         report["micro_sd"] = evaluate_sd(args, MicroClipFeatures(clip))
     out = args.out or REPO / "bench" / "results" / f"eval_micro_{args.device.split(':')[0]}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_report(report, out)
     return report
 
 

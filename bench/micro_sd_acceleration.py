@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import pathlib
 import platform
 import statistics
@@ -29,13 +28,9 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from benchkit import psnr, write_report
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def psnr(images: np.ndarray, reference: np.ndarray) -> float:
-    mse = float(np.mean((images.astype(np.float64) - reference.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * np.log10(1.0 / mse)
 
 
 def variants(pipe: Any, args: argparse.Namespace) -> dict[str, tuple[Callable[[], None], Callable[[], None]]]:
@@ -143,9 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "prompts": prompts, "variants": rows}
     out = args.out or REPO / "bench" / "results" / ("micro_sd_acceleration_quick.json" if args.quick
                                                     else "micro_sd_acceleration_cpu.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_report(report, out)
     return report
 
 

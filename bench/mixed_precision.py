@@ -27,21 +27,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import pathlib
 import platform
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from benchkit import psnr, write_report
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def psnr(images: np.ndarray, reference: np.ndarray) -> float:
-    """PSNR in dB of images in [0, 1] against a reference (inf when identical)."""
-    mse = float(np.mean((images.astype(np.float64) - reference.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * np.log10(1.0 / mse)
 
 
 def _memory(report: Any) -> dict[str, Any]:
@@ -274,9 +268,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report["micro_sd"] = micro_sd(args)
     report["wan"] = wan(args, args.quick)
     out = args.out or REPO / "bench" / "results" / ("mixed_precision_quick.json" if args.quick else "mixed_precision_cpu.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=float) + "\n")
-    print(f"wrote {out}")
+    write_report(report, out, default=float)
     return report
 
 
