@@ -4,7 +4,8 @@ Example:
     $ diffaccel generate "a red circle to the left of a blue square" --steps 50 \\
         --encoder-reuse faster-diffusion --out image.png
 
-Without ``--model`` it uses :data:`DEFAULT_MODEL`, the bundled micro-SD (trained on ShapeWorld,
+``diffaccel generate-video`` does the same for text-to-video pipelines
+(:mod:`diffaccel.video_cli`). Without ``--model`` it uses :data:`DEFAULT_MODEL`, the bundled micro-SD (trained on ShapeWorld,
 offline, 64x64), and prints the ShapeWorld verifier's score when the prompt is a ShapeWorld caption.
 ``--model diffaccel/tiny-random-sd`` is a tiny random-weight pipeline built in code (it draws
 noise: it shows the machinery, not a picture).
@@ -90,8 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None)
     gen.add_argument("--stats-json", default=None, help="also write the call's statistics to this JSON file")
     from .steering.cli_options import add_steering_arguments
+    from .video_cli import add_parser as add_video_parser
 
     add_steering_arguments(gen)
+    add_video_parser(commands, _positive_int, _nonnegative_float)
     return parser
 
 
@@ -179,7 +182,7 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
             f"decoder evaluations: {reuse['decoder_evaluations']} in {reuse['batched_decoder_calls']} calls"
             f"{' (parallel)' if reuse['parallel'] else ''}"
         )
-    _print_feature_stats(stats["features"])
+    print_feature_stats(stats["features"])
     verification = _verify(image, args.prompt)
     if verification is not None:
         stats["verifier"] = verification
@@ -191,7 +194,7 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
     return stats
 
 
-def _print_feature_stats(features: dict[str, Any]) -> None:
+def print_feature_stats(features: dict[str, Any]) -> None:
     """One line each for the quantization and delta-cache statistics of the call."""
     quantization = features.get("quantization")
     if quantization is not None:
@@ -224,6 +227,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "generate":
         generate(args)
+    elif args.command == "generate-video":
+        from .video_cli import generate_video
+
+        generate_video(args)
     return 0
 
 

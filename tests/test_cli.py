@@ -112,3 +112,30 @@ def test_delta_cache_on_a_transformer_pipeline(tmp_path, capsys):
     cache = json.loads(stats_path.read_text())["features"]["delta_cache"]
     assert cache["blocks_skipped"] > 0
     assert f"delta cache: {cache['blocks_skipped']}/" in capsys.readouterr().out
+
+
+def test_generate_video_writes_a_gif_with_the_features(tmp_path, capsys):
+    from diffaccel.video_cli import RANDOM_VIDEO_MODEL
+
+    out, stats_path = tmp_path / "clip.gif", tmp_path / "stats.json"
+    main(["generate-video", "a red circle moving to the left", "--model", RANDOM_VIDEO_MODEL, "--steps", "4",
+          "--delta-cache", "1e9", "--quantize", "int8", "--out", str(out), "--stats-json", str(stats_path)])
+    printed = capsys.readouterr().out
+    gif = Image.open(out)
+    assert gif.n_frames == 9 and gif.size == (32, 32)
+    stats = json.loads(stats_path.read_text())
+    assert stats["features"]["delta_cache"]["blocks_skipped"] > 0 and stats["features"]["quantization"]["layers"]["int8"] > 0
+    assert "motion" in stats["verifier"]["criteria"] and "verifier: score" in printed
+
+
+def test_generate_video_refuses_bad_input_before_model_work(tmp_path):
+    from diffaccel.micro_models import models_dir
+
+    with pytest.raises(SystemExit, match="must end with .gif"):
+        main(["generate-video", "a red circle", "--out", str(tmp_path / "clip.mp4")])
+    with pytest.raises(SystemExit, match="no such folder"):
+        main(["generate-video", "a red circle", "--model", str(tmp_path / "missing") + "/", "--out", str(tmp_path / "c.gif")])
+    if not (models_dir() / "micro-video" / "model_index.json").is_file():
+        with pytest.raises(SystemExit, match="(?s)not been exported yet.*--model PATH"):
+            main(["generate-video", "a red circle", "--out", str(tmp_path / "c.gif")])
+    assert not (tmp_path / "c.gif").exists()
