@@ -139,3 +139,21 @@ def test_generate_video_refuses_bad_input_before_model_work(tmp_path):
         with pytest.raises(SystemExit, match="(?s)not been exported yet.*--model PATH"):
             main(["generate-video", "a red circle", "--out", str(tmp_path / "c.gif")])
     assert not (tmp_path / "c.gif").exists()
+
+
+def test_demo_compare_video_reports_and_keeps_the_transformer():
+    spec = importlib.util.spec_from_file_location("diffaccel_demo", ROOT / "app" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    from diffaccel.testing import tiny_call_inputs
+
+    pipe = tiny_pipeline("wan")
+    call = tiny_call_inputs("wan")
+    base, fast, summary = demo.compare_video(pipe, "a red circle", 6, 0, 1e9, "nvfp4", **call)
+    assert len(base) == len(fast) == call["num_frames"] and "blocks skipped" in summary and "nvfp4 weights" in summary
+    assert [f.tobytes() for f in base] != [f.tobytes() for f in fast]
+    assert not any(isinstance(m, QuantizedLinear) for m in pipe.transformer.modules())
+    again, _, _ = demo.compare_video(pipe, "a red circle", 6, 0, 0.0, **call)
+    assert [f.tobytes() for f in again] == [f.tobytes() for f in base]
+    with pytest.raises(ValueError, match="empty"):
+        demo.compare_video(pipe, " ", 6, 0, 0.1, **call)
