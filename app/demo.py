@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -34,6 +34,27 @@ def _quantized_copy(denoiser: Any, weights: str) -> Any:
         config = diffaccel.QuantizationConfig(weights, min_weight_numel=0)
         _QUANTIZED[key] = diffaccel.quantize_(copy.deepcopy(denoiser), config)
     return _QUANTIZED[key]
+
+
+def _side_by_side(pipe: Any, denoiser: str, weights: str, config: Any, generate: Callable[[], Any]) -> tuple:
+    """Run ``generate`` untouched, then with ``config`` on a ``weights`` copy of ``pipe.<denoiser>``;
+    returns (untouched output, accelerated output, untouched seconds, accelerated stats). The
+    pipeline gets its own denoiser back and no features."""
+    diffaccel.restore(pipe)
+    diffaccel.accelerate(pipe)
+    base = generate()
+    base_seconds = pipe.acceleration_stats.seconds
+    original = getattr(pipe, denoiser)
+    try:
+        if weights != "none":
+            setattr(pipe, denoiser, _quantized_copy(original, weights))
+        diffaccel.accelerate(pipe, config)
+        fast = generate()
+        stats = pipe.acceleration_stats
+    finally:
+        diffaccel.restore(pipe)
+        setattr(pipe, denoiser, original)
+    return base, fast, base_seconds, stats
 
 
 def compare(
@@ -59,21 +80,8 @@ def compare(
         generator = torch.Generator("cpu").manual_seed(int(seed))
         return pipe(prompt, num_inference_steps=int(steps), generator=generator).images[0]
 
-    diffaccel.restore(pipe)
-    baseline = diffaccel.accelerate(pipe)
-    base_image = generate()
-    base_seconds = baseline.acceleration_stats.seconds
-    diffaccel.restore(pipe)
+    base_image, fast_image, base_seconds, stats = _side_by_side(pipe, "unet", weights, config, generate)
     unet = pipe.unet
-    try:
-        if weights != "none":
-            pipe.unet = _quantized_copy(unet, weights)
-        diffaccel.accelerate(pipe, config)
-        fast_image = generate()
-        stats = pipe.acceleration_stats
-    finally:
-        diffaccel.restore(pipe)
-        pipe.unet = unet
     reuse = stats.features["encoder_reuse"]
     summary = (
         f"baseline: {base_seconds:.2f} s; encoder reuse: {stats.seconds:.2f} s "
@@ -114,20 +122,8 @@ def compare_video(
                       output_type="np", **call).frames[0]
         return [Image.fromarray((frame.clip(0, 1) * 255).round().astype("uint8")) for frame in frames]
 
-    diffaccel.restore(pipe)
-    diffaccel.accelerate(pipe)
-    base_frames = generate()
-    base_seconds = pipe.acceleration_stats.seconds
+    base_frames, fast_frames, base_seconds, stats = _side_by_side(pipe, "transformer", weights, config, generate)
     transformer = pipe.transformer
-    try:
-        if weights != "none":
-            pipe.transformer = _quantized_copy(transformer, weights)
-        diffaccel.accelerate(pipe, config)
-        fast_frames = generate()
-        stats = pipe.acceleration_stats
-    finally:
-        diffaccel.restore(pipe)
-        pipe.transformer = transformer
     cache = stats.features["delta_cache"]
     summary = (f"baseline: {base_seconds:.2f} s; delta cache: {stats.seconds:.2f} s "
                f"({base_seconds / stats.seconds:.2f}x)\n"

@@ -147,12 +147,7 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
             )
         )
         configs[0].schedule.key_steps(args.steps)  # out-of-range explicit steps fail before loading
-    if args.quantize is not None:
-        # the bundled models' layers are all small: quantize them all (min_weight_numel=0)
-        small = {"min_weight_numel": 0} if args.model in _BUILTIN_MODELS else {}
-        configs.append(diffaccel.QuantizationConfig(precision=args.quantize, **small))
-    if args.delta_cache is not None:
-        configs.append(diffaccel.DeltaCacheConfig(threshold=args.delta_cache))
+    configs += weight_and_cache_configs(args, builtin=args.model in _BUILTIN_MODELS)
     pipe = load_pipeline(args.model, device, dtype)
     pipe = diffaccel.accelerate(pipe, *configs)
     pipe.set_progress_bar_config(disable=False, desc="denoising")
@@ -183,7 +178,7 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
             f"{' (parallel)' if reuse['parallel'] else ''}"
         )
     print_feature_stats(stats["features"])
-    verification = _verify(image, args.prompt)
+    verification = print_verdict(image, args.prompt)
     if verification is not None:
         stats["verifier"] = verification
     if steering is not None:
@@ -192,6 +187,20 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
         with open(args.stats_json, "w", encoding="utf-8") as handle:
             json.dump(stats, handle, indent=2)
     return stats
+
+
+def weight_and_cache_configs(args: argparse.Namespace, *, builtin: bool) -> list[Any]:
+    """The feature configs of ``--quantize`` and ``--delta-cache`` (the bundled models' layers are
+    all small, so ``builtin`` ones are quantized whole: ``min_weight_numel=0``)."""
+    import diffaccel
+
+    configs: list[Any] = []
+    if args.quantize is not None:
+        small = {"min_weight_numel": 0} if builtin else {}
+        configs.append(diffaccel.QuantizationConfig(precision=args.quantize, **small))
+    if args.delta_cache is not None:
+        configs.append(diffaccel.DeltaCacheConfig(threshold=args.delta_cache))
+    return configs
 
 
 def print_feature_stats(features: dict[str, Any]) -> None:
@@ -207,8 +216,9 @@ def print_feature_stats(features: dict[str, Any]) -> None:
         print(f"delta cache: {cache['blocks_skipped']}/{total} block evaluations skipped")
 
 
-def _verify(image: Any, prompt: str) -> dict[str, Any] | None:
-    """Print and return the ShapeWorld verifier's result, or None when ``prompt`` is not a caption."""
+def print_verdict(media: Any, prompt: str, *, clip: bool = False) -> dict[str, Any] | None:
+    """Print and return the ShapeWorld verifier's result on an image (or a clip, ``clip=True``:
+    frames ``(T, H, W, 3)``), or None when ``prompt`` is not a caption."""
     from .shapeworld import Verifier, parse_prompt
 
     try:
@@ -216,7 +226,8 @@ def _verify(image: Any, prompt: str) -> dict[str, Any] | None:
     except ValueError:
         print("verifier: skipped (not a ShapeWorld caption)")
         return None
-    result = Verifier().verify([image], [prompt])[0]
+    verifier = Verifier()
+    result = (verifier.verify_clips(media[None], [prompt]) if clip else verifier.verify([media], [prompt]))[0]
     failed = [name for name, ok in result.criteria.items() if not ok]
     print(f"verifier: score {result.score:.2f}" + (f" (failed: {', '.join(failed)})" if failed else " (all criteria met)"))
     return {"score": result.score, "passed": result.passed, "criteria": dict(result.criteria)}

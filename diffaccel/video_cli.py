@@ -84,7 +84,7 @@ def generate_video(args: argparse.Namespace) -> dict[str, Any]:
 
     import diffaccel
 
-    from .cli import print_feature_stats
+    from .cli import print_feature_stats, print_verdict, weight_and_cache_configs
 
     if not args.out.lower().endswith(".gif"):
         raise SystemExit(f"--out must end with .gif: {args.out}")
@@ -93,11 +93,7 @@ def generate_video(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"--model: no such folder: {args.model}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    configs = []
-    if args.quantize is not None:
-        configs.append(diffaccel.QuantizationConfig(precision=args.quantize, **({"min_weight_numel": 0} if builtin else {})))
-    if args.delta_cache is not None:
-        configs.append(diffaccel.DeltaCacheConfig(threshold=args.delta_cache))
+    configs = weight_and_cache_configs(args, builtin=builtin)
     pipe, call = load_video_pipeline(args.model, device, dtype)
     pipe = diffaccel.accelerate(pipe, *configs)
     pipe.set_progress_bar_config(disable=False, desc="denoising")
@@ -112,25 +108,10 @@ def generate_video(args: argparse.Namespace) -> dict[str, Any]:
     print(f"saved {args.out} ({len(images)} frames, {images[0].width}x{images[0].height})")
     print(f"seconds: {stats['seconds']:.3f}")
     print_feature_stats(stats["features"])
-    verdict = _verify_clip(clip, args.prompt)
+    verdict = print_verdict(clip, args.prompt, clip=True)
     if verdict is not None:
         stats["verifier"] = verdict
     if args.stats_json:
         with open(args.stats_json, "w", encoding="utf-8") as handle:
             json.dump(stats, handle, indent=2)
     return stats
-
-
-def _verify_clip(clip: Any, prompt: str) -> dict[str, Any] | None:
-    """Print and return the ShapeWorld verifier's verdict on a clip, or None for other prompts."""
-    from .shapeworld import Verifier, parse_prompt
-
-    try:
-        parse_prompt(prompt)
-    except ValueError:
-        print("verifier: skipped (not a ShapeWorld caption)")
-        return None
-    result = Verifier().verify_clips(clip[None], [prompt])[0]
-    failed = [name for name, ok in result.criteria.items() if not ok]
-    print(f"verifier: score {result.score:.2f}" + (f" (failed: {', '.join(failed)})" if failed else " (all criteria met)"))
-    return {"score": result.score, "passed": result.passed, "criteria": dict(result.criteria)}
