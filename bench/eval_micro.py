@@ -4,9 +4,13 @@ micro-SD: the verifier's accuracy (all criteria met) and mean score per prompt k
 steps, next to the same pipeline with a random-weight UNet (the floor); FID against real renders of
 held-out scenes with micro-CLIP's image features (torchmetrics' pluggable feature extractor).
 micro-CLIP: zero-shot caption retrieval and hard-negative accuracy on held-out images.
+micro-video: on held-out motion prompts (9 frames, 64x64), the share of clips whose object has the
+right color and shape (in most frames) and the share that move the right way, next to the same
+pipeline with a random-weight transformer.
 
     python bench/eval_micro.py --steps 25 --prompts 64 --fid-images 256
     python bench/eval_micro.py --sd runs/micro-sd/export --skip-clip   # a checkpoint's export
+    python bench/eval_micro.py --skip-clip --skip-sd --video runs/micro-video/export --video-prompts 64
 """
 
 from __future__ import annotations
@@ -94,6 +98,56 @@ def evaluate_sd(args: argparse.Namespace, features: torch.nn.Module) -> dict:
     return report
 
 
+def generate_clips(pipe, prompts: list[str], steps: int, guidance: float, seed: int, batch: int
+                   ) -> torch.Tensor:
+    """Clips (N, 9, 3, 64, 64) in [0, 1]; chunk ``i`` is seeded with ``seed + i``."""
+    out = []
+    for i, start in enumerate(range(0, len(prompts), batch)):
+        frames = pipe(prompts[start:start + batch], num_inference_steps=steps, guidance_scale=guidance,
+                      height=64, width=64, num_frames=9, output_type="pt",
+                      generator=torch.Generator().manual_seed(seed + i)).frames
+        out.append(frames.float().cpu())
+    return torch.cat(out)
+
+
+def clip_scores(clips: torch.Tensor, prompts: list[str]) -> dict[str, float]:
+    """Verifier accuracies of single-object motion clips: color and shape, motion, all criteria."""
+    from diffaccel.shapeworld import Verifier
+
+    results = Verifier().verify_clips(clips, prompts)
+    n = len(results)
+    return {"color_shape": sum(r.criteria["object_0_color"] and r.criteria["object_0_shape"] for r in results) / n,
+            "motion": sum(r.criteria["motion"] for r in results) / n,
+            "accuracy": sum(r.passed for r in results) / n,
+            "mean_score": sum(r.score for r in results) / n}
+
+
+def evaluate_video(args: argparse.Namespace) -> dict:
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    from diffaccel.shapeworld import eval_prompts
+    from diffaccel.testing.components import seeded
+
+    pipe = WanPipeline.from_pretrained(str(args.video), torch_dtype=torch.float32, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(args.device)
+    prompts = eval_prompts("motion", args.video_prompts, seed=args.seed, split="heldout")
+    start = time.perf_counter()
+    trained = clip_scores(generate_clips(pipe, prompts, args.steps, args.video_guidance, args.seed, args.batch),
+                          prompts)
+    seconds = time.perf_counter() - start
+    with seeded(args.seed, "random-transformer"):
+        pipe.transformer = WanTransformer3DModel.from_config(pipe.transformer.config).to(args.device)
+    floor = clip_scores(generate_clips(pipe, prompts, args.steps, args.video_guidance, args.seed, args.batch),
+                        prompts)
+    print(f"micro-video: color+shape {trained['color_shape']:.3f} (random {floor['color_shape']:.3f}), "
+          f"motion {trained['motion']:.3f} (random {floor['motion']:.3f}), all criteria "
+          f"{trained['accuracy']:.3f} (random {floor['accuracy']:.3f})", flush=True)
+    return {"model": str(args.video), "steps": args.steps, "guidance_scale": args.video_guidance,
+            "prompts": args.video_prompts, "trained": trained, "random_transformer": floor,
+            "seconds": round(seconds, 1)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     from diffaccel.micro_models import (
         MicroClipFeatures,
@@ -113,6 +167,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-clip", action="store_true")
     parser.add_argument("--skip-sd", action="store_true")
+    parser.add_argument("--video", type=pathlib.Path, default=None,
+                        help="micro-video folder (default: bundled, when present)")
+    parser.add_argument("--video-prompts", type=int, default=64, help="held-out motion prompts")
+    parser.add_argument("--video-guidance", type=float, default=5.0)
+    parser.add_argument("--skip-video", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=pathlib.Path, default=None)
@@ -134,6 +193,13 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.skip_sd:
         args.sd = args.sd or micro_model_path("micro-sd")
         report["micro_sd"] = evaluate_sd(args, MicroClipFeatures(clip))
+    if not args.skip_video:
+        try:
+            args.video = args.video or micro_model_path("micro-video")
+        except FileNotFoundError as missing:
+            print(f"micro-video skipped: {missing}", flush=True)
+        else:
+            report["micro_video"] = evaluate_video(args)
     out = args.out or REPO / "bench" / "results" / f"eval_micro_{args.device.split(':')[0]}.json"
     write_report(report, out)
     return report

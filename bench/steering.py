@@ -72,7 +72,7 @@ def load(path: str | None, tiny: str, device: str) -> tuple[Any, dict[str, Any]]
         from diffaccel import micro_models
 
         pipe = micro_models.load_micro_sd() if path == "micro-sd" else micro_models.load_micro_video()
-        call = {}
+        call = {} if path == "micro-sd" else {"height": 64, "width": 64, "num_frames": 9}
     else:
         from diffusers import DiffusionPipeline
 
@@ -156,16 +156,19 @@ def curves(bench: Bench, steer_name: str, multiples: list[int]) -> dict[str, lis
 
 
 def accelerated_vs_plain(bench: Bench, steer_name: str, k: int) -> dict[str, Any]:
-    """Plain FK with k particles against encoder-reuse FK given the same wall time (more particles)."""
+    """Plain FK with k particles against accelerated FK given the same wall time (more particles):
+    encoder reuse on UNet pipelines, the delta cache on transformer (DiT) pipelines."""
     plain = bench.run("fk", k * bench.steps, steer_name)
-    pipe = diffaccel.accelerate(bench.pipe, diffaccel.EncoderReuseConfig("uniform:2"))
+    feature = (diffaccel.EncoderReuseConfig("uniform:2") if getattr(bench.pipe, "unet", None) is not None
+               else diffaccel.DeltaCacheConfig())
+    pipe = diffaccel.accelerate(bench.pipe, feature)
     try:
         fast = bench.run("fk", k * bench.steps, steer_name, pipe)
         afford = max(k, int(k * plain["seconds"] / max(fast["seconds"], 1e-9)))
         equal_time = bench.run("fk", afford * bench.steps, steer_name, pipe) if afford > k else fast
     finally:
         diffaccel.restore(pipe)
-    return {"plain": plain, "accelerated_same_k": fast, "accelerated_equal_time": {**equal_time, "k": afford},
+    return {"feature": type(feature).__name__, "plain": plain, "accelerated_same_k": fast, "accelerated_equal_time": {**equal_time, "k": afford},
             "speedup_same_k": plain["seconds"] / max(fast["seconds"], 1e-9)}
 
 
@@ -222,8 +225,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tag", default=None, help="results file tag (default: quick, or the device)")
     args = parser.parse_args(argv)
-    if not args.quick and args.image_model is None:
-        parser.error("--image-model is required without --quick")
+    if not args.quick and args.image_model is None and args.video_model is None:
+        parser.error("--image-model or --video-model is required without --quick")
     if args.quick:
         args.prompts, args.seeds, args.steps = 1, 1, 4
     ks, multiples = ([int(v) for v in text.split(",")] for text in (args.ks, args.multiples))
@@ -235,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.clip = str(micro_model_path("micro-clip"))
     clip = CLIPScoreReward.from_transformers(args.clip or tiny_clip_folder(), device=args.device)
     rewards = {"shapeworld": ShapeWorldReward(), "clip": clip}
-    setups = [("image", args.image_model, "sd", "relation")]
+    setups = [("image", args.image_model, "sd", "relation")] if args.image_model is not None or args.quick else []
     if args.video_model is not None or args.quick:
         setups.append(("video", args.video_model, "ltx", "motion"))
     results: dict[str, Any] = {"args": vars(args), "note": "quick: tiny RANDOM pipelines, numbers meaningless" if args.quick else ""}
@@ -250,8 +253,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"[{label}] steering on {steer_name}, checking with {check}", flush=True)
             entry[f"steer={steer_name}"] = {"scaling": scaling(bench, steer_name, ks), "curves": curves(bench, steer_name, multiples)}
             curve_sets[f"{label} / {steer_name}"] = entry[f"steer={steer_name}"]["curves"]
-        if getattr(pipe, "unet", None) is not None:
-            entry["accelerated_vs_plain"] = accelerated_vs_plain(bench, "shapeworld", ks[-1])
+        entry["accelerated_vs_plain"] = accelerated_vs_plain(bench, "shapeworld", ks[-1])
         results[label] = entry
     tag = args.tag or ("quick" if args.quick else args.device.split(":")[0])
     out_dir = os.path.join(ROOT, "bench", "results")
@@ -267,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 print(f"  {name:12s} nfe {row['nfe']:4d}  " + "  ".join(f"{k} {v:.3f}" for k, v in row.items() if k not in ("nfe",)))
         if "accelerated_vs_plain" in results[label]:
             acc = results[label]["accelerated_vs_plain"]
-            print(f"  accelerated FK: {acc['speedup_same_k']:.2f}x per call; equal wall time affords "
+            print(f"  accelerated FK ({acc['feature']}): {acc['speedup_same_k']:.2f}x per call; equal wall time affords "
                   f"k={acc['accelerated_equal_time']['k']}: shapeworld {acc['accelerated_equal_time']['shapeworld']:.3f} "
                   f"vs plain {acc['plain']['shapeworld']:.3f}")
     print(f"\nwrote {json_path}")

@@ -5,7 +5,8 @@
   feature extractor of FID (:class:`MicroClipFeatures`).
 * ``micro-sd`` -- a ``StableDiffusionPipeline`` (SD1.5's UNet block layout at small width, a 4x
   ``AutoencoderKL``, micro-CLIP's text tower) drawing 64x64 ShapeWorld scenes.
-* ``micro-video`` -- a ``WanPipeline`` (not trained yet).
+* ``micro-video`` -- a ``WanPipeline`` (``WanTransformer3DModel``, a 4x ``AutoencoderKLWan``, a small
+  UMT5 text encoder) drawing 9-frame 64x64 clips of a ShapeWorld object in motion.
 
 The folders are produced by the training scripts under ``train/`` (see their ``--export``); a
 model that has not been exported yet raises :class:`FileNotFoundError` saying how to make it.

@@ -90,10 +90,52 @@ def test_sd_training_resumes_identically(tmp_path, tiny_exports):
 
 def test_video_training_resumes_identically(tmp_path):
     _assert_resumes_identically(micro_video, tmp_path, "--stage", "vae", "--batch-size", "1")
+    _assert_resumes_identically(micro_video, tmp_path / "stills", "--stage", "vae", "--batch-size", "1",
+                                "--vae-frames", "1")
     micro_video.main(_tiny(tmp_path / "v", 1, "--stage", "vae", "--batch-size", "1",
                            "--export", str(tmp_path / "vae")))
     _assert_resumes_identically(micro_video, tmp_path / "dit", "--stage", "dit", "--batch-size", "1",
                                 "--vae", str(tmp_path / "vae"))
+    _assert_resumes_identically(micro_video, tmp_path / "cached", "--stage", "dit", "--batch-size", "2",
+                                "--cache", "3", "--vae", str(tmp_path / "vae"))
+
+
+def test_unclamped_decode_is_the_vaes_decode_before_its_clamp():
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(**micro_video.vae_config("tiny")).eval()
+    z = torch.randn(2, 4, 3, 8, 8)
+    with torch.no_grad():
+        vae.decoder.conv_out.weight.mul_(10)  # overshoot [-1, 1], where the clamp bites
+        clamped, raw = vae.decode(z).sample, micro_video.decode_unclamped(vae, z)
+    assert raw.shape == clamped.shape == (2, 3, 5, 32, 32) and raw.abs().max() > 1
+    torch.testing.assert_close(raw.clamp(-1, 1), clamped, rtol=0, atol=0)
+
+
+def test_short_context_matches_the_pipelines_512_token_context():
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5EncoderModel
+
+    tokenizer = micro_video.t5_tokenizer()
+    torch.manual_seed(0)
+    text_encoder = UMT5EncoderModel(micro_video.text_encoder_config(len(tokenizer), "tiny")).eval()
+    transformer = WanTransformer3DModel(**micro_video.transformer_config(4, 8, "tiny")).eval()
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, scheduler=FlowMatchEulerDiscreteScheduler(),
+                       vae=AutoencoderKLWan(**micro_video.vae_config("tiny")), transformer=transformer)
+    captions = ["a red circle moving left", "", "two green triangles and a blue square moving up"]
+    x, t = torch.randn(3, 4, 5, 8, 8), torch.tensor([100.0, 500.0, 900.0])
+    with torch.no_grad():
+        full, _ = pipe.encode_prompt(captions, do_classifier_free_guidance=False, max_sequence_length=512)
+        reference = transformer(x, timestep=t, encoder_hidden_states=full, return_dict=False)[0]
+        short = micro_video.ShortContext(pipe).encode(captions, "cpu")
+        out = transformer(x, timestep=t, encoder_hidden_states=short, return_dict=False)[0]
+    assert short.shape[1] < 32
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # without the padding bias the short context is not the same model input
+        transformer.set_attn_processor(type(transformer.blocks[0].attn1.processor)())
+        unbiased = transformer(x, timestep=t, encoder_hidden_states=short, return_dict=False)[0]
+    assert (unbiased - reference).abs().max() > 1e-4
 
 
 def test_video_export_loads_with_wan_pipeline(tmp_path):
@@ -201,3 +243,19 @@ def test_bundled_micro_sd_draws_single_objects():
     assert torch.isfinite(images).all()
     scores = [r.score for r in Verifier().verify(images, prompts)]
     assert sum(scores) / len(scores) > 0.5  # random weights draw no object at all (score ~0)
+
+
+@pytest.mark.skipif(not (micro_models.models_dir() / "micro-video" / "model_index.json").is_file(),
+                    reason="micro-video has not been exported to assets/models yet")
+def test_bundled_micro_video_draws_the_object():
+    from diffaccel.shapeworld import Verifier, eval_prompts
+
+    pipe = micro_models.load_micro_video()
+    pipe.set_progress_bar_config(disable=True)
+    prompts = eval_prompts("motion", 4, seed=0, split="train")
+    clips = pipe(prompts, num_inference_steps=20, guidance_scale=5.0, height=64, width=64, num_frames=9,
+                 output_type="pt", generator=torch.Generator().manual_seed(0)).frames
+    assert clips.shape == (4, 9, 3, 64, 64) and torch.isfinite(clips).all()
+    results = Verifier().verify_clips(clips, prompts)
+    # random weights draw no object at all (color and shape criteria fail in every frame)
+    assert sum(r.criteria["object_0_color"] for r in results) >= 3
