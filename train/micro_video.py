@@ -12,7 +12,8 @@ Two stages, each resumable:
 * ``--stage dit``: a ``WanTransformer3DModel`` and a small ``UMT5EncoderModel`` (the offline
   ``diffaccel.tokenizers.t5_tokenizer()``) train together with the flow-matching objective
   (``x_t = (1 - s) x_0 + s noise``, target ``noise - x_0``, ``s`` shifted by 3 like the
-  ``FlowMatchEulerDiscreteScheduler(shift=3)`` that samples it). Prompts are encoded by the
+  ``FlowMatchEulerDiscreteScheduler(shift=3)`` that samples it); an EMA of the weights is
+  exported. Prompts are encoded by the
   pipeline's own ``encode_prompt`` at the batch's caption length; :class:`ShortContext` makes the
   transformer read them exactly as the 512-token context of inference. ``--cache N`` encodes N
   training clips with the frozen VAE once and cycles through them.
@@ -253,6 +254,7 @@ def train_dit(args) -> None:
         WanPipeline,
         WanTransformer3DModel,
     )
+    from diffusers.training_utils import EMAModel
     from transformers import UMT5EncoderModel
 
     vae = AutoencoderKLWan.from_pretrained(args.vae, torch_dtype=torch.float32).to(args.device).eval()
@@ -267,8 +269,10 @@ def train_dit(args) -> None:
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=SHIFT), transformer=transformer)
     context = ShortContext(pipe)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    ema = EMAModel(model.parameters(), decay=args.ema_decay, use_ema_warmup=True, power=0.75)
     ckpt = trainkit.Checkpoint(args.run_dir)
-    start = ckpt.load(model, optimizer) if args.resume else 0
+    start = ckpt.load(model, optimizer, ema) if args.resume else 0
+    ema.to(args.device)
     mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(args.device)
     std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(args.device)
     data = ShapeWorldClips("train", SIZE, FRAMES, length=trainkit.DATA_LENGTH, seed=args.seed)
@@ -299,27 +303,30 @@ def train_dit(args) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        ema.step(model.parameters())
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if timer.due():
-            ckpt.save(step + 1, model, optimizer, vae=str(args.vae))
+            ckpt.save(step + 1, model, optimizer, ema, vae=str(args.vae))
             if timer.stop:
                 break
     if timer.stop:
         print(f"stopped after step {step + 1}; continue with --resume")
         return
     if start < args.steps:
-        ckpt.save(args.steps, model, optimizer, vae=str(args.vae))
+        ckpt.save(args.steps, model, optimizer, ema, vae=str(args.vae))
     if args.export is not None:
+        ema.copy_to(model.parameters())
         pipe.to(torch.float16).save_pretrained(str(args.export), safe_serialization=True)
         (args.export / "training.json").write_text(json.dumps(
             {"steps": max(start, args.steps), "batch_size": args.batch_size, "lr": args.lr,
-             "warmup": args.warmup, "cache": args.cache, "seed": args.seed}, indent=2) + "\n")
+             "warmup": args.warmup, "cache": args.cache, "ema_decay": args.ema_decay, "seed": args.seed}, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = trainkit.parse_args("micro-video", argv, batch_size=8, steps=2000, lr=3e-4, stage="dit",
-                               vae=str(trainkit.REPO / "runs/micro-video-vae/vae"), vae_frames=5, cache=0, warmup=200, eval_clips=64)
+                               vae=str(trainkit.REPO / "runs/micro-video-vae/vae"), vae_frames=5, cache=0,
+                               warmup=200, eval_clips=64, ema_decay=0.999)
     if args.vae_frames < 1 or (args.vae_frames - 1) % 4:
         raise ValueError(f"--vae-frames must be 1 + 4k (the causal VAE's chunking), got {args.vae_frames}")
     if args.stage not in ("vae", "dit"):
