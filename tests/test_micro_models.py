@@ -114,7 +114,12 @@ def test_unclamped_decode_is_the_vaes_decode_before_its_clamp():
 
 
 def test_short_context_matches_the_pipelines_512_token_context():
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import (
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
     from transformers import UMT5EncoderModel
 
     tokenizer = micro_video.t5_tokenizer()
