@@ -113,6 +113,27 @@ def test_unclamped_decode_is_the_vaes_decode_before_its_clamp():
     torch.testing.assert_close(raw.clamp(-1, 1), clamped, rtol=0, atol=0)
 
 
+def test_per_frame_init_makes_the_video_vae_an_image_vae():
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(**micro_video.vae_config("tiny")).eval()
+    still = torch.rand(1, 3, 1, 32, 32) * 2 - 1
+    clip = still.repeat(1, 1, 5, 1, 1)
+
+    def spread(model):  # how much the frames of a static clip differ, in latents and decoded
+        with torch.no_grad():
+            z = model.encode(clip).latent_dist.mean
+            out = micro_video.decode_unclamped(model, z)
+        return (z - z[:, :, :1]).abs().max(), (out - out[:, :, :1]).abs().max()
+
+    assert min(spread(vae)) > 1e-3  # random temporal taps: frames differ
+    micro_video.init_per_frame(vae)
+    assert max(spread(vae)) < 1e-5
+    with torch.no_grad():
+        torch.testing.assert_close(vae.encode(clip).latent_dist.mean[:, :, :1], vae.encode(still).latent_dist.mean)
+
+
 def test_short_context_matches_the_pipelines_512_token_context():
     from diffusers import (
         AutoencoderKLWan,

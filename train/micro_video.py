@@ -6,7 +6,12 @@ Two stages, each resumable:
   reconstruct 64x64 clips; its export records the per-channel latent mean and std, which
   ``WanPipeline`` uses to de-normalize latents. It trains on 5-frame clips (``--vae-frames``): the
   causal VAE encodes the first frame alone and every later group of 4 frames with the same weights
-  and a feature cache, so 5 frames exercise every path at about half the cost of 9. The decoder
+  and a feature cache, so 5 frames exercise every path at about half the cost of 9. It trains as
+  an autoencoder: the decoder reads the posterior mean plus fixed noise of std 0.05 (a tiny L2
+  keeps the latents' scale), not a sample of the learned posterior; with the usual 1e-6 KL, Adam
+  let the posterior's log-variance drift to 0 while the decoder was still flat, the noise then
+  drowned the latents and the decoder never started to draw. The pipeline and the DiT use the
+  posterior mean only (``latent_dist.mode()``). The decoder
   sits for a few hundred steps at the flat mean image before it starts to draw; ``--vae-frames 1``
   (still scenes) gets it past that cheaply, then the run resumes on clips (commands below).
 * ``--stage dit``: a ``WanTransformer3DModel`` and a small ``UMT5EncoderModel`` (the offline
@@ -18,8 +23,8 @@ Two stages, each resumable:
   transformer read them exactly as the 512-token context of inference. ``--cache N`` encodes N
   training clips with the frozen VAE once and cycles through them.
 
-    python train/micro_video.py --stage vae --steps 500 --lr 1e-3 --vae-frames 1
-    python train/micro_video.py --stage vae --steps 1500 --lr 1e-3 --resume --export runs/micro-video-vae/vae
+    python train/micro_video.py --stage vae --steps 400 --lr 1e-3 --vae-frames 1
+    python train/micro_video.py --stage vae --steps 1300 --lr 5e-4 --resume --export runs/micro-video-vae/vae
     python train/micro_video.py --stage dit --steps 6000 --batch-size 32 --lr 6e-4 --cache 12000 --resume \
         --export assets/models/micro-video
 
@@ -45,7 +50,7 @@ from diffaccel.tokenizers import t5_tokenizer
 
 SIZE, FRAMES, SHIFT = 64, 9, 3.0
 CAPTION_DROPOUT = 0.1
-INITIAL_LOGVAR = -8.0  # the VAE's initial posterior log-variance (std 0.018)
+LATENT_NOISE, LATENT_L2 = 0.05, 1e-6  # the VAE trains as a lightly noised, L2-regularized autoencoder
 MAX_SEQUENCE_LENGTH = 512  # WanPipeline's default
 
 
@@ -95,13 +100,36 @@ def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
     return torch.cat(frames, 2)
 
 
+def init_per_frame(vae) -> None:
+    """Start the causal video VAE as a per-frame image VAE: every 3D convolution's taps on past
+    frames are zeroed (only the current frame's 2D kernel remains), the temporal downsampler keeps
+    the last frame of each pair and the upsampler repeats a frame (as Wan's original code
+    initializes them; diffusers leaves them random). A still trained on stills then decodes the
+    same in every frame of a clip, and clip training learns the temporal taps from zero instead of
+    random ones wrecking what the stills taught."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanResample
+
+    with torch.no_grad():
+        resamplers = {id(m.time_conv) for m in vae.modules() if isinstance(m, WanResample) and hasattr(m, "time_conv")}
+        for module in vae.modules():
+            if not isinstance(module, WanCausalConv3d) or module.weight.shape[2] == 1:
+                continue
+            if id(module) in resamplers:
+                weight, dim = module.weight, module.weight.shape[1]
+                weight.zero_()
+                module.bias.zero_()
+                for copy in range(weight.shape[0] // dim):  # 2 for the upsampler, 1 for the downsampler
+                    weight[copy * dim:(copy + 1) * dim, :, -1, 0, 0] = torch.eye(dim)
+            else:
+                module.weight[:, :, :-1] = 0
+
+
 def train_vae(args) -> None:
     from diffusers import AutoencoderKLWan
 
     torch.manual_seed(args.seed)
     vae = AutoencoderKLWan(**vae_config(args.config)).to(args.device).train()
-    with torch.no_grad():  # start nearly deterministic: at log-variance 0 the posterior noise drowns
-        vae.quant_conv.bias[vae.config.z_dim:] = INITIAL_LOGVAR  # the latents and the decoder ignores them
+    init_per_frame(vae)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
     ckpt = trainkit.Checkpoint(args.run_dir)
     start = ckpt.load(vae, optimizer) if args.resume else 0
@@ -118,10 +146,10 @@ def train_vae(args) -> None:
             video = pixels.unsqueeze(2).to(args.device)
         else:
             video, _ = clips(data, step, args.batch_size, args.device)
-        posterior = vae.encode(video).latent_dist
-        noise = torch.randn(posterior.mean.shape, generator=trainkit.step_generator(args.seed, step))
-        recon = decode_unclamped(vae, posterior.mean + posterior.std * noise.to(args.device))
-        loss = F.l1_loss(recon, video) + F.mse_loss(recon, video) + 1e-6 * posterior.kl().mean()
+        mean = vae.encode(video).latent_dist.mean
+        noise = torch.randn(mean.shape, generator=trainkit.step_generator(args.seed, step)).to(args.device)
+        recon = decode_unclamped(vae, mean + LATENT_NOISE * noise)
+        loss = F.l1_loss(recon, video) + F.mse_loss(recon, video) + LATENT_L2 * mean.pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
