@@ -91,7 +91,7 @@ def test_sd_training_resumes_identically(tmp_path, tiny_exports):
 def test_video_training_resumes_identically(tmp_path):
     _assert_resumes_identically(micro_video, tmp_path, "--stage", "vae", "--batch-size", "1")
     _assert_resumes_identically(micro_video, tmp_path / "stills", "--stage", "vae", "--batch-size", "1",
-                                "--vae-frames", "1")
+                                "--vae-frames", "1", "--cache", "3")
     micro_video.main(_tiny(tmp_path / "v", 1, "--stage", "vae", "--batch-size", "1",
                            "--export", str(tmp_path / "vae")))
     _assert_resumes_identically(micro_video, tmp_path / "dit", "--stage", "dit", "--batch-size", "1",

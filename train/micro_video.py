@@ -21,7 +21,8 @@ Two stages, each resumable:
   exported. Prompts are encoded by the
   pipeline's own ``encode_prompt`` at the batch's caption length; :class:`ShortContext` makes the
   transformer read them exactly as the 512-token context of inference. ``--cache N`` encodes N
-  training clips with the frozen VAE once and cycles through them.
+  training clips with the frozen VAE once and cycles through them (in the vae stage it renders N
+  items once, on all CPUs: what a GPU needs).
 
     python train/micro_video.py --stage vae --steps 400 --lr 1e-3 --vae-frames 1
     python train/micro_video.py --stage vae --steps 1300 --lr 5e-4 --resume --export runs/micro-video-vae/vae
@@ -137,6 +138,8 @@ def train_vae(args) -> None:
         data = ShapeWorldImages("train", SIZE, length=trainkit.DATA_LENGTH, seed=args.seed)
     else:
         data = ShapeWorldClips("train", SIZE, args.vae_frames, length=trainkit.DATA_LENGTH, seed=args.seed)
+    if args.cache and start < args.steps:
+        data = trainkit.Rendered(data, args.cache)
     timer = trainkit.Timer(args.save_every)
     for step in (bar := trainkit.train_loop(args, start, "micro-video vae")):
         for group in optimizer.param_groups:  # cosine decay to 10%
@@ -304,7 +307,8 @@ def train_dit(args) -> None:
     mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(args.device)
     std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(args.device)
     data = ShapeWorldClips("train", SIZE, FRAMES, length=trainkit.DATA_LENGTH, seed=args.seed)
-    cache = LatentClips(data, args.cache, vae, mean, std, args.device) if args.cache else None
+    cache = LatentClips(trainkit.Rendered(data, args.cache), args.cache, vae, mean, std, args.device) \
+        if args.cache and start < args.steps else None
     timer = trainkit.Timer(args.save_every)
     for step in (bar := trainkit.train_loop(args, start, "micro-video dit")):
         for group in optimizer.param_groups:  # linear warmup, then cosine decay to 10%

@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 __all__ = [
-    "Checkpoint", "Timer", "batch_indices", "collate", "export_fp16", "parse_args", "render_cache",
+    "Checkpoint", "Rendered", "Timer", "batch_indices", "collate", "export_fp16", "parse_args", "render_cache",
     "step_generator", "train_loop",
 ]
 
@@ -106,6 +106,23 @@ def render_cache(dataset: Any, n: int, workers: int | None = None) -> tuple[torc
     with multiprocessing.get_context("fork").Pool(workers) as pool:
         parts = pool.map(_render_range, specs)
     return torch.cat([p for p, _ in parts]), [c for _, cs in parts for c in cs]
+
+
+class Rendered:
+    """Items ``0 .. n-1`` of ``dataset`` rendered once (:func:`render_cache`, all CPUs) and kept as
+    uint8; indexing returns what ``dataset`` would (pixels in [-1, 1], caption), ``i`` modulo ``n``.
+    Where rendering on the fly would starve a GPU."""
+
+    def __init__(self, dataset: Any, n: int) -> None:
+        self.pixels, self.captions = render_cache(dataset, n)
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        index %= self.n
+        return self.pixels[index].float().div(127.5).sub(1), self.captions[index]
 
 
 class Checkpoint:
