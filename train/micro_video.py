@@ -127,21 +127,29 @@ def init_per_frame(vae) -> None:
                 module.weight[:, :, :-1] = 0
 
 
+def _rendered(args, data):
+    """``data`` rendered once (``--cache N``) when this run has steps to train, else ``data``.
+    Called before any model work: the renderers are forked processes, and forking after torch's
+    thread pool has run deadlocks them."""
+    ckpt = trainkit.Checkpoint(args.run_dir)
+    done = args.resume and ckpt.exists() and ckpt.info()["step"] >= args.steps
+    return trainkit.Rendered(data, args.cache) if args.cache and not done else data
+
+
 def train_vae(args) -> None:
     from diffusers import AutoencoderKLWan
 
+    if args.vae_frames == 1:  # still scenes (time axis of length 1): the cheap way off the plateau
+        data = ShapeWorldImages("train", SIZE, length=trainkit.DATA_LENGTH, seed=args.seed)
+    else:
+        data = ShapeWorldClips("train", SIZE, args.vae_frames, length=trainkit.DATA_LENGTH, seed=args.seed)
+    data = _rendered(args, data)
     torch.manual_seed(args.seed)
     vae = AutoencoderKLWan(**vae_config(args.config)).to(args.device).train()
     init_per_frame(vae)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
     ckpt = trainkit.Checkpoint(args.run_dir)
     start = ckpt.load(vae, optimizer) if args.resume else 0
-    if args.vae_frames == 1:  # still scenes (time axis of length 1): the cheap way off the plateau
-        data = ShapeWorldImages("train", SIZE, length=trainkit.DATA_LENGTH, seed=args.seed)
-    else:
-        data = ShapeWorldClips("train", SIZE, args.vae_frames, length=trainkit.DATA_LENGTH, seed=args.seed)
-    if args.cache and start < args.steps:
-        data = trainkit.Rendered(data, args.cache)
     timer = trainkit.Timer(args.save_every)
     for step in (bar := trainkit.train_loop(args, start, "micro-video vae")):
         for group in optimizer.param_groups:  # cosine decay to 10%
@@ -290,6 +298,7 @@ def train_dit(args) -> None:
     from diffusers.training_utils import EMAModel
     from transformers import UMT5EncoderModel
 
+    data = _rendered(args, ShapeWorldClips("train", SIZE, FRAMES, length=trainkit.DATA_LENGTH, seed=args.seed))
     vae = AutoencoderKLWan.from_pretrained(args.vae, torch_dtype=torch.float32).to(args.device).eval()
     vae.requires_grad_(False)
     tokenizer = t5_tokenizer()
@@ -308,9 +317,7 @@ def train_dit(args) -> None:
     ema.to(args.device)
     mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(args.device)
     std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(args.device)
-    data = ShapeWorldClips("train", SIZE, FRAMES, length=trainkit.DATA_LENGTH, seed=args.seed)
-    cache = LatentClips(trainkit.Rendered(data, args.cache), args.cache, vae, mean, std, args.device) \
-        if args.cache and start < args.steps else None
+    cache = LatentClips(data, args.cache, vae, mean, std, args.device) if isinstance(data, trainkit.Rendered) else None
     timer = trainkit.Timer(args.save_every)
     for step in (bar := trainkit.train_loop(args, start, "micro-video dit")):
         for group in optimizer.param_groups:  # linear warmup, then cosine decay to 10%
