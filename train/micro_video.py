@@ -129,8 +129,7 @@ def init_per_frame(vae) -> None:
 
 def _rendered(args, data):
     """``data`` rendered once (``--cache N``) when this run has steps to train, else ``data``.
-    Called before any model work: the renderers are forked processes, and forking after torch's
-    thread pool has run deadlocks them."""
+    Called before any model work, so the renderer processes start before the model is in memory."""
     ckpt = trainkit.Checkpoint(args.run_dir)
     done = args.resume and ckpt.exists() and ckpt.info()["step"] >= args.steps
     return trainkit.Rendered(data, args.cache) if args.cache and not done else data

@@ -97,13 +97,17 @@ def _render_range(spec: tuple[Any, int, int]) -> tuple[torch.Tensor, list[str]]:
 
 def render_cache(dataset: Any, n: int, workers: int | None = None) -> tuple[torch.Tensor, list[str]]:
     """Items ``0 .. n-1`` of ``dataset`` as uint8 pixels (exact: renders are 8-bit) and captions,
-    rendered by a pool of processes (``workers``: default all CPUs)."""
+    rendered by a pool of ``spawn``-ed processes (``workers``: default all CPUs; in this process
+    for small ``n`` or one worker). Spawn, not fork: a child forked after torch's thread pool has
+    run can deadlock."""
     import multiprocessing
 
     workers = workers or os.cpu_count() or 1
+    if workers == 1 or n <= 256:
+        return _render_range((dataset, 0, n))
     chunk = max(1, min(2000, n // workers))
     specs = [(dataset, a, min(n, a + chunk)) for a in range(0, n, chunk)]
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
         parts = pool.map(_render_range, specs)
     return torch.cat([p for p, _ in parts]), [c for _, cs in parts for c in cs]
 
