@@ -167,10 +167,7 @@ def build_demo(pipe: Any, model_label: str, video: tuple[Any, str, dict[str, Any
 
     with gr.Blocks(title="diffaccel") as demo:
         gr.Markdown(f"# diffaccel: encoder reuse\nmodel: `{model_label}`")
-        with gr.Row():
-            prompt = gr.Textbox(label="prompt", value="a red circle to the left of a blue square")
-            steps = gr.Slider(4, 100, value=50, step=1, label="steps")
-            seed = gr.Number(value=0, precision=0, label="seed")
+        prompt, steps, seed = _prompt_row(gr, "a red circle to the left of a blue square", 50)
         with gr.Row():
             schedule = gr.Dropdown(list(SCHEDULES), value=SCHEDULES[0], allow_custom_value=True, label="key-step schedule")
             parallel = gr.Checkbox(value=torch.cuda.is_available(), label="parallel decoding")
@@ -183,10 +180,7 @@ def build_demo(pipe: Any, model_label: str, video: tuple[Any, str, dict[str, Any
         button.click(run, [prompt, steps, seed, schedule, parallel, weights], [base, fast, summary])
         if video is not None:
             gr.Markdown(f"# text-to-video: temporal delta cache\nmodel: `{video[1]}`")
-            with gr.Row():
-                v_prompt = gr.Textbox(label="prompt", value="a red circle moving to the left")
-                v_steps = gr.Slider(4, 100, value=30, step=1, label="steps")
-                v_seed = gr.Number(value=0, precision=0, label="seed")
+            v_prompt, v_steps, v_seed = _prompt_row(gr, "a red circle moving to the left", 30)
             with gr.Row():
                 v_threshold = gr.Slider(0.0, 0.5, value=0.05, step=0.01, label="delta cache threshold")
                 v_weights = gr.Dropdown(list(WEIGHTS), value="none", label="quantized weights")
@@ -197,6 +191,14 @@ def build_demo(pipe: Any, model_label: str, video: tuple[Any, str, dict[str, Any
             v_summary = gr.Textbox(label="what it did", lines=3)
             v_button.click(run_video, [v_prompt, v_steps, v_seed, v_threshold, v_weights], [v_base, v_fast, v_summary])
     return demo
+
+
+def _prompt_row(gr: Any, prompt: str, steps: int) -> tuple[Any, Any, Any]:
+    """A row of prompt, step-count and seed inputs (inside a ``gr.Blocks``)."""
+    with gr.Row():
+        return (gr.Textbox(label="prompt", value=prompt),
+                gr.Slider(4, 100, value=steps, step=1, label="steps"),
+                gr.Number(value=0, precision=0, label="seed"))
 
 
 def main() -> None:

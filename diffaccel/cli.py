@@ -183,9 +183,7 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
         stats["verifier"] = verification
     if steering is not None:
         stats["steering"] = steering
-    if args.stats_json:
-        with open(args.stats_json, "w", encoding="utf-8") as handle:
-            json.dump(stats, handle, indent=2)
+    write_stats_json(args.stats_json, stats)
     return stats
 
 
@@ -201,6 +199,13 @@ def weight_and_cache_configs(args: argparse.Namespace, *, builtin: bool) -> list
     if args.delta_cache is not None:
         configs.append(diffaccel.DeltaCacheConfig(threshold=args.delta_cache))
     return configs
+
+
+def write_stats_json(path: str | None, stats: dict[str, Any]) -> None:
+    """Write ``stats`` as indented JSON to ``path`` (``--stats-json``); nothing when ``path`` is None."""
+    if path:
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(stats, handle, indent=2)
 
 
 def print_feature_stats(features: dict[str, Any]) -> None:

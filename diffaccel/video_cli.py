@@ -14,7 +14,6 @@ ShapeWorld caption, the verifier's verdict on the clip (motion included).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Any
@@ -84,7 +83,12 @@ def generate_video(args: argparse.Namespace) -> dict[str, Any]:
 
     import diffaccel
 
-    from .cli import print_feature_stats, print_verdict, weight_and_cache_configs
+    from .cli import (
+        print_feature_stats,
+        print_verdict,
+        weight_and_cache_configs,
+        write_stats_json,
+    )
 
     if not args.out.lower().endswith(".gif"):
         raise SystemExit(f"--out must end with .gif: {args.out}")
@@ -111,7 +115,5 @@ def generate_video(args: argparse.Namespace) -> dict[str, Any]:
     verdict = print_verdict(clip, args.prompt, clip=True)
     if verdict is not None:
         stats["verifier"] = verdict
-    if args.stats_json:
-        with open(args.stats_json, "w", encoding="utf-8") as handle:
-            json.dump(stats, handle, indent=2)
+    write_stats_json(args.stats_json, stats)
     return stats

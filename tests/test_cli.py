@@ -92,6 +92,18 @@ def test_demo_compare_reports_and_restores():
     assert base_again.tobytes() == base.tobytes()
 
 
+def test_demo_builds_both_tabs_with_their_inputs():
+    gr = pytest.importorskip("gradio")
+    spec = importlib.util.spec_from_file_location("diffaccel_demo", ROOT / "app" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    for video, prompts in ((None, 1), ((None, "micro-video", {}), 2)):
+        blocks = demo.build_demo(None, "micro-sd", video)
+        boxes = [b for b in blocks.blocks.values() if isinstance(b, gr.Textbox) and b.label == "prompt"]
+        assert len(boxes) == prompts
+        assert sum(isinstance(b, gr.Slider) and b.label == "steps" for b in blocks.blocks.values()) == prompts
+
+
 def test_quantized_cached_default_model_still_draws_the_prompt(tmp_path, capsys):
     out, stats_path = tmp_path / "int8.png", tmp_path / "stats.json"
     main(["generate", "a red circle", "--steps", "25", "--quantize", "int8", "--delta-cache", "0.05",

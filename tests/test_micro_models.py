@@ -98,6 +98,18 @@ def test_video_training_resumes_identically(tmp_path):
                                 "--vae", str(tmp_path / "vae"))
     _assert_resumes_identically(micro_video, tmp_path / "cached", "--stage", "dit", "--batch-size", "2",
                                 "--cache", "3", "--vae", str(tmp_path / "vae"))
+    # the resumed run read the clips its first part encoded (and still matched the straight run)
+    assert (tmp_path / "cached" / "resumed" / "latents.safetensors").is_file()
+
+
+def test_saved_latent_clips_are_reused_only_when_made_the_same_way(tmp_path):
+    clips = micro_video.LatentClips(torch.randn(3, 4, 2, 2, 2), ["a red circle moving left", "b", "c"])
+    path = tmp_path / "latents.safetensors"
+    clips.save(path, {"clips": 3, "vae": "x"})
+    loaded = micro_video.LatentClips.load(path, {"vae": "x", "clips": 3}, "cpu")
+    assert torch.equal(loaded.latents, clips.latents) and loaded.captions == clips.captions
+    assert micro_video.LatentClips.load(path, {"clips": 3, "vae": "y"}, "cpu") is None
+    assert micro_video.LatentClips.load(tmp_path / "missing.safetensors", {"clips": 3}, "cpu") is None
 
 
 def test_unclamped_decode_is_the_vaes_decode_before_its_clamp():

@@ -267,24 +267,66 @@ class ShortContext:
 
 class LatentClips:
     """Training clips encoded once by the frozen VAE (its latent mode, normalized as the pipeline
-    de-normalizes): step ``s`` reads items ``batch_indices(s) mod n``, so epochs repeat exactly."""
+    de-normalizes): step ``s`` reads items ``batch_indices(s) mod n``, so epochs repeat exactly.
 
-    def __init__(self, data, n: int, vae, mean: torch.Tensor, std: torch.Tensor, device: str,
-                 chunk: int = 64) -> None:
+    :meth:`save` / :meth:`load` keep them beside the checkpoint (``latents.safetensors``), keyed by
+    what produced them (clip count, data seed, a digest of the VAE folder): a resumed run skips
+    rendering and encoding, and a stale file (another VAE, seed or count) is encoded again.
+    """
+
+    def __init__(self, latents: torch.Tensor, captions: list[str]) -> None:
+        self.latents, self.captions, self.n = latents, captions, len(captions)
+
+    @classmethod
+    def encode(cls, data, n: int, vae, mean: torch.Tensor, std: torch.Tensor, device: str,
+               chunk: int = 64) -> LatentClips:
         from tqdm.auto import tqdm
 
-        latents, self.captions = [], []
+        latents, captions = [], []
         with torch.no_grad():
             for start in tqdm(range(0, n, chunk), desc="encoding clips", mininterval=5.0):
                 items = [data[i] for i in range(start, min(n, start + chunk))]
                 video = torch.stack([p for p, _ in items]).permute(0, 2, 1, 3, 4).to(device)
                 latents.append((vae.encode(video).latent_dist.mode() - mean) / std)
-                self.captions += [c for _, c in items]
-        self.latents, self.n = torch.cat(latents), n
+                captions += [c for _, c in items]
+        return cls(torch.cat(latents), captions)
+
+    def save(self, path: pathlib.Path, key: dict) -> None:
+        from safetensors.torch import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"latents": self.latents.cpu().contiguous()}, str(tmp),
+                  metadata={"key": json.dumps(key, sort_keys=True), "captions": json.dumps(self.captions)})
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: pathlib.Path, key: dict, device: str) -> LatentClips | None:
+        """The clips saved at ``path`` under ``key``; ``None`` when absent or made differently."""
+        from safetensors import safe_open
+
+        if not path.is_file():
+            return None
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+            if meta.get("key") != json.dumps(key, sort_keys=True):
+                return None
+            return cls(f.get_tensor("latents").to(device), json.loads(meta["captions"]))
 
     def batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, list[str]]:
         idx = [i % self.n for i in trainkit.batch_indices(step, batch_size)]
         return self.latents[torch.tensor(idx, device=self.latents.device)], [self.captions[i] for i in idx]
+
+
+def latent_cache_key(args) -> dict:
+    """What a saved :class:`LatentClips` must match: clip count, data seed, the VAE folder's bytes."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for file in sorted(pathlib.Path(args.vae).rglob("*")):
+        if file.is_file():
+            digest.update(file.name.encode() + file.read_bytes())
+    return {"clips": args.cache, "seed": args.seed, "frames": FRAMES, "size": SIZE, "vae": digest.hexdigest()}
 
 
 def train_dit(args) -> None:
@@ -297,7 +339,11 @@ def train_dit(args) -> None:
     from diffusers.training_utils import EMAModel
     from transformers import UMT5EncoderModel
 
-    data = _rendered(args, ShapeWorldClips("train", SIZE, FRAMES, length=trainkit.DATA_LENGTH, seed=args.seed))
+    latent_file, key = args.run_dir / "latents.safetensors", latent_cache_key(args) if args.cache else {}
+    saved = LatentClips.load(latent_file, key, args.device) if args.cache else None
+    data = ShapeWorldClips("train", SIZE, FRAMES, length=trainkit.DATA_LENGTH, seed=args.seed)
+    if saved is None:
+        data = _rendered(args, data)
     vae = AutoencoderKLWan.from_pretrained(args.vae, torch_dtype=torch.float32).to(args.device).eval()
     vae.requires_grad_(False)
     tokenizer = t5_tokenizer()
@@ -316,7 +362,11 @@ def train_dit(args) -> None:
     ema.to(args.device)
     mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(args.device)
     std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(args.device)
-    cache = LatentClips(data, args.cache, vae, mean, std, args.device) if isinstance(data, trainkit.Rendered) else None
+    cache = saved
+    if cache is None and isinstance(data, trainkit.Rendered):
+        cache = LatentClips.encode(data, args.cache, vae, mean, std, args.device)
+        cache.save(latent_file, key)
+    forward = torch.compile(transformer) if args.compile else transformer  # CPU: ~1.2x per step
     timer = trainkit.Timer(args.save_every)
     for step in (bar := trainkit.train_loop(args, start, "micro-video dit")):
         for group in optimizer.param_groups:  # linear warmup, then cosine decay to 10%
@@ -336,7 +386,7 @@ def train_dit(args) -> None:
         u = torch.rand(len(captions), generator=g)
         sigma = (SHIFT * u / (1 + (SHIFT - 1) * u)).to(args.device)
         s = sigma.view(-1, 1, 1, 1, 1)
-        pred = transformer((1 - s) * x0 + s * noise, timestep=sigma * 1000,
+        pred = forward((1 - s) * x0 + s * noise, timestep=sigma * 1000,
                            encoder_hidden_states=embeds, return_dict=False)[0]
         loss = F.mse_loss(pred, noise - x0)
         optimizer.zero_grad(set_to_none=True)
@@ -366,7 +416,7 @@ def train_dit(args) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = trainkit.parse_args("micro-video", argv, batch_size=8, steps=2000, lr=3e-4, stage="dit",
                                vae=str(trainkit.REPO / "runs/micro-video-vae/vae"), vae_frames=5, cache=0,
-                               warmup=200, eval_clips=64, ema_decay=0.999)
+                               warmup=200, eval_clips=64, ema_decay=0.999, compile=False)
     if args.vae_frames < 1 or (args.vae_frames - 1) % 4:
         raise ValueError(f"--vae-frames must be 1 + 4k (the causal VAE's chunking), got {args.vae_frames}")
     if args.stage not in ("vae", "dit"):

@@ -59,7 +59,10 @@ def parse_args(
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     for key, value in extra.items():
-        parser.add_argument("--" + key.replace("_", "-"), type=type(value), default=value)
+        if isinstance(value, bool):  # a switch: off unless given
+            parser.add_argument("--" + key.replace("_", "-"), action="store_true")
+        else:
+            parser.add_argument("--" + key.replace("_", "-"), type=type(value), default=value)
     args = parser.parse_args(argv)
     for field in ("steps", "batch_size"):
         if getattr(args, field) < (0 if field == "steps" else 1):
