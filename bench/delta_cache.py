@@ -32,9 +32,9 @@ import numpy as np
 import torch
 
 import diffaccel
+from benchkit import psnr, write_report
 from diffaccel.features.delta_cache import DeltaCacheConfig
 from diffaccel.testing import tiny_pipeline
-from benchkit import psnr, write_report
 
 PROMPT = "a red circle to the left of a blue square"
 

@@ -35,6 +35,7 @@ import time
 from typing import Any
 
 import torch
+
 from benchkit import write_report
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

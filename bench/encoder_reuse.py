@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 import diffaccel
-from diffaccel import EncoderReuseConfig
 from benchkit import psnr, write_report
+from diffaccel import EncoderReuseConfig
 
 PROMPTS = ["a red circle to the left of a blue square", "two green triangles", "a yellow square above a purple circle"]
 
@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     call_stats: dict[str, dict[str, Any]] = {}
 
     cases = [(PROMPTS[i % len(PROMPTS)], seed) for i, seed in enumerate(args.seeds)]
-    print(f"weights: {weights}; {args.steps} DDIM steps; device {args.device}; {len(cases)} seeds x {args.rounds} rounds", file=sys.stderr)
+    print(f"weights: {weights}; {args.steps} DDIM steps; device {args.device}; {len(cases)} seeds x {args.rounds} rounds",
+          file=sys.stderr)
     for name, (setup, teardown) in variants.items():  # warm-up, and the images for PSNR
         setup()
         for prompt, seed in cases:
@@ -171,7 +172,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = {
         "sequential_cost_model": fit_step_costs(results, args.steps),
         "benchmark": "encoder_reuse",
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "device": torch.cuda.get_device_name() if args.device == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
         "weights": weights,
         "steps": args.steps,
         "seeds": args.seeds,
@@ -181,7 +183,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     print(f"\n{'variant':28s} {'median s':>9s} {'speedup':>8s} {'PSNR dB':>8s}")
     for name, row in results.items():
-        print(f"{name:28s} {row['median_seconds']:9.3f} {row['speedup_vs_baseline']:7.2f}x {row['psnr_vs_baseline_db'] or float('inf'):8.2f}")
+        psnr = row["psnr_vs_baseline_db"] or float("inf")
+        print(f"{name:28s} {row['median_seconds']:9.3f} {row['speedup_vs_baseline']:7.2f}x {psnr:8.2f}")
     if report["sequential_cost_model"]:
         share = report["sequential_cost_model"]["decoder_share"]
         print(f"decoder share of a full UNet step (fitted): {share:.2f}")

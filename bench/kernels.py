@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
 from diffaccel.kernels.int8_gemm import int8_linear
 from diffaccel.kernels.int8_quant import int8_quantize_per_channel
 from diffaccel.kernels.nvfp4 import nvfp4_quantize

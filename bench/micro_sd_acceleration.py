@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+
 from benchkit import psnr, write_report
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

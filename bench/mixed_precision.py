@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+
 from benchkit import psnr, write_report
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -51,7 +51,8 @@ def tiny_clip_folder() -> str:
 
     text = {"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
                 "max_position_embeddings": 77, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407}
-    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 32, "patch_size": 8}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "image_size": 32, "patch_size": 8}
     torch.manual_seed(0)
     folder = tempfile.mkdtemp(prefix="diffaccel-tiny-clip-")
     CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(folder)
@@ -117,7 +118,8 @@ class Bench:
                 begin = time.perf_counter()
                 if method == "fk":
                     k = nfe // self.steps
-                    config = FKSteeringConfig(num_particles=k, potential="max", lmbda=10.0, resample_every=max(1, self.steps // 5),
+                    config = FKSteeringConfig(num_particles=k, potential="max", lmbda=10.0,
+                                              resample_every=max(1, self.steps // 5),
                                               resample_end=self.steps - 2, seed=seed, final_correction=k > 1)
                     out = steer(pipe, config, reward)(prompt, **self._kwargs(seed))
                     best = out.images[out.best_indices[0]]
@@ -168,7 +170,8 @@ def accelerated_vs_plain(bench: Bench, steer_name: str, k: int) -> dict[str, Any
         equal_time = bench.run("fk", afford * bench.steps, steer_name, pipe) if afford > k else fast
     finally:
         diffaccel.restore(pipe)
-    return {"feature": type(feature).__name__, "plain": plain, "accelerated_same_k": fast, "accelerated_equal_time": {**equal_time, "k": afford},
+    return {"feature": type(feature).__name__, "plain": plain, "accelerated_same_k": fast,
+            "accelerated_equal_time": {**equal_time, "k": afford},
             "speedup_same_k": plain["seconds"] / max(fast["seconds"], 1e-9)}
 
 
@@ -194,7 +197,8 @@ def plot(curve_sets: dict[str, dict[str, list[dict[str, float]]]], path: str) ->
         x1 = x1 if x1 > x0 else x0 + 1
 
         def at(x: float, y: float, left=left, x0=x0, x1=x1, y0=y0, y1=y1) -> tuple[float, float]:
-            return (left + pad + (x - x0) / (x1 - x0) * (width - 2 * pad), height - pad - (y - y0) / (y1 - y0) * (height - 2 * pad))
+            return (left + pad + (x - x0) / (x1 - x0) * (width - 2 * pad),
+                    height - pad - (y - y0) / (y1 - y0) * (height - 2 * pad))
 
         draw.rectangle([left + pad, pad, left + width - pad, height - pad], outline=(0, 0, 0))
         draw.text((left + pad, 8), title, fill=(0, 0, 0))
@@ -241,7 +245,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     setups = [("image", args.image_model, "sd", "relation")] if args.image_model is not None or args.quick else []
     if args.video_model is not None or args.quick:
         setups.append(("video", args.video_model, "ltx", "motion"))
-    results: dict[str, Any] = {"args": vars(args), "note": "quick: tiny RANDOM pipelines, numbers meaningless" if args.quick else ""}
+    note = "quick: tiny RANDOM pipelines, numbers meaningless" if args.quick else ""
+    results: dict[str, Any] = {"args": vars(args), "note": note}
     curve_sets: dict[str, Any] = {}
     for label, path, tiny, kind in setups:
         pipe, call = load(path, tiny, args.device)
@@ -251,7 +256,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for steer_name in ("shapeworld", "clip"):
             check = "clip" if steer_name == "shapeworld" else "shapeworld"
             print(f"[{label}] steering on {steer_name}, checking with {check}", flush=True)
-            entry[f"steer={steer_name}"] = {"scaling": scaling(bench, steer_name, ks), "curves": curves(bench, steer_name, multiples)}
+            entry[f"steer={steer_name}"] = {"scaling": scaling(bench, steer_name, ks),
+                                            "curves": curves(bench, steer_name, multiples)}
             curve_sets[f"{label} / {steer_name}"] = entry[f"steer={steer_name}"]["curves"]
         entry["accelerated_vs_plain"] = accelerated_vs_plain(bench, "shapeworld", ks[-1])
         results[label] = entry
@@ -266,7 +272,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for steer_name in ("shapeworld", "clip"):
             print(f"\n[{label}] steered on {steer_name} (means over prompts x seeds)")
             for name, row in results[label][f"steer={steer_name}"]["scaling"].items():
-                print(f"  {name:12s} nfe {row['nfe']:4d}  " + "  ".join(f"{k} {v:.3f}" for k, v in row.items() if k not in ("nfe",)))
+                values = "  ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "nfe")
+                print(f"  {name:12s} nfe {row['nfe']:4d}  " + values)
         if "accelerated_vs_plain" in results[label]:
             acc = results[label]["accelerated_vs_plain"]
             print(f"  accelerated FK ({acc['feature']}): {acc['speedup_same_k']:.2f}x per call; equal wall time affords "

@@ -224,7 +224,8 @@ def accelerate(pipe: Any, *configs: FeatureConfig) -> Any:
         >>> from diffaccel.testing import tiny_pipeline
         >>> pipe = diffaccel.accelerate(tiny_pipeline("sd"), diffaccel.EncoderReuseConfig())
         >>> pipe.acceleration
-        (EncoderReuseConfig(schedule=FasterDiffusionSchedule(), parallel=None, max_parallel_steps=None, noise_injection=0.0, noise_injection_below=0.5),)
+        (EncoderReuseConfig(schedule=FasterDiffusionSchedule(), parallel=None, max_parallel_steps=None,
+                            noise_injection=0.0, noise_injection_below=0.5),)
     """
     order = list(FEATURE_CONFIGS)
     configs = tuple(sorted(_as_configs(list(configs)),

@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="generate an image from a prompt")
     gen.add_argument("prompt")
-    gen.add_argument("--model", default=DEFAULT_MODEL, help=f"local folder, hub id, {DEFAULT_MODEL} (the default, bundled) or {RANDOM_MODEL}")
+    gen.add_argument("--model", default=DEFAULT_MODEL,
+                     help=f"local folder, hub id, {DEFAULT_MODEL} (the default, bundled) or {RANDOM_MODEL}")
     gen.add_argument("--out", required=True, help="output image file (.png, .jpg, .webp)")
     gen.add_argument("--steps", type=_positive_int, default=50)
     gen.add_argument("--seed", type=int, default=0)
@@ -71,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SCHEDULE",
         help="key-step schedule: faster-diffusion, uniform:N, all, or a list like 0,1,5,10 (default: off)",
     )
-    gen.add_argument("--parallel", action=argparse.BooleanOptionalAction, default=None, help="batched decoding (default: on CUDA)")
+    gen.add_argument("--parallel", action=argparse.BooleanOptionalAction, default=None,
+                     help="batched decoding (default: on CUDA)")
     gen.add_argument("--max-parallel-steps", type=_positive_int, default=None, help="cap on steps per batched decoder call")
     gen.add_argument("--noise-injection", type=float, default=0.0, help="prior noise injection coefficient (paper: 0.003)")
     gen.add_argument(

@@ -16,7 +16,10 @@ PROMPT = "a red circle to the left of a blue square"
 
 def run(pipe, name="sd", seed=0, **kwargs):
     """One call with a fixed generator; returns the output array."""
-    inputs = tiny_call_inputs(name, seed=seed) if name in ("sd-controlnet", "sd-img2img", "sd-inpaint") else dict(TINY_CALL_KWARGS.get(name, {}))
+    if name in ("sd-controlnet", "sd-img2img", "sd-inpaint"):
+        inputs = tiny_call_inputs(name, seed=seed)
+    else:
+        inputs = dict(TINY_CALL_KWARGS.get(name, {}))
     inputs.update(kwargs)
     inputs.setdefault("num_inference_steps", STEPS)
     return pipe(PROMPT, generator=torch.Generator().manual_seed(seed), output_type="np", **inputs).images
@@ -154,7 +157,9 @@ def test_guidance_and_batches(guidance_scale, batch):
     if batch.get("num_images_per_prompt"):
         kwargs["num_images_per_prompt"] = 2
     prompt = [PROMPT, "two green triangles"] if batch.get("prompt_batch") else PROMPT
-    call = lambda: pipe(prompt, generator=torch.Generator().manual_seed(0), output_type="np", num_inference_steps=STEPS, **kwargs).images
+    def call():
+        return pipe(prompt, generator=torch.Generator().manual_seed(0), output_type="np", num_inference_steps=STEPS,
+                    **kwargs).images
     baseline = call()
     diffaccel.accelerate(pipe, EncoderReuseConfig("all", parallel=True))
     assert np.array_equal(call(), baseline)
@@ -389,7 +394,8 @@ def test_sdxl_denoising_end_locates_its_loop():
     pipe = tiny_pipeline("sdxl")
     diffaccel.accelerate(pipe, EncoderReuseConfig("uniform:2", parallel=False))
     kwargs = dict(TINY_CALL_KWARGS["sdxl"], num_inference_steps=STEPS, denoising_end=0.5)
-    call = lambda: pipe(PROMPT, generator=torch.Generator().manual_seed(0), output_type="latent", **kwargs).images
+    def call():
+        return pipe(PROMPT, generator=torch.Generator().manual_seed(0), output_type="latent", **kwargs).images
     sequential = call()
     assert reuse_stats(pipe).num_steps == STEPS // 2
     diffaccel.accelerate(pipe, EncoderReuseConfig("uniform:2", parallel=True))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from diffaccel.kernels import quantized_attention as qa
 from diffaccel.kernels.quantized_attention import K_BLOCK, Q_BLOCK, quantized_sdpa
 

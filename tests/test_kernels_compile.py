@@ -12,9 +12,10 @@ import re
 
 import pytest
 import triton
-from diffaccel.kernels import int8_gemm, nvfp4, nvfp4_gemm, quantized_attention
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+
+from diffaccel.kernels import int8_gemm, nvfp4, nvfp4_gemm, quantized_attention
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 pytestmark = pytest.mark.skipif(

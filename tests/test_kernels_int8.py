@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from diffaccel.kernels.int8_gemm import int8_linear
 from diffaccel.kernels.int8_quant import int8_quantize_per_channel, int8_quantize_per_token
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
 from diffaccel.kernels.nvfp4 import E2M1_VALUES, NVFP4Tensor, nvfp4_dequantize, nvfp4_quantize
 from diffaccel.kernels.nvfp4_gemm import nvfp4_linear
-from safetensors.torch import load_file, save_file
 
 NO_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 

@@ -19,7 +19,6 @@ import micro_clip
 import micro_sd
 import micro_vae
 import micro_video
-
 from diffaccel import micro_models
 
 

@@ -117,4 +117,5 @@ def test_rollover_budget_forcing_look_ahead_matches_the_next_step(name):
 def test_rollover_budget_forcing_needs_the_sde_scheduler():
     pipe = tiny_pipeline("flux")
     with pytest.raises(diffaccel.UnsupportedPipelineError, match="FlowMatchSDEScheduler"):
-        diffaccel.search(pipe, PROMPT, NoiseSearchConfig("rbf", budget_nfe=8), BRIGHT, num_inference_steps=2, **TINY_CALL_KWARGS["flux"])
+        diffaccel.search(pipe, PROMPT, NoiseSearchConfig("rbf", budget_nfe=8), BRIGHT, num_inference_steps=2,
+                         **TINY_CALL_KWARGS["flux"])

@@ -24,7 +24,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import trainkit
-
 from diffaccel.shapeworld import COLORS, RELATIONS, SHAPES, Scene, ShapeWorldImages
 from diffaccel.shapeworld.scenes import NUMBERS
 from diffaccel.tokenizers import clip_tokenizer

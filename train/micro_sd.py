@@ -24,7 +24,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import trainkit
-
 from diffaccel.shapeworld import ShapeWorldImages
 from diffaccel.testing.components import SD_SCHEDULER_CONFIG
 from diffaccel.tokenizers import clip_tokenizer

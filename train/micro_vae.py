@@ -21,7 +21,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import trainkit
-
 from diffaccel.shapeworld import ShapeWorldImages
 
 IMAGE_SIZE = 64

@@ -47,7 +47,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import trainkit
-
 from diffaccel.shapeworld import ShapeWorldClips, ShapeWorldImages
 from diffaccel.tokenizers import t5_tokenizer
 

@@ -45,7 +45,8 @@ steering resamples; FK steering's ``max_batch`` chunking (one denoiser call per 
 
 Built on diffusers hooks: one ``ModelHook`` per transformer block, one on each denoiser
 (``transformer``, and ``transformer_2`` where a pipeline has one; or ``unet``, whose blocks are the
-``BasicTransformerBlock`` lists inside its attentions) that picks the branch state and the step. Hooks sit on whole blocks, so they compose with module swaps inside them (quantized
+``BasicTransformerBlock`` lists inside its attentions) that picks the branch state and the step.
+Hooks sit on whole blocks, so they compose with module swaps inside them (quantized
 Linear layers, quantized attention processors). State is reset per pipeline call. Memory: one
 input and one residual (two for dual-stream blocks) per block and branch. Each prediction reads
 a scalar back from the device (a sync per block and step).

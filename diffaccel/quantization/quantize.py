@@ -135,7 +135,8 @@ def record_plan(model: nn.Module, config: QuantizationConfig) -> None:
 def quantize_(model: M, config: QuantizationConfig | None = None) -> M:
     """Quantize ``model``'s in-scope Linear layers per ``config`` (default ``QuantizationConfig()``), in place.
 
-    Shows a progress bar on terminals. Returns ``model``. Raises :class:`~diffaccel.errors.UnsupportedPipelineError` for models not in
+    Shows a progress bar on terminals. Returns ``model``. Raises
+    :class:`~diffaccel.errors.UnsupportedPipelineError` for models not in
     :data:`SUPPORTED_MODELS` and ``ValueError`` for a model that is already quantized.
 
     Example:

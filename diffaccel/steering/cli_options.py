@@ -114,7 +114,8 @@ def run_steering(args: argparse.Namespace, pipe: Any, call: dict[str, Any]) -> t
         print(f"rewards ({reward.name}): {[round(float(r), 4) for r in out.rewards]}, best particle {best}")
         if out.stats.nan_scores:
             print(f"NaN rewards (counted as the worst): {out.stats.nan_scores}")
-        return out.images[best], {"method": "fk", "config": config.to_dict(), **out.stats.to_dict(), "rewards": out.rewards.tolist()}
+        return out.images[best], {"method": "fk", "config": config.to_dict(), **out.stats.to_dict(),
+                                  "rewards": out.rewards.tolist()}
     config = NoiseSearchConfig(args.search, budget_nfe=args.budget or 4 * args.steps)
     out = search(pipe, args.prompt, config, reward, **call)
     print(f"{args.search} search: {len(out.trace)} candidates scored, NFE {out.nfe}/{config.budget_nfe}")

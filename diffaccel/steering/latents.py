@@ -118,7 +118,8 @@ def decode_latents(pipe: Any, latents: torch.Tensor, sizes: Mapping[str, Any]) -
         height, width = _size(pipe, sizes)
         latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
     if is_video_pipeline(pipe):
-        raise UnsupportedPipelineError(f"decoding intermediate latents of {name} is not supported (supported: Wan, CogVideoX, LTX)")
+        raise UnsupportedPipelineError(
+            f"decoding intermediate latents of {name} is not supported (supported: Wan, CogVideoX, LTX)")
     config = vae.config
     if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
         channels = latents.shape[1]
