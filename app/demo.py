@@ -3,7 +3,7 @@ INT8 weights), and text-to-video with and without the temporal delta cache, side
 
     pip install -e ".[app]"
     python app/demo.py [--model PATH] [--video-model PATH]
-    # defaults: the bundled micro-SD, and micro-video once it is trained (else a tiny random Wan)
+    # defaults: the bundled micro-SD and micro-video
 
 The generation itself is :func:`compare` and :func:`compare_video`, usable without Gradio.
 """

@@ -140,6 +140,21 @@ def test_generate_video_writes_a_gif_with_the_features(tmp_path, capsys):
     assert "motion" in stats["verifier"]["criteria"] and "verifier: score" in printed
 
 
+def test_default_generate_video_draws_the_prompt_with_micro_video(tmp_path, capsys):
+    from diffaccel.micro_models import models_dir
+
+    if not (models_dir() / "micro-video" / "model_index.json").is_file():
+        pytest.skip("micro-video has not been exported to assets/models yet")
+    out, stats_path = tmp_path / "clip.gif", tmp_path / "stats.json"
+    main(["generate-video", "a yellow square moving left", "--steps", "20", "--out", str(out),
+          "--stats-json", str(stats_path)])
+    gif = Image.open(out)
+    assert gif.n_frames == 9 and gif.size == (64, 64)
+    criteria = json.loads(stats_path.read_text())["verifier"]["criteria"]
+    assert criteria["object_0_color"] and criteria["object_0_shape"]  # random weights draw no object
+    assert "verifier: score" in capsys.readouterr().out
+
+
 def test_generate_video_refuses_bad_input_before_model_work(tmp_path):
     from diffaccel.micro_models import models_dir
 

@@ -6,7 +6,7 @@
 # Prepare here (the machine has torch/transformers, not diffusers): `echo /.whl/ >> .git/info/exclude`,
 # then download diffusers==0.42.1 and importlib_metadata into .whl/ as the device README shows.
 # Carry: .whl. Usage there: bash train/micro_video_gpu.sh   (about 9 minutes with the defaults)
-# VAE_FROM=assets/models/micro-video-vae skips both VAE stages and trains the DiT on that VAE.
+# VAE_FROM=assets/models/micro-video/vae (the bundled model's VAE) skips both VAE stages and trains the DiT on that VAE.
 # Check it here on CPU in a minute: DEVICE=cpu CONFIG=tiny STILL_STEPS=2 CLIP_STEPS=4 DIT_STEPS=2 \
 #   CACHE=8 EVAL_PROMPTS=2 OUT=/tmp/mv bash train/micro_video_gpu.sh
 set -o pipefail
