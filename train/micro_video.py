@@ -30,10 +30,12 @@ Two stages, each resumable:
     python train/micro_video.py --stage vae --steps 3300 --lr 1e-3 --resume --export runs/micro-video-vae/vae
     python train/micro_video.py --stage dit --steps 1500 --batch-size 32 --lr 8e-4 --warmup 100 --cache 4000
     python train/micro_video.py --stage dit --steps 9000 --batch-size 32 --lr 8e-4 --warmup 100 --cache 4000 \
+        --resume --compile
+    python train/micro_video.py --stage dit --steps 12000 --batch-size 32 --lr 8e-4 --warmup 100 --cache 4000 \
         --resume --compile --export assets/models/micro-video
 
-(the bundled micro-video: ~1 h 40 min on the 2-core CPU in all; its card has the scores). The
-second DiT run is a warm restart of the cosine schedule; ``--compile`` (``torch.compile`` of the
+(the bundled micro-video: ~2 h 10 min on the 2-core CPU in all; its card has the scores). The
+later DiT runs are warm restarts of the cosine schedule; ``--compile`` (``torch.compile`` of the
 transformer) saves ~20% per step on CPU; the encoded clips are kept beside the checkpoint, so a
 resumed run starts at once.
 
