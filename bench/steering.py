@@ -142,10 +142,11 @@ def scaling(bench: Bench, steer_name: str, ks: list[int]) -> dict[str, Any]:
     return table
 
 
-def curves(bench: Bench, steer_name: str, multiples: list[int]) -> dict[str, list[dict[str, float]]]:
-    """Reward against NFE for each method."""
+def curves(bench: Bench, steer_name: str, multiples: list[int], methods: tuple[str, ...] = METHODS
+           ) -> dict[str, list[dict[str, float]]]:
+    """Reward against NFE for each of ``methods``."""
     result: dict[str, list[dict[str, float]]] = {}
-    for method in METHODS:
+    for method in methods:
         if method == "rbf" and type(bench.pipe.scheduler).__name__ != "FlowMatchSDEScheduler":
             continue  # Rollover Budget Forcing is for flow models
         points = []
@@ -226,6 +227,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--ks", default="4,8", help="FK particle counts compared with k = 1 and best-of-N")
     parser.add_argument("--multiples", default="1,2,4,8,16", help="NFE budgets of the curves, in multiples of --steps")
+    parser.add_argument("--methods", default=",".join(METHODS), help="methods of the reward-vs-NFE curves")
+    parser.add_argument("--steer", default="shapeworld,clip",
+                        help="steering rewards (each run is checked with the other reward)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tag", default=None, help="results file tag (default: quick, or the device)")
     args = parser.parse_args(argv)
@@ -234,6 +238,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.quick:
         args.prompts, args.seeds, args.steps = 1, 1, 4
     ks, multiples = ([int(v) for v in text.split(",")] for text in (args.ks, args.multiples))
+    methods, steer_names = tuple(args.methods.split(",")), args.steer.split(",")
+    if unknown := [m for m in methods if m not in METHODS] + [r for r in steer_names if r not in ("shapeworld", "clip")]:
+        parser.error(f"unknown --methods / --steer values {unknown}: methods are {METHODS}, rewards shapeworld, clip")
     if args.quick:
         ks, multiples = [2, 4], [1, 2, 4]
     if args.clip is None and not args.quick:
@@ -253,11 +260,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         prompts = eval_prompts(kind, args.prompts, seed=0, split="heldout")
         bench = Bench(pipe, call, prompts, list(range(args.seeds)), args.steps, rewards)
         entry: dict[str, Any] = {"prompts": prompts}
-        for steer_name in ("shapeworld", "clip"):
+        for steer_name in steer_names:
             check = "clip" if steer_name == "shapeworld" else "shapeworld"
             print(f"[{label}] steering on {steer_name}, checking with {check}", flush=True)
             entry[f"steer={steer_name}"] = {"scaling": scaling(bench, steer_name, ks),
-                                            "curves": curves(bench, steer_name, multiples)}
+                                            "curves": curves(bench, steer_name, multiples, methods)}
             curve_sets[f"{label} / {steer_name}"] = entry[f"steer={steer_name}"]["curves"]
         entry["accelerated_vs_plain"] = accelerated_vs_plain(bench, "shapeworld", ks[-1])
         results[label] = entry
@@ -269,7 +276,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         json.dump(results, handle, indent=2)
     plot(curve_sets, os.path.join(out_dir, f"steering_{tag}_curves.png"))
     for label, _, _, _ in setups:
-        for steer_name in ("shapeworld", "clip"):
+        for steer_name in steer_names:
             print(f"\n[{label}] steered on {steer_name} (means over prompts x seeds)")
             for name, row in results[label][f"steer={steer_name}"]["scaling"].items():
                 values = "  ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "nfe")
