@@ -20,7 +20,7 @@ It also sizes full-size Wan 2.1 (1.3B, 14B) and FLUX.1-dev weights under each fo
 ``planned_memory`` on meta-device models (no weights are loaded or downloaded).
 
 CPU timings are not reported: on the CPU the kernels' reference path dequantizes weights at
-every call, so only memory and quality are meaningful here; speed is ``bench/kernels.py``'s job.
+every call, so only memory and quality are meaningful here; speed is ``bench/kernel_speed.py``'s job.
 """
 
 from __future__ import annotations

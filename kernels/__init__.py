@@ -5,6 +5,8 @@ CUDA tensors (or anywhere under ``TRITON_INTERPRET=1``) and the reference elsewh
 
 * :mod:`~diffaccel.kernels.nvfp4`: NVFP4 quantize / dequantize, :class:`NVFP4Tensor`.
 * :mod:`~diffaccel.kernels.nvfp4_gemm`: ``y = x @ W^T + b`` with NVFP4 weights (W4A16).
+* :mod:`~diffaccel.kernels.nvfp4_w4a4_gemm`: the same with NVFP4 activations too (W4A4), on
+  Blackwell's FP4 tensor cores (``native_fp4_supported``).
 * :mod:`~diffaccel.kernels.int8_quant`: INT8 per-channel weights, per-token activations.
 * :mod:`~diffaccel.kernels.int8_gemm`: ``y = x @ W^T + b`` in W8A8 with INT32 accumulation.
 * :mod:`~diffaccel.kernels.quantized_attention`: ``quantized_sdpa``, SageAttention-style.
@@ -14,6 +16,7 @@ from .int8_gemm import int8_linear
 from .int8_quant import int8_quantize_per_channel, int8_quantize_per_token
 from .nvfp4 import NVFP4Tensor, nvfp4_dequantize, nvfp4_quantize
 from .nvfp4_gemm import nvfp4_linear
+from .nvfp4_w4a4_gemm import native_fp4_supported, nvfp4_w4a4_linear
 from .quantized_attention import quantized_sdpa
 
 __all__ = [
@@ -21,8 +24,10 @@ __all__ = [
     "int8_linear",
     "int8_quantize_per_channel",
     "int8_quantize_per_token",
+    "native_fp4_supported",
     "nvfp4_dequantize",
     "nvfp4_linear",
     "nvfp4_quantize",
+    "nvfp4_w4a4_linear",
     "quantized_sdpa",
 ]

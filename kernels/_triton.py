@@ -85,6 +85,34 @@ def _jit_helpers_interpreted() -> Iterator[None]:
         JITFunction.__call__ = original
 
 
+@contextlib.contextmanager
+def interpreted_e4m3_scales() -> Iterator[None]:
+    """While interpreting, decode ``tl.dot_scaled``'s scales as E4M3 (NVFP4) instead of E8M0.
+
+    Triton 3.8's interpreter reads every ``dot_scaled`` scale as E8M0 (MXFP), whatever the scale
+    pointer's type; compiled kernels read ``float8e4nv`` scales as UE4M3. Kernels whose scales are
+    all E4M3 launch inside this scope so that CPU runs compute what the GPU computes. A no-op
+    when the interpreter is off.
+    """
+    if not interpreting():
+        yield
+        return
+    import numpy as np
+    from triton.runtime import interpreter
+
+    original = interpreter._e8m0_to_f32
+
+    def e4m3_to_f32(scale: np.ndarray) -> np.ndarray:
+        bits = torch.from_numpy(np.ascontiguousarray(scale.astype(np.uint8)))
+        return bits.view(torch.float8_e4m3fn).float().numpy()
+
+    interpreter._e8m0_to_f32 = e4m3_to_f32
+    try:
+        yield
+    finally:
+        interpreter._e8m0_to_f32 = original
+
+
 @functools.cache
 def _interpreted(fn: Callable[..., Any]) -> Any:
     return InterpretedFunction(fn)

@@ -8,9 +8,8 @@ epilogue. Hopper has no FP4 tensor cores: the gain is memory (3.56x smaller than
 K is padded to 16 by :func:`~diffaccel.kernels.nvfp4.nvfp4_quantize` and ``x`` may have the
 logical (unpadded) K; any input strides.
 
-Not implemented: Blackwell's native block-scaled FP4 MMA. Triton 3.8's ``tl.dot_scaled`` takes
-E8M0 scales over blocks of 32 (MXFP4), not NVFP4's E4M3 scales over blocks of 16, so it cannot
-consume this format as is.
+Blackwell's native block-scaled FP4 MMA (both operands NVFP4) is
+:mod:`~diffaccel.kernels.nvfp4_w4a4_gemm`.
 
 Example:
     >>> import torch

@@ -1,4 +1,5 @@
-"""The Triton kernels compile for Hopper (sm_90) without a GPU, onto INT8 / FP16 tensor cores.
+"""The Triton kernels compile without a GPU: for Hopper (sm_90) onto INT8 / FP16 tensor cores, the
+native NVFP4 GEMM for Blackwell (sm_100, sm_120) onto the block-scaled FP4 MMA.
 
 CPU tests run the kernels through Triton's interpreter, which does not see GPU-only compile
 errors (e.g. Python lists inside a kernel) or which instructions a dot becomes; compiling
@@ -15,7 +16,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from diffaccel.kernels import int8_gemm, nvfp4, nvfp4_gemm, quantized_attention
+from diffaccel.kernels import int8_gemm, nvfp4, nvfp4_gemm, nvfp4_w4a4_gemm, quantized_attention
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 pytestmark = pytest.mark.skipif(
@@ -29,11 +30,12 @@ def private_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
 
 
-def _ptx(kernel, signature: dict[str, str], constants: dict, **options) -> str:
+def _ptx(kernel, signature: dict[str, str], constants: dict, capability: int = 90, **options) -> str:
     source = ASTSource(
         triton.jit(kernel.fn), {**signature, **{k: "constexpr" for k in constants}}, constants
     )
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+    target = GPUTarget("cuda", capability, 32)
+    return triton.compile(source, target=target, options=options).asm["ptx"]
 
 
 def _ints(names: str) -> dict[str, str]:
@@ -132,3 +134,35 @@ def test_nvfp4_kernels_compile():
         num_stages=cfg["num_stages"],
     )
     assert re.search(r"mma\S*\.bf16\.bf16", ptx)
+
+
+@pytest.mark.parametrize(
+    "capability,mma",
+    [
+        (100, r"tcgen05\.mma\S*\.kind::mxf4nvf4\.block_scale\.block16"),
+        (120, r"mma\.sync\S*\.kind::mxf4nvf4\.block_scale\.scale_vec::4X\.f32\.e2m1\.e2m1\.f32\.ue4m3"),
+    ],
+)
+def test_native_nvfp4_gemm_uses_block_scaled_fp4_tensor_cores(capability, mma):
+    """E2M1 operands with an E4M3 scale per 16 elements: NVFP4 itself, not MXFP4 (E8M0 per 32)."""
+    sig = {
+        "a_ptr": "*u8",
+        "sa_ptr": "*fp8e4nv",
+        "b_ptr": "*u8",
+        "sb_ptr": "*fp8e4nv",
+        "tsa_ptr": "*fp32",
+        "tsb_ptr": "*fp32",
+        "bias_ptr": "*bf16",
+        "c_ptr": "*bf16",
+        **_ints("M N KP stride_am stride_sam stride_bn stride_sbn stride_cm stride_cn"),
+    }
+    cfg = nvfp4_w4a4_gemm._config(4096)
+    ptx = _ptx(
+        nvfp4_w4a4_gemm._w4a4_kernel,
+        sig,
+        {"HAS_BIAS": True, "GROUP_M": 8, **{k: v for k, v in cfg.items() if k.startswith("BLOCK")}},
+        capability=capability,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
+    assert re.search(mma, ptx)

@@ -1,13 +1,14 @@
 """Benchmark: diffaccel's Triton kernels against cuBLAS bf16 and the fastest SDPA backend.
 
 Side by side in one run, per shape: the W8A8 GEMM (quantization of the activations included),
-the NVFP4-weight GEMM (W4A16) and ``torch.matmul`` in bf16; quantized attention and every SDPA
+the NVFP4-weight GEMM (W4A16), on GPUs with FP4 tensor cores (Blackwell) also the native NVFP4
+GEMM (W4A4, activations quantized in the call), and ``torch.matmul`` in bf16; quantized attention and every SDPA
 backend that runs on the GPU (flash, memory-efficient, cuDNN; the fastest is the baseline).
 Times are medians of ``triton.testing.do_bench``; throughput counts ``2*M*N*K`` (GEMM) and
 ``4*B*H*Sq*Skv*D`` (attention) operations. Results go to ``bench/results/kernels_<device>.json``.
 
-    python bench/kernels.py             # a CUDA GPU: the full shape list (FLUX, Wan 1.3B, SD1.5, M = 1..16)
-    python bench/kernels.py --quick     # smoke test, CPU too: tiny shapes, reference paths off-GPU
+    python bench/kernel_speed.py             # a CUDA GPU: the full shape list (FLUX, Wan 1.3B, SD1.5, M = 1..16)
+    python bench/kernel_speed.py --quick     # smoke test, CPU too: tiny shapes, reference paths off-GPU
 
 Shapes: FLUX.1 (4096 image + 512 text tokens, hidden 3072, 24 heads x 128), Wan 2.1 1.3B at
 480p x 81 frames (32760 tokens, hidden 1536, 12 heads x 128), SD1.5 at 512x512 (4096 / 1024 /
@@ -35,6 +36,7 @@ from diffaccel.kernels.int8_gemm import int8_linear
 from diffaccel.kernels.int8_quant import int8_quantize_per_channel
 from diffaccel.kernels.nvfp4 import nvfp4_quantize
 from diffaccel.kernels.nvfp4_gemm import nvfp4_linear
+from diffaccel.kernels.nvfp4_w4a4_gemm import native_fp4_supported, nvfp4_w4a4_linear
 from diffaccel.kernels.quantized_attention import quantized_sdpa
 
 # (label, M, K, N): y = x (M, K) @ W^T (N, K)
@@ -126,11 +128,14 @@ def bench_gemm(label: str, m: int, k: int, n: int, device: str, reps: int) -> di
         "tops": {},
         "rel_err": {},
     }
-    for name, fn in (
+    candidates = [
         ("bf16 matmul", lambda: torch.matmul(x, w.T)),
         ("w8a8", lambda: int8_linear(x, qw, w_scale)),
         ("w4a16 nvfp4", lambda: nvfp4_linear(x, w4)),
-    ):
+    ]
+    if cuda and native_fp4_supported():  # Blackwell: FP4 tensor cores (activations quantized too)
+        candidates.append(("w4a4 nvfp4 native", lambda: nvfp4_w4a4_linear(x, w4)))
+    for name, fn in candidates:
         out = fn()
         row["rel_err"][name] = float((out.float() - exact).norm() / exact.norm())
         row["ms"][name] = median_ms(fn, cuda, reps)
@@ -216,6 +221,10 @@ def summary(gemms: list[dict[str, Any]], attentions: list[dict[str, Any]]) -> di
         "attention vs fastest SDPA at >= 8k tokens": med(
             [r["speedup_vs_fastest_sdpa"] for r in long]
         ),
+        # no target in the issue; measured only where the GPU has FP4 tensor cores
+        "w4a4 native vs bf16 at M >= 4096": med(
+            [r["speedup"]["w4a4 nvfp4 native"] for r in big if "w4a4 nvfp4 native" in r["speedup"]]
+        ),
     }
 
 
@@ -257,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{r['label']:<28}{t['bf16 matmul']:>12.3g}{t['w8a8']:>11.3g}{s['w8a8']:>6.2f}x"
             f"{t['w4a16 nvfp4']:>14.3g}{s['w4a16 nvfp4']:>6.2f}x{e['w8a8']:>8.4f}{e['w4a16 nvfp4']:>8.4f}"
+            + (f"  W4A4 native {t['w4a4 nvfp4 native']:.3g} TFLOPS {s['w4a4 nvfp4 native']:.2f}x"
+               f" err {e['w4a4 nvfp4 native']:.4f}" if "w4a4 nvfp4 native" in t else "")
         )
     attentions = []
     print(
@@ -275,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     for key, want in TARGETS.items():
         got = measured[key]
         print(f"{key:<47}{want:<14}{'-' if got is None else f'{got:.2f}x'}")
+    native = measured["w4a4 native vs bf16 at M >= 4096"]
+    if native is not None:
+        print(f"{'w4a4 native vs bf16 at M >= 4096':<47}{'(no target)':<14}{native:.2f}x")
 
     device = (
         "cpu"
