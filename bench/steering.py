@@ -129,7 +129,10 @@ class Bench:
                     best = search(pipe, prompt, config, reward, **self._kwargs(seed)).sample
                 seconds.append(time.perf_counter() - begin)
                 rows.append(evaluate(best.unsqueeze(0), [prompt], self.rewards))
-        return {**mean_dicts(rows), "seconds": statistics.median(seconds), "nfe": nfe}
+        result = {**mean_dicts(rows), "seconds": statistics.median(seconds), "nfe": nfe}
+        if "pass_rate" in rows[0]:  # which (seed, prompt) pairs pass: tells systematic failures apart
+            result["passed"] = [int(row["pass_rate"]) for row in rows]
+        return result
 
 
 def scaling(bench: Bench, steer_name: str, ks: list[int]) -> dict[str, Any]:

@@ -268,6 +268,23 @@ def test_bundled_micro_clip_prefers_true_captions():
     assert scores["hard_single"] > 0.7
 
 
+@pytest.mark.skipif(not (micro_models.models_dir() / "micro-clip" / "config.json").is_file(),
+                    reason="micro-CLIP has not been exported to assets/models yet")
+def test_relation_token_change_is_zero_when_the_tower_cannot_tell_relations_apart():
+    from diffaccel.shapeworld import ShapeWorldImages
+
+    model, tokenizer = micro_models.load_micro_clip()
+    data = ShapeWorldImages("train", 64, length=48, seed=2)
+    scenes = [data.scene(i) for i in range(48) if data.scene(i).kind == "relation"]
+    change = micro_clip.relation_token_change(model.text_model, tokenizer, scenes)
+    assert 0 < change < 1
+    embeddings = model.text_model.embeddings.token_embedding.weight.data
+    for a, b in (("left", "right"), ("above", "below")):  # make the flipped words the same vector
+        ia, ib = (tokenizer.convert_tokens_to_ids(w + "</w>") for w in (a, b))
+        embeddings[ia] = embeddings[ib]
+    assert micro_clip.relation_token_change(model.text_model, tokenizer, scenes) == pytest.approx(0, abs=1e-5)
+
+
 @pytest.mark.skipif(not (micro_models.models_dir() / "micro-sd" / "model_index.json").is_file(),
                     reason="micro-SD has not been exported to assets/models yet")
 def test_bundled_micro_sd_draws_single_objects():

@@ -109,7 +109,30 @@ def evaluate(model, tokenizer, n: int = 256, batch: int = 64, seed: int = 1,
             hard.setdefault(s.kind, []).append(w)
     scores = {"retrieval": hits / n, "batch": float(batch)}
     scores.update({f"hard_{k}": float(np.mean(v)) for k, v in sorted(hard.items())})
+    relations = [data.scene(i) for i in range(n) if data.scene(i).kind == "relation"]
+    scores["relation_token_change"] = relation_token_change(model.text_model, tokenizer, relations)
     return scores
+
+
+def relation_token_change(text_model, tokenizer, scenes: list[Scene]) -> float:
+    """How much the text tower's token states (what micro-SD's UNet cross-attends to) change when
+    a caption's relation is flipped ("left of" <-> "right of", "above" <-> "below"): the mean of
+    1 - cosine similarity over the tokens from the relation word to the end of the caption.
+    Near 0 means the relation is all but erased before it reaches the UNet."""
+    flipped = [dataclasses.replace(s, relation=_OPPOSITE[s.relation]) for s in scenes]
+    device = next(text_model.parameters()).device
+    changes = []
+    for scene, other in zip(scenes, flipped):
+        tokens = tokenizer([scene.caption, other.caption], padding=True, return_tensors="pt").to(device)
+        with torch.no_grad():
+            states = text_model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)[0]
+        ids, mask = tokens.input_ids, tokens.attention_mask.bool()
+        if ids.shape[1] == 0 or not torch.equal(mask[0], mask[1]):
+            continue  # the flipped caption tokenizes to another length: no token-by-token match
+        first = int((ids[0] != ids[1]).nonzero()[0])
+        cos = F.cosine_similarity(states[0], states[1], dim=-1)[first:][mask[0][first:]]
+        changes.append(float((1 - cos).mean()))
+    return float(np.mean(changes)) if changes else float("nan")
 
 
 def export(model, path: pathlib.Path, scores: dict | None = None) -> None:
