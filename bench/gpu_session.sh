@@ -1,0 +1,45 @@
+#!/bin/bash
+# Every GPU check of the kernels and DiT features in one call of a lent GPU machine (the project's
+# device tool): the kernel tests compiled on the GPU (against their plain-torch references), then
+# bench/kernel_speed.py (the full shape list) and bench/dit_gpu.py (a short Wan 1.3B-shaped run).
+# Each step has a time limit, so the call fits a 15-minute device budget; JSON results and logs
+# land in $OUT (commit the JSON under bench/results/ afterwards).
+# Prepare here (the machine has torch/triton/transformers, not diffusers): `echo /.whl/ >> .git/info/exclude`,
+# then download diffusers==0.42.1 and importlib_metadata into .whl/ as the device README shows. Carry: .whl.
+# Usage there: bash bench/gpu_session.sh      (about 8 minutes with the defaults)
+# Check it here on CPU in a minute: DEVICE=cpu OUT=/tmp/gpu-session bash bench/gpu_session.sh
+set -o pipefail
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+DEVICE=${DEVICE:-cuda} OUT=${OUT:-bench/results/gpu-session}
+TESTS_S=${TESTS_S:-150} KERNELS_S=${KERNELS_S:-200} DIT_S=${DIT_S:-180}
+DIT_FRAMES=${DIT_FRAMES:-17} DIT_STEPS=${DIT_STEPS:-10}
+mkdir -p "$OUT"
+PY=python3
+if [ -x .venv/bin/python ] && [ "$DEVICE" = cpu ]; then PY=.venv/bin/python; fi
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  echo 'import sys; sys.modules["peft"] = None' > /tmp/site/sitecustomize.py  # the image's peft breaks diffusers' import
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+$PY -c "import diffusers, torch, triton; print('diffusers', diffusers.__version__, 'torch', torch.__version__,
+'triton', triton.__version__, 'device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')" \
+  | tee "$OUT/versions.txt" || exit 1
+QUICK=""
+[ "$DEVICE" = cpu ] && QUICK=--quick
+
+echo "== kernel tests (compiled on the GPU; CPU: interpreter) ==" | tee "$OUT/tests.log"
+timeout -s TERM "$TESTS_S" $PY -m pytest -q -p no:cacheprovider tests/test_kernels_int8.py \
+  tests/test_kernels_nvfp4.py tests/test_kernels_nvfp4_w4a4.py tests/test_kernels_attention.py 2>&1 \
+  | tail -25 | tee -a "$OUT/tests.log"
+
+echo "== bench/kernel_speed.py ==" | tee "$OUT/kernels.log"
+timeout -s TERM "$KERNELS_S" $PY bench/kernel_speed.py $QUICK --out "$OUT/kernels.json" 2>&1 | tee -a "$OUT/kernels.log"
+
+echo "== bench/dit_gpu.py ==" | tee "$OUT/dit.log"
+DIT_ARGS=(--frames "$DIT_FRAMES" --steps "$DIT_STEPS")
+[ "$DEVICE" = cpu ] && DIT_ARGS=(--quick)
+timeout -s TERM "$DIT_S" $PY bench/dit_gpu.py "${DIT_ARGS[@]}" --out "$OUT/dit.json" 2>&1 \
+  | tr '\r' '\n' | grep -v "it/s\|s/it" | tee -a "$OUT/dit.log"
+ls -la "$OUT"
