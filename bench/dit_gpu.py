@@ -6,7 +6,8 @@ only the denoising loop is timed (``output_type="latent"``). Variants, on the sa
 
 * ``baseline``: bf16;
 * ``delta cache``: the temporal delta cache (``DeltaCacheConfig``);
-* ``nvfp4`` / ``int8``: every eligible Linear in NVFP4 (W4A16) / INT8 (W8A8);
+* ``nvfp4`` / ``int8``: every eligible Linear in NVFP4 (W4A16) / INT8 (W8A8); on GPUs with FP4
+  tensor cores (Blackwell) also ``nvfp4 w4a4 native`` (``fp4_activations=True``);
 * ``static mixed``: INT8 for the quarter of the blocks the calibrated predictor ranks most sensitive,
   NVFP4 elsewhere (calibrated on one prompt at the benchmark's size);
 * ``quantized attention``: ``QuantizedAttentionConfig``;
@@ -63,6 +64,7 @@ def variants(pipe: Any, args: argparse.Namespace) -> dict[str, tuple[Any, list]]
     """name -> (QuantizationConfig or None, feature configs)."""
     import diffaccel
     from diffaccel.quantization import QuantizationConfig, calibrate
+    from diffaccel.kernels import native_fp4_supported
     from diffaccel.quantization.allocation import allocate_static
 
     base = QuantizationConfig(min_weight_numel=0 if args.quick else 16384)
@@ -71,7 +73,7 @@ def variants(pipe: Any, args: argparse.Namespace) -> dict[str, tuple[Any, list]]
     static = allocate_static(calibration, int8_fraction=0.25).quantization_config(base)
     cache = diffaccel.DeltaCacheConfig(threshold=args.delta_threshold)
     attention = diffaccel.QuantizedAttentionConfig()
-    return {
+    table = {
         "baseline": (None, []),
         f"delta cache {args.delta_threshold}": (None, [cache]),
         "nvfp4": (QuantizationConfig("nvfp4", min_weight_numel=base.min_weight_numel), []),
@@ -80,6 +82,10 @@ def variants(pipe: Any, args: argparse.Namespace) -> dict[str, tuple[Any, list]]
         "quantized attention": (None, [attention]),
         "all: static + cache + attention": (static, [cache, attention]),
     }
+    if native_fp4_supported():  # Blackwell: NVFP4 activations too, on the FP4 tensor cores
+        table["nvfp4 w4a4 native"] = (
+            QuantizationConfig("nvfp4", min_weight_numel=base.min_weight_numel, fp4_activations=True), [])
+    return table
 
 
 def _sync(device: str) -> None:

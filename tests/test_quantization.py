@@ -176,6 +176,7 @@ def test_bits_per_weight():
         ({"min_weight_numel": 1.5}, "min_weight_numel"),
         ({"residual": 1}, "residual"),
         ({"impl": "cuda"}, "impl"),
+        ({"fp4_activations": "yes"}, "fp4_activations"),
     ],
 )
 def test_bad_configs_raise(kwargs, field):
@@ -381,6 +382,35 @@ def test_model_save_load_round_trip(tmp_path, max_shard_size):
     with torch.no_grad():
         out = half(**inputs)[0]
     assert out.dtype == torch.bfloat16 and _rel(out, expected) < 0.1
+
+
+def test_fp4_activations_run_w4a4_and_survive_save_load(tmp_path):
+    from diffaccel.kernels import nvfp4_w4a4_linear
+
+    linear = nn.Linear(64, 32)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    layer = QuantizedLinear.from_linear(linear, "nvfp4", fp4_activations=True)
+    assert torch.equal(layer(x), nvfp4_w4a4_linear(x, layer.weight_nvfp4, layer.bias))
+    assert not torch.equal(layer(x), nvfp4_linear(x, layer.weight_nvfp4, layer.bias))  # x is quantized too
+    assert "fp4_activations=True" in repr(layer)
+    layer.fp4_activations = False
+    assert torch.equal(layer(x), nvfp4_linear(x, layer.weight_nvfp4, layer.bias))
+    with pytest.raises(ValueError, match="fp4_activations=True needs precision 'nvfp4'"):
+        QuantizedLinear.from_linear(linear, "int8", fp4_activations=True)
+
+    model = tiny_pipeline("flux").transformer
+    config = QuantizationConfig("nvfp4", overrides={"*.ff.*": "int8"}, fp4_activations=True, min_weight_numel=0)
+    quantize_(model, config)
+    layers = quantized_layers(model)
+    assert layers["transformer_blocks.0.attn.to_q"].fp4_activations
+    assert not layers["transformer_blocks.0.ff.net.2"].fp4_activations  # int8 layers stay W8A8
+    with torch.no_grad():
+        expected = model(**_flux_inputs(model))[0]
+    model.save_pretrained(tmp_path)
+    loaded = load_quantized(FluxTransformer2DModel, tmp_path)
+    assert quantized_layers(loaded)["transformer_blocks.0.attn.to_q"].fp4_activations
+    with torch.no_grad():
+        assert torch.equal(loaded(**_flux_inputs(loaded))[0], expected)
 
 
 def test_model_save_refuses_pickle_and_load_needs_the_plan(tmp_path):

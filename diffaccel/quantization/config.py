@@ -87,6 +87,8 @@ class QuantizationConfig(FeatureConfig):
         residual: store the nested NVFP4 residual on every nvfp4 layer (for dynamic precision);
             ``"nvfp4+residual"`` in ``overrides`` does it for chosen layers only.
         impl: kernel choice, ``"auto"`` (Triton on CUDA), ``"triton"`` or ``"reference"``.
+        fp4_activations: run the nvfp4 layers in W4A4 (activations quantized to NVFP4 per call) on
+            Blackwell's FP4 tensor cores (the reference elsewhere); costs accuracy, off by default.
 
     Example:
         >>> QuantizationConfig(precision="fp8")
@@ -103,6 +105,7 @@ class QuantizationConfig(FeatureConfig):
     min_weight_numel: int = 16384
     residual: bool = False
     impl: str = "auto"
+    fp4_activations: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in CONFIG_PRECISIONS:
@@ -135,6 +138,8 @@ class QuantizationConfig(FeatureConfig):
             raise ValueError(f"QuantizationConfig.min_weight_numel must be an int >= 0, got {self.min_weight_numel!r}")
         if not isinstance(self.residual, bool):
             raise ValueError(f"QuantizationConfig.residual must be True or False, got {self.residual!r}")
+        if not isinstance(self.fp4_activations, bool):
+            raise ValueError(f"QuantizationConfig.fp4_activations must be True or False, got {self.fp4_activations!r}")
         if self.impl not in IMPLS:
             raise ValueError(f"QuantizationConfig.impl must be one of {IMPLS}, got {self.impl!r}")
 
@@ -180,6 +185,7 @@ class QuantizationConfig(FeatureConfig):
             "min_weight_numel": self.min_weight_numel,
             "residual": self.residual,
             "impl": self.impl,
+            "fp4_activations": self.fp4_activations,
         }
 
     @classmethod

@@ -13,6 +13,10 @@ The quantized weight lives in buffers, so ``state_dict()`` holds it and safetens
   activations are quantized per token on the fly, or with the static ``act_scale`` buffer
   (float32, 0-d) when calibration set one.
 
+``fp4_activations=True`` (nvfp4 layers) quantizes the activations to NVFP4 too and runs
+:func:`~diffaccel.kernels.nvfp4_w4a4_linear` (W4A4): the FP4 tensor cores of Blackwell GPUs, the
+plain-torch reference elsewhere. It costs accuracy (both operands are 4-bit) and is off by default.
+
 The forward runs :func:`~diffaccel.kernels.nvfp4_linear` / :func:`~diffaccel.kernels.int8_linear`
 (Triton on CUDA, the plain-torch reference elsewhere, or as ``impl`` says). The output has the
 activation's dtype. ``bias`` stays an ``nn.Parameter`` in the original dtype. Casting the module
@@ -49,6 +53,7 @@ from ..kernels import (
     nvfp4_dequantize,
     nvfp4_linear,
     nvfp4_quantize,
+    nvfp4_w4a4_linear,
 )
 from ..kernels._triton import IMPLS
 from ..kernels.nvfp4 import BLOCK_SIZE
@@ -68,7 +73,8 @@ class QuantizedLinear(nn.Module):
     """A Linear layer whose weight is stored in NVFP4 (optionally nested) or INT8.
 
     Build one with :meth:`from_linear`. Attributes: ``in_features``, ``out_features``,
-    ``precision`` (``"nvfp4"`` or ``"int8"``), ``has_residual``, ``refine``, ``bias``, ``impl``.
+    ``precision`` (``"nvfp4"`` or ``"int8"``), ``has_residual``, ``refine``, ``fp4_activations``,
+    ``bias``, ``impl``.
 
     Example:
         >>> import torch
@@ -92,6 +98,7 @@ class QuantizedLinear(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         impl: str = "auto",
+        fp4_activations: bool = False,
     ) -> None:
         """An *empty* layer of the given layout (buffers uninitialised), to load a state dict into.
 
@@ -109,6 +116,7 @@ class QuantizedLinear(nn.Module):
         self.has_residual = residual
         self.impl = impl
         self._refine = False
+        self.fp4_activations = fp4_activations
         padded = in_features + (-in_features % BLOCK_SIZE)
         if precision == "nvfp4":
             for prefix in ("weight_",) + (("residual_",) if residual else ()):
@@ -131,11 +139,13 @@ class QuantizedLinear(nn.Module):
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, precision: str, *, residual: bool = False, impl: str = "auto"
+        cls, linear: nn.Linear, precision: str, *, residual: bool = False, impl: str = "auto",
+        fp4_activations: bool = False,
     ) -> QuantizedLinear:
         """Quantize ``linear``'s weight to ``precision`` (``"nvfp4"`` or ``"int8"``).
 
-        ``residual=True`` (nvfp4 only) also stores the NVFP4 residual, applied while ``refine``.
+        ``residual=True`` (nvfp4 only) also stores the NVFP4 residual, applied while ``refine``;
+        ``fp4_activations=True`` (nvfp4 only) runs the layer in W4A4.
 
         Example:
             >>> import torch
@@ -157,6 +167,7 @@ class QuantizedLinear(nn.Module):
             dtype=weight.dtype if linear.bias is None else linear.bias.dtype,
             device=weight.device,
             impl=impl,
+            fp4_activations=fp4_activations,
         )
         if precision == "nvfp4":
             q = nvfp4_quantize(weight, impl=impl)
@@ -191,6 +202,17 @@ class QuantizedLinear(nn.Module):
         self._refine = bool(value)
 
     @property
+    def fp4_activations(self) -> bool:
+        """Whether the activations are quantized to NVFP4 too (W4A4; ``"nvfp4"`` layers only); settable."""
+        return self._fp4_activations
+
+    @fp4_activations.setter
+    def fp4_activations(self, value: bool) -> None:
+        if value and self.precision != "nvfp4":
+            raise ValueError(f"fp4_activations=True needs precision 'nvfp4', got {self.precision!r}")
+        self._fp4_activations = bool(value)
+
+    @property
     def weight_nvfp4(self) -> NVFP4Tensor:
         """The NVFP4 weight as an :class:`~diffaccel.kernels.NVFP4Tensor` (``"nvfp4"`` layers only).
 
@@ -215,9 +237,10 @@ class QuantizedLinear(nn.Module):
         """``x @ W^T + bias`` with the quantized weight; output dtype = ``x``'s dtype."""
         if self.precision == "int8":
             return int8_linear(x, self.weight_int8, self.weight_scale, self.bias, self.act_scale, impl=self.impl)
-        y = nvfp4_linear(x, self.weight_nvfp4, self.bias, impl=self.impl)
+        linear = nvfp4_w4a4_linear if self.fp4_activations else nvfp4_linear
+        y = linear(x, self.weight_nvfp4, self.bias, impl=self.impl)
         if self._refine:
-            y = y + nvfp4_linear(x, self.residual_nvfp4, None, impl=self.impl)
+            y = y + linear(x, self.residual_nvfp4, None, impl=self.impl)
         return y
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -269,6 +292,7 @@ class QuantizedLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, precision={self.precision}, "
             f"residual={self.has_residual}, refine={self._refine}, bias={self.bias is not None}"
+            + (", fp4_activations=True" if self._fp4_activations else "")
         )
 
     def layout(self) -> dict[str, Any]:
@@ -277,11 +301,12 @@ class QuantizedLinear(nn.Module):
         Example:
             >>> import torch
             >>> QuantizedLinear.from_linear(torch.nn.Linear(16, 4), "nvfp4").layout()
-            {'precision': 'nvfp4', 'residual': False, 'refine': False, 'act_scale': False}
+            {'precision': 'nvfp4', 'residual': False, 'refine': False, 'act_scale': False, 'fp4_activations': False}
         """
         return {
             "precision": self.precision,
             "residual": self.has_residual,
             "refine": self._refine,
             "act_scale": getattr(self, "act_scale", None) is not None,
+            "fp4_activations": self._fp4_activations,
         }

@@ -160,6 +160,7 @@ def quantize_(model: M, config: QuantizationConfig | None = None) -> M:
             "nvfp4" if precision == "nvfp4+residual" else precision,
             residual=precision == "nvfp4+residual",
             impl=config.impl,
+            fp4_activations=config.fp4_activations and precision != "int8",
         )
         model.set_submodule(name, layer)
     record_plan(model, config)

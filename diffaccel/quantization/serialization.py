@@ -3,7 +3,7 @@
 :func:`~diffaccel.quantization.quantize_` makes the model's ``save_pretrained`` (diffusers'
 ``ModelMixin.save_pretrained``, which saves ``state_dict()`` with safetensors, the quantized
 buffers included) also write :data:`QUANTIZATION_FILE` beside ``config.json``: the config and, per
-quantized layer, its layout (precision, residual, refine, static activation scale).
+quantized layer, its layout (precision, residual, refine, static activation scale, FP4 activations).
 ``safe_serialization=False`` is refused: quantized weights are saved with safetensors only.
 
 :func:`load_quantized` rebuilds the architecture from ``config.json`` without allocating its
@@ -55,7 +55,7 @@ def quantization_plan_dict(model: nn.Module) -> dict[str, Any]:
         >>> from diffaccel.quantization import QuantizationConfig, quantize_
         >>> model = quantize_(tiny_pipeline("wan").transformer, QuantizationConfig("int8", min_weight_numel=0))
         >>> quantization_plan_dict(model)["layers"]["blocks.0.ffn.net.2"]
-        {'precision': 'int8', 'residual': False, 'refine': False, 'act_scale': False}
+        {'precision': 'int8', 'residual': False, 'refine': False, 'act_scale': False, 'fp4_activations': False}
     """
     config = plan_of(model)["config"]
     layers = {name: module.layout() for name, module in quantized_layers(model).items()}
@@ -191,6 +191,7 @@ def load_quantized(
     model.load_state_dict(state, strict=True, assign=True)
     for name, layout in plan["layers"].items():
         model.get_submodule(name).refine = layout["refine"]
+        model.get_submodule(name).fp4_activations = layout.get("fp4_activations", False)  # absent before 2026-12
     model.to(device)
     model.eval()
     record_plan(model, QuantizationConfig.from_dict(plan["config"]))
