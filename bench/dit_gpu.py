@@ -63,8 +63,8 @@ def call_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def variants(pipe: Any, args: argparse.Namespace) -> dict[str, tuple[Any, list]]:
     """name -> (QuantizationConfig or None, feature configs)."""
     import diffaccel
-    from diffaccel.quantization import QuantizationConfig, calibrate
     from diffaccel.kernels import native_fp4_supported
+    from diffaccel.quantization import QuantizationConfig, calibrate
     from diffaccel.quantization.allocation import allocate_static
 
     base = QuantizationConfig(min_weight_numel=0 if args.quick else 16384)
