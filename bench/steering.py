@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for steer_name in steer_names:
             print(f"\n[{label}] steered on {steer_name} (means over prompts x seeds)")
             for name, row in results[label][f"steer={steer_name}"]["scaling"].items():
-                values = "  ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "nfe")
+                values = "  ".join(f"{k} {v:.3f}" for k, v in row.items() if k not in ("nfe", "passed"))
                 print(f"  {name:12s} nfe {row['nfe']:4d}  " + values)
         if "accelerated_vs_plain" in results[label]:
             acc = results[label]["accelerated_vs_plain"]
