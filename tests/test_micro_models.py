@@ -76,6 +76,17 @@ def test_clip_training_resumes_identically(tmp_path):
     _assert_resumes_identically(micro_clip, tmp_path, "--batch-size", "4", "--eval-images", "0")
 
 
+def test_clip_fine_tunes_from_an_exported_model(tmp_path, tiny_exports):
+    from transformers import CLIPModel
+
+    start = CLIPModel.from_pretrained(str(tiny_exports["clip"]), dtype=torch.float32)
+    micro_clip.main(_tiny(tmp_path / "ft", 1, "--batch-size", "4", "--eval-images", "0",
+                          "--init", str(tiny_exports["clip"]), "--export", str(tmp_path / "tuned")))
+    tuned = CLIPModel.from_pretrained(str(tmp_path / "tuned"), dtype=torch.float32)
+    deltas = [(a - b).abs().max() for a, b in zip(start.state_dict().values(), tuned.state_dict().values())]
+    assert max(deltas) > 0 and max(deltas) < 0.1  # one small step away from the start, not a fresh init
+
+
 def test_vae_training_resumes_identically(tmp_path):
     _assert_resumes_identically(micro_vae, tmp_path, "--batch-size", "2", "--eval-images", "0")
 

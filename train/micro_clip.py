@@ -6,6 +6,7 @@ colors to shapes and read relations instead of matching bags of words. The text 
 CLIP's real 49408-token vocabulary and tokenizer, 77 positions) is micro-SD's text encoder.
 
     python train/micro_clip.py --steps 3000 --resume --export assets/models/micro-clip
+    python train/micro_clip.py --init assets/models/micro-clip --steps 800 --lr 2e-4 --run-dir runs/micro-clip-ft
 
 The exported folder loads offline with ``CLIPModel.from_pretrained`` (``CLIPImageProcessor`` too:
 64x64 RGB, normalized to [-1, 1]); the tokenizer is ``diffaccel.tokenizers.clip_tokenizer()``.
@@ -152,9 +153,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from transformers import CLIPModel
 
     args = trainkit.parse_args("micro-clip", argv, batch_size=128, steps=3000, lr=5e-4,
-                               eval_images=256)
+                               eval_images=256, init="")
     torch.manual_seed(args.seed)
-    model = CLIPModel(clip_config(args.config)).to(args.device).train()
+    if args.init:  # fine-tune a trained CLIPModel folder (e.g. the bundled micro-CLIP) instead
+        model = CLIPModel.from_pretrained(args.init, dtype=torch.float32).to(args.device).train()
+    else:
+        model = CLIPModel(clip_config(args.config)).to(args.device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
     ckpt = trainkit.Checkpoint(args.run_dir)
     start = ckpt.load(model, optimizer) if args.resume else 0
