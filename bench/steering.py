@@ -102,8 +102,9 @@ def mean_dicts(rows: list[dict[str, float]]) -> dict[str, float]:
 
 class Bench:
     def __init__(self, pipe: Any, call: dict[str, Any], prompts: list[str], seeds: list[int], steps: int,
-                 rewards: dict[str, Reward]) -> None:
+                 rewards: dict[str, Reward], fk: dict[str, Any] | None = None) -> None:
         self.pipe, self.call, self.prompts, self.seeds, self.steps, self.rewards = pipe, call, prompts, seeds, steps, rewards
+        self.fk = {"potential": "max", "lmbda": 10.0, "start": 0.0, **(fk or {})}
 
     def _kwargs(self, seed: int) -> dict[str, Any]:
         return dict(self.call, num_inference_steps=self.steps, generator=torch.Generator().manual_seed(seed), output_type="pt")
@@ -118,8 +119,9 @@ class Bench:
                 begin = time.perf_counter()
                 if method == "fk":
                     k = nfe // self.steps
-                    config = FKSteeringConfig(num_particles=k, potential="max", lmbda=10.0,
+                    config = FKSteeringConfig(num_particles=k, potential=self.fk["potential"], lmbda=self.fk["lmbda"],
                                               resample_every=max(1, self.steps // 5),
+                                              resample_start=int(self.fk["start"] * self.steps),
                                               resample_end=self.steps - 2, seed=seed, final_correction=k > 1)
                     out = steer(pipe, config, reward)(prompt, **self._kwargs(seed))
                     best = out.images[out.best_indices[0]]
@@ -233,6 +235,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--methods", default=",".join(METHODS), help="methods of the reward-vs-NFE curves")
     parser.add_argument("--steer", default="shapeworld,clip",
                         help="steering rewards (each run is checked with the other reward)")
+    parser.add_argument("--fk-potential", default="max", help="FK potential: max, difference, sum, immediate")
+    parser.add_argument("--fk-lambda", type=float, default=10.0, help="FK lambda (potential temperature)")
+    parser.add_argument("--fk-start", type=float, default=0.0,
+                        help="fraction of the steps before FK's first resampling (early x0 predictions are blurry)")
+    parser.add_argument("--split", default="heldout", choices=("heldout", "train"),
+                        help="prompt split (tune FK settings on train, report on heldout)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tag", default=None, help="results file tag (default: quick, or the device)")
     args = parser.parse_args(argv)
@@ -260,8 +268,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     curve_sets: dict[str, Any] = {}
     for label, path, tiny, kind in setups:
         pipe, call = load(path, tiny, args.device)
-        prompts = eval_prompts(kind, args.prompts, seed=0, split="heldout")
-        bench = Bench(pipe, call, prompts, list(range(args.seeds)), args.steps, rewards)
+        prompts = eval_prompts(kind, args.prompts, seed=0, split=args.split)
+        fk = {"potential": args.fk_potential, "lmbda": args.fk_lambda, "start": args.fk_start}
+        bench = Bench(pipe, call, prompts, list(range(args.seeds)), args.steps, rewards, fk)
         entry: dict[str, Any] = {"prompts": prompts}
         for steer_name in steer_names:
             check = "clip" if steer_name == "shapeworld" else "shapeworld"
