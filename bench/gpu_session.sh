@@ -14,15 +14,7 @@ DEVICE=${DEVICE:-cuda} OUT=${OUT:-bench/results/gpu-session}
 TESTS_S=${TESTS_S:-150} KERNELS_S=${KERNELS_S:-200} DIT_S=${DIT_S:-180}
 DIT_FRAMES=${DIT_FRAMES:-17} DIT_STEPS=${DIT_STEPS:-10}
 mkdir -p "$OUT"
-PY=python3
-if [ -x .venv/bin/python ] && [ "$DEVICE" = cpu ]; then PY=.venv/bin/python; fi
-if ls .whl/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  echo 'import sys; sys.modules["peft"] = None' > /tmp/site/sitecustomize.py  # the image's peft breaks diffusers' import
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
+source train/device_env.sh  # $PY, the carried wheels, PYTHONPATH
 $PY -c "import diffusers, torch, triton; print('diffusers', diffusers.__version__, 'torch', torch.__version__,
 'triton', triton.__version__, 'device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')" \
   | tee "$OUT/versions.txt" || exit 1

@@ -16,13 +16,7 @@ STILL_STEPS=${STILL_STEPS:-3000} CLIP_STEPS=${CLIP_STEPS:-3600} DIT_STEPS=${DIT_
 STILL_S=${STILL_S:-120} CLIP_S=${CLIP_S:-90} DIT_S=${DIT_S:-240}
 CACHE=${CACHE:-20000} EVAL_PROMPTS=${EVAL_PROMPTS:-64}
 mkdir -p "$OUT"
-PY=python3
-if [ -x .venv/bin/python ] && [ "$DEVICE" = cpu ]; then PY=.venv/bin/python; fi
-if ls .whl/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  echo 'import sys; sys.modules["peft"] = None' > /tmp/site/sitecustomize.py  # the image's peft breaks diffusers' import
-  export PYTHONPATH=/tmp/site:$PWD
-fi
+source train/device_env.sh  # $PY, the carried wheels, PYTHONPATH
 $PY -c "import diffusers, torch; print('diffusers', diffusers.__version__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available())" || exit 1
 
 checkpoint_step() {  # the step of the checkpoint in run dir $1
