@@ -224,8 +224,8 @@ def nvfp4_w4a4_linear(
     if x.numel() == 0:
         return x.new_empty(*x.shape[:-1], n)
     resolved = resolve_impl(impl, x, w.packed)
-    native = interpreting() or native_fp4_supported(x.device)
-    if resolved == "triton" and not native:
+    # the capability is read only for the Triton path: CPU tensors on a CUDA machine have none
+    if resolved == "triton" and not (interpreting() or native_fp4_supported(x.device)):
         if impl == "triton":
             raise ValueError(
                 "impl='triton' needs a GPU with FP4 tensor cores (compute capability 10.x or 12.x), "

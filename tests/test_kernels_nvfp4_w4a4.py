@@ -76,6 +76,19 @@ def test_w4a4_zero_input_gives_zeros_and_nan_input_gives_nan(device):
         assert torch.isnan(nvfp4_w4a4_linear(x, w, impl=impl)).all()
 
 
+def test_reference_on_cpu_tensors_never_reads_a_gpu_capability(monkeypatch):
+    """On a CUDA machine, CPU tensors go to the reference without asking a CPU device for its
+    compute capability (which torch refuses)."""
+    def refuse(device=None):
+        raise ValueError("Expected a cuda device")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", refuse)
+    x, w = _gaussian(2, 32, seed=13), nvfp4_quantize(_gaussian(16, 32, seed=14))
+    for impl in ("auto", "reference"):
+        assert nvfp4_w4a4_linear(x, w, impl=impl).shape == (2, 16)
+
+
 def test_interpreter_needs_the_e4m3_scale_decoding(monkeypatch):
     """Without the scoped E4M3 decoding the interpreter reads the scales as E8M0: the test above
     would then fail, so it does test the kernel's scales."""
