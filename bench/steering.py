@@ -104,7 +104,7 @@ class Bench:
     def __init__(self, pipe: Any, call: dict[str, Any], prompts: list[str], seeds: list[int], steps: int,
                  rewards: dict[str, Reward], fk: dict[str, Any] | None = None) -> None:
         self.pipe, self.call, self.prompts, self.seeds, self.steps, self.rewards = pipe, call, prompts, seeds, steps, rewards
-        self.fk = {"potential": "max", "lmbda": 10.0, "start": 0.0, **(fk or {})}
+        self.fk = {"potential": "max", "lmbda": 10.0, "start": 0.6, "final_correction": False, "ess": 0.5, **(fk or {})}
 
     def _kwargs(self, seed: int) -> dict[str, Any]:
         return dict(self.call, num_inference_steps=self.steps, generator=torch.Generator().manual_seed(seed), output_type="pt")
@@ -122,7 +122,8 @@ class Bench:
                     config = FKSteeringConfig(num_particles=k, potential=self.fk["potential"], lmbda=self.fk["lmbda"],
                                               resample_every=max(1, self.steps // 5),
                                               resample_start=int(self.fk["start"] * self.steps),
-                                              resample_end=self.steps - 2, seed=seed, final_correction=k > 1)
+                                              resample_end=self.steps - 2, seed=seed, ess_threshold=self.fk["ess"],
+                                              final_correction=self.fk["final_correction"] and k > 1)
                     out = steer(pipe, config, reward)(prompt, **self._kwargs(seed))
                     best = out.images[out.best_indices[0]]
                 else:
@@ -237,8 +238,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="steering rewards (each run is checked with the other reward)")
     parser.add_argument("--fk-potential", default="max", help="FK potential: max, difference, sum, immediate")
     parser.add_argument("--fk-lambda", type=float, default=10.0, help="FK lambda (potential temperature)")
-    parser.add_argument("--fk-start", type=float, default=0.0,
-                        help="fraction of the steps before FK's first resampling (early x0 predictions are blurry)")
+    parser.add_argument("--fk-start", type=float, default=0.6,
+                        help="fraction of the steps before FK's first resampling: early x0 predictions barely "
+                             "predict the final reward (bench/fk_predictiveness.py)")
+    parser.add_argument("--fk-final-correction", action="store_true",
+                        help="FK's final resampling toward p(x0) exp(lambda r): samples the tilted target, but can drop "
+                             "the best particle before it is picked, so it is off for best-sample comparisons")
+    parser.add_argument("--fk-ess", type=float, default=0.5,
+                        help="FK adaptive resampling: resample only when the ESS falls below this fraction of k "
+                             "(0: at every scheduled step)")
+    parser.add_argument("--skip-accelerated", action="store_true", help="leave out accelerated-vs-plain FK (sweeps)")
     parser.add_argument("--split", default="heldout", choices=("heldout", "train"),
                         help="prompt split (tune FK settings on train, report on heldout)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -269,7 +278,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for label, path, tiny, kind in setups:
         pipe, call = load(path, tiny, args.device)
         prompts = eval_prompts(kind, args.prompts, seed=0, split=args.split)
-        fk = {"potential": args.fk_potential, "lmbda": args.fk_lambda, "start": args.fk_start}
+        fk = {"potential": args.fk_potential, "lmbda": args.fk_lambda, "start": args.fk_start,
+              "final_correction": args.fk_final_correction, "ess": args.fk_ess or None}
         bench = Bench(pipe, call, prompts, list(range(args.seeds)), args.steps, rewards, fk)
         entry: dict[str, Any] = {"prompts": prompts}
         for steer_name in steer_names:
@@ -278,7 +288,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             entry[f"steer={steer_name}"] = {"scaling": scaling(bench, steer_name, ks),
                                             "curves": curves(bench, steer_name, multiples, methods)}
             curve_sets[f"{label} / {steer_name}"] = entry[f"steer={steer_name}"]["curves"]
-        entry["accelerated_vs_plain"] = accelerated_vs_plain(bench, "shapeworld", ks[-1])
+        if not args.skip_accelerated:
+            entry["accelerated_vs_plain"] = accelerated_vs_plain(bench, "shapeworld", ks[-1])
         results[label] = entry
     tag = args.tag or ("quick" if args.quick else args.device.split(":")[0])
     out_dir = os.path.join(ROOT, "bench", "results")

@@ -87,6 +87,40 @@ def test_clip_fine_tunes_from_an_exported_model(tmp_path, tiny_exports):
     assert max(deltas) > 0 and max(deltas) < 0.1  # one small step away from the start, not a fresh init
 
 
+def test_clip_training_with_the_relation_loss_resumes_identically(tmp_path):
+    _assert_resumes_identically(micro_clip, tmp_path, "--batch-size", "6", "--eval-images", "0",
+                                "--relation-weight", "1")
+    weights = load_file(str(tmp_path / "straight" / "last.safetensors"))
+    assert any(k.startswith("model.probe.") for k in weights)  # the probe trains along and is saved
+
+
+def test_relation_loss_writes_the_relation_into_the_token_states():
+    from transformers import CLIPTextModel
+
+    from diffaccel.shapeworld import ShapeWorldImages
+    from diffaccel.tokenizers import clip_tokenizer
+
+    torch.manual_seed(0)
+    tower = CLIPTextModel(micro_clip.clip_config("tiny").text_config)
+    probe = torch.nn.Linear(tower.config.hidden_size, 4)
+    tokenizer = clip_tokenizer()
+    data = ShapeWorldImages("train", 64, length=80, seed=4)
+    scenes = [data.scene(i) for i in range(80) if data.scene(i).kind == "relation"][:12]
+    assert micro_clip.relation_loss(tower, probe, [data.scene(i) for i in range(80)
+                                                   if data.scene(i).kind != "relation"], tokenizer) == 0
+    before = micro_clip.relation_token_change(tower, tokenizer, scenes)
+    first = micro_clip.relation_loss(tower, probe, scenes, tokenizer).item()
+    assert first == pytest.approx(np.log(4), rel=0.2)  # an untrained probe is near chance
+    optimizer = torch.optim.Adam([*tower.parameters(), *probe.parameters()], lr=3e-3)
+    for _ in range(30):
+        loss = micro_clip.relation_loss(tower, probe, scenes, tokenizer)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.3 * first
+    assert micro_clip.relation_token_change(tower, tokenizer, scenes) > 2 * before
+
+
 def test_vae_training_resumes_identically(tmp_path):
     _assert_resumes_identically(micro_vae, tmp_path, "--batch-size", "2", "--eval-images", "0")
 
@@ -96,6 +130,18 @@ def test_sd_training_resumes_identically(tmp_path, tiny_exports):
                                 "--vae", str(tiny_exports["vae"]))
     ema = load_file(str(tmp_path / "straight" / "last.safetensors"))
     assert any(k.startswith("ema.") for k in ema)  # the EMA is checkpointed too
+
+
+def test_sd_fine_tunes_from_an_exported_pipeline(tmp_path, tiny_exports):
+    from diffusers import UNet2DConditionModel
+
+    start = UNet2DConditionModel.from_pretrained(str(tiny_exports["sd"]), subfolder="unet", torch_dtype=torch.float32)
+    micro_sd.main(_tiny(tmp_path / "ft", 1, "--batch-size", "2", "--clip", str(tiny_exports["clip"]),
+                        "--vae", str(tiny_exports["vae"]), "--init", str(tiny_exports["sd"]),
+                        "--export", str(tmp_path / "tuned")))
+    tuned = UNet2DConditionModel.from_pretrained(str(tmp_path / "tuned"), subfolder="unet", torch_dtype=torch.float32)
+    deltas = [(a - b).abs().max() for a, b in zip(start.state_dict().values(), tuned.state_dict().values())]
+    assert max(deltas) > 0 and max(deltas) < 0.1  # one small step away from the start, not a fresh init
 
 
 def test_video_training_resumes_identically(tmp_path):

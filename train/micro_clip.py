@@ -5,8 +5,15 @@ same scene with a changed color, shape, count or the opposite relation), so the 
 colors to shapes and read relations instead of matching bags of words. The text tower (hidden 64,
 CLIP's real 49408-token vocabulary and tokenizer, 77 positions) is micro-SD's text encoder.
 
+Contrastive training alone teaches the text tower to all but erase the relation word (see
+:func:`relation_token_change`), so micro-SD's UNet, which reads the tower's token states, cannot
+tell "left of" from "right of". ``--relation-weight`` adds an auxiliary loss
+(:func:`relation_loss`): a linear probe (trained along, not exported) must read the relation from
+every token state from the relation word to the end of the 77-token sequence the UNet reads.
+
     python train/micro_clip.py --steps 3000 --resume --export assets/models/micro-clip
     python train/micro_clip.py --init assets/models/micro-clip --steps 800 --lr 2e-4 --run-dir runs/micro-clip-ft
+    python train/micro_clip.py --init assets/models/micro-clip --relation-weight 1 --steps 1000 --run-dir runs/micro-clip-rel
 
 The exported folder loads offline with ``CLIPModel.from_pretrained`` (``CLIPImageProcessor`` too:
 64x64 RGB, normalized to [-1, 1]); the tokenizer is ``diffaccel.tokenizers.clip_tokenizer()``.
@@ -81,6 +88,27 @@ def contrastive_loss(model, pixels: torch.Tensor, captions: list[str], negatives
     return (image_to_text + text_to_image) / 2
 
 
+def relation_loss(text_model, probe: torch.nn.Linear, scenes: list[Scene], tokenizer) -> torch.Tensor:
+    """Cross-entropy of ``probe`` reading the relation from each token state of the text tower, from
+    the relation word to the last of the ``model_max_length`` positions (padding included, no
+    attention mask: what a Stable Diffusion pipeline feeds its UNet). Every relation caption is
+    paired with its flipped twin, so the two differ only in the relation word. Scenes without a
+    relation are skipped; none at all gives a zero loss."""
+    scenes = [s for s in scenes if s.relation is not None]
+    device = next(text_model.parameters()).device
+    if not scenes:
+        return torch.zeros((), device=device)
+    scenes = scenes + [dataclasses.replace(s, relation=_OPPOSITE[s.relation]) for s in scenes]
+    ids = tokenizer([s.caption for s in scenes], padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    n = len(scenes) // 2
+    differs = torch.cat([ids[:n] != ids[n:]] * 2)  # the relation word's position (same in both twins)
+    after = differs.int().cumsum(1) > 0
+    states = text_model(input_ids=ids.to(device))[0]
+    labels = torch.tensor([RELATIONS.index(s.relation) for s in scenes]).repeat_interleave(after.sum(1))
+    return F.cross_entropy(probe(states[after.to(device)]), labels.to(device))
+
+
 @torch.no_grad()
 def evaluate(model, tokenizer, n: int = 256, batch: int = 64, seed: int = 1,
              split: str = "heldout") -> dict[str, float]:
@@ -153,15 +181,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from transformers import CLIPModel
 
     args = trainkit.parse_args("micro-clip", argv, batch_size=128, steps=3000, lr=5e-4,
-                               eval_images=256, init="")
+                               eval_images=256, init="", relation_weight=0.0)
     torch.manual_seed(args.seed)
     if args.init:  # fine-tune a trained CLIPModel folder (e.g. the bundled micro-CLIP) instead
         model = CLIPModel.from_pretrained(args.init, dtype=torch.float32).to(args.device).train()
     else:
         model = CLIPModel(clip_config(args.config)).to(args.device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
+    probe = torch.nn.Linear(model.config.text_config.hidden_size, len(RELATIONS)).to(args.device)
+    trained = torch.nn.ModuleDict({"model": model, "probe": probe}) if args.relation_weight else model
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=args.lr, weight_decay=0.05)
     ckpt = trainkit.Checkpoint(args.run_dir)
-    start = ckpt.load(model, optimizer) if args.resume else 0
+    start = ckpt.load(trained, optimizer) if args.resume else 0
     tokenizer = clip_tokenizer()
     data = ShapeWorldImages("train", IMAGE_SIZE, length=trainkit.DATA_LENGTH, seed=args.seed)
     timer, loss = trainkit.Timer(args.save_every), None
@@ -177,21 +207,23 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         pixels = torch.stack([data[i][0] for i in idx]).to(args.device)
         negatives = [perturb(s, rng).caption for s in scenes]
         loss = contrastive_loss(model, pixels, [s.caption for s in scenes], negatives, tokenizer)
+        if args.relation_weight:
+            loss = loss + args.relation_weight * relation_loss(model.text_model, probe, scenes, tokenizer)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
         optimizer.step()
         if step % 20 == 0 and hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{loss.item():.3f}")
         if timer.due():
-            ckpt.save(step + 1, model, optimizer)
+            ckpt.save(step + 1, trained, optimizer)
             if timer.stop:
                 break
     if timer.stop:
         print(f"stopped after step {step + 1}; continue with --resume")
         return {}
     if start < args.steps:
-        ckpt.save(args.steps, model, optimizer)
+        ckpt.save(args.steps, trained, optimizer)
     model.eval()
     scores = evaluate(model, tokenizer, n=args.eval_images) if args.eval_images else {}
     print(json.dumps({"step": args.steps, **scores}))

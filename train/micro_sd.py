@@ -7,6 +7,11 @@ tower (``train/micro_clip.py``). Standard epsilon objective on SD1.5's noise sch
 captions are dropped to "" for classifier-free guidance; an EMA of the weights is exported.
 
     python train/micro_sd.py --steps 20000 --resume --export assets/models/micro-sd
+    python train/micro_sd.py --init assets/models/micro-sd --clip runs/micro-clip-rel/export \
+        --vae assets/models/micro-sd/vae --steps 3000 --lr 1e-4 --cache 40000 --run-dir runs/micro-sd-ft
+
+``--init`` fine-tunes the UNet of an exported micro-SD folder (e.g. onto a retrained text tower)
+instead of starting from random weights; the EMA starts from those weights too.
 
 The export is a ``StableDiffusionPipeline`` folder (fp16 safetensors, CLIP tokenizer, DDIM
 scheduler, no safety checker) that loads offline with ``StableDiffusionPipeline.from_pretrained``.
@@ -94,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args = trainkit.parse_args(
         "micro-sd", argv, batch_size=32, steps=20000, lr=3e-4, ema_decay=0.999, cache=0,
-        clip=str(trainkit.REPO / "assets/models/micro-clip"),
+        clip=str(trainkit.REPO / "assets/models/micro-clip"), init="",
         vae=str(trainkit.REPO / "runs/micro-vae/vae"))
     data = ShapeWorldImages("train", IMAGE_SIZE, length=trainkit.DATA_LENGTH, seed=args.seed)
     if args.cache:  # render before CUDA starts: the renderers are forked processes
@@ -106,8 +111,14 @@ def main(argv: list[str] | None = None) -> None:
     vae.requires_grad_(False)
     latent_size = IMAGE_SIZE // 2 ** (len(vae.config.block_out_channels) - 1)
     torch.manual_seed(args.seed)
-    unet = UNet2DConditionModel(**unet_config(text_encoder.config.hidden_size, args.config,
-                                              latent_size)).to(args.device).train()
+    if args.init:
+        unet = UNet2DConditionModel.from_pretrained(args.init, subfolder="unet", torch_dtype=torch.float32)
+        if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
+            raise ValueError(f"--init UNet cross-attends to {unet.config.cross_attention_dim} features, the "
+                             f"--clip text tower gives {text_encoder.config.hidden_size}")
+    else:
+        unet = UNet2DConditionModel(**unet_config(text_encoder.config.hidden_size, args.config, latent_size))
+    unet = unet.to(args.device).train()
     ema = EMAModel(unet.parameters(), decay=args.ema_decay, use_ema_warmup=True, power=0.75)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.01)
     ckpt = trainkit.Checkpoint(args.run_dir)
@@ -166,7 +177,8 @@ def main(argv: list[str] | None = None) -> None:
         pipe.save_pretrained(str(args.export), safe_serialization=True)
         (args.export / "training.json").write_text(json.dumps(
             {"steps": max(start, args.steps), "batch_size": args.batch_size, "lr": args.lr,
-             "ema_decay": args.ema_decay, "seed": args.seed}, indent=2) + "\n")
+             "ema_decay": args.ema_decay, "seed": args.seed, "init": args.init or None, "clip": args.clip},
+            indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -54,12 +54,16 @@ class FKSteeringConfig:
         resample_every: score and resample at every n-th step from ``resample_start``; 0 turns
             intermediate resampling off. Rewards are only computed at these steps (the stride).
         resample_start, resample_end: first and last step index (0-based) that may resample;
-            ``resample_end=None`` is the second-to-last step.
+            ``resample_end=None`` is the second-to-last step. Resampling on steps where the reward
+            of x0 says little about the final reward only spends diversity: with best-sample
+            selection, start where it becomes predictive (``bench/fk_predictiveness.py`` measures
+            it; on micro-SD at 20 steps, about step 12) and set ``ess_threshold``.
         resampling: ``"multinomial"`` or ``"systematic"``.
         ess_threshold: adaptive resampling: resample only when the effective sample size falls
             below ``ess_threshold * k`` (in (0, 1]); ``None`` resamples at every scheduled step.
         final_correction: after the last step, resample once more with weights
             ``exp(lambda r(x0)) / prod(potentials)`` so the target is ``p(x0) exp(lambda r(x0))``.
+            It samples that target; when only the best particle is kept it can only drop candidates.
         max_batch: run the denoiser, VAE and reward on at most this many particles at once
             (same results, less memory); ``None``: all at once.
         seed: seeds the resampling draws (and the noise of :class:`FlowMatchSDEScheduler`).

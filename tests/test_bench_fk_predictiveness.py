@@ -1,0 +1,32 @@
+"""bench/fk_predictiveness.py: the within-prompt AUC it reports, checked on hand-made cases."""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
+from fk_predictiveness import within_prompt_auc  # noqa: E402
+
+
+def test_auc_counts_only_pairs_within_a_prompt():
+    scores = torch.tensor([[0.9, 0.1, 0.5], [0.0, 1.0, 1.0]])
+    passed = torch.tensor([[True, False, False], [True, False, False]])
+    auc, pairs = within_prompt_auc(scores, passed)
+    # prompt 0: the passing particle beats both; prompt 1: it loses to both (across prompts 0.9 > 0.0 is not counted)
+    assert pairs == 4
+    assert auc == pytest.approx(0.5)
+
+
+def test_auc_is_one_for_a_perfect_guide_and_ties_count_half():
+    passed = torch.tensor([[True, True, False, False]])
+    assert within_prompt_auc(torch.tensor([[0.8, 0.7, 0.2, 0.1]]), passed) == (1.0, 4)
+    assert within_prompt_auc(torch.tensor([[0.5, 0.5, 0.5, 0.5]]), passed) == (0.5, 4)
+
+
+def test_auc_is_nan_without_mixed_prompts():
+    auc, pairs = within_prompt_auc(torch.rand(3, 4), torch.ones(3, 4, dtype=torch.bool))
+    assert pairs == 0 and auc != auc
