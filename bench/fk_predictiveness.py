@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for step, row in rows.items():
         print(f"  step {int(step):3d}: auc {row['auc']:.3f} ({row['pairs']} pairs)  top particle passes "
               f"{row['top_pass']:.3f}  mean x0 reward {row['mean_reward']:.3f}")
-    tag = args.tag or ("quick" if args.quick else f"{os.path.basename(args.image_model)}_{args.split}_{args.device}")
+    model = os.path.basename(args.image_model).replace("-", "_")
+    tag = args.tag or ("quick" if args.quick else f"{model}_{args.split}_{args.device.split(':')[0]}")
     write_report(report, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
                                       "results", f"fk_predictiveness_{tag}.json"))
     return report
