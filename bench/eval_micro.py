@@ -1,6 +1,7 @@
 """Evaluate the micro models on held-out ShapeWorld prompts; writes bench/results/eval_micro_<device>.json.
 
-micro-SD: the verifier's accuracy (all criteria met) and mean score per prompt kind, at 25-50 DDIM
+micro-SD: the verifier's accuracy (all criteria met), mean score and the share meeting each
+criterion per prompt kind (held-out prompts, or ``--split train``), at 25-50 DDIM
 steps, next to the same pipeline with a random-weight UNet (the floor); FID against real renders of
 held-out scenes with micro-CLIP's image features (torchmetrics' pluggable feature extractor).
 micro-CLIP: zero-shot caption retrieval and hard-negative accuracy on held-out images.
@@ -10,6 +11,7 @@ pipeline with a random-weight transformer.
 
     python bench/eval_micro.py --steps 25 --prompts 64 --fid-images 256
     python bench/eval_micro.py --sd runs/micro-sd/export --skip-clip   # a checkpoint's export
+    python bench/eval_micro.py --skip-clip --skip-video --kinds relation --split train --fid-images 0
     python bench/eval_micro.py --skip-clip --skip-sd --video runs/micro-video/export --video-prompts 64
 """
 
@@ -43,8 +45,10 @@ def verifier_scores(images: torch.Tensor, prompts: list[str]) -> dict[str, float
     from diffaccel.shapeworld import Verifier
 
     results = Verifier().verify(images, prompts)
+    names = sorted({name for r in results for name in r.criteria})
     return {"accuracy": sum(r.passed for r in results) / len(results),
-            "mean_score": sum(r.score for r in results) / len(results)}
+            "mean_score": sum(r.score for r in results) / len(results),
+            "criteria": {name: sum(r.criteria.get(name, False) for r in results) / len(results) for name in names}}
 
 
 def fid(real: torch.Tensor, fake: torch.Tensor, features: torch.nn.Module) -> float:
@@ -70,9 +74,9 @@ def evaluate_sd(args: argparse.Namespace, features: torch.nn.Module) -> dict:
     with seeded(args.seed, "random-unet"):
         random_unet = UNet2DConditionModel.from_config(pipe.unet.config).to(args.device)
     report: dict = {"model": str(args.sd), "steps": args.steps, "guidance_scale": args.guidance,
-                    "prompts_per_kind": args.prompts, "kinds": {}}
+                    "prompts_per_kind": args.prompts, "split": args.split, "kinds": {}}
     for kind in args.kinds:
-        prompts = eval_prompts(kind, args.prompts, seed=args.seed, split="heldout")
+        prompts = eval_prompts(kind, args.prompts, seed=args.seed, split=args.split)
         start = time.perf_counter()
         trained = verifier_scores(generate(pipe, prompts, args.steps, args.guidance, args.seed, args.batch),
                                   prompts)
@@ -162,6 +166,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--prompts", type=int, default=64, help="held-out prompts per kind")
     parser.add_argument("--kinds", nargs="+", default=["single", "relation", "count"],
                         choices=["single", "relation", "count"])
+    parser.add_argument("--split", default="heldout", choices=["heldout", "train"],
+                        help="micro-SD prompt split (train: tells generalization failures from learning ones)")
     parser.add_argument("--fid-images", type=int, default=256)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)

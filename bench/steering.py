@@ -230,6 +230,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="tiny random pipelines, few prompts: a smoke test")
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed .. first-seed + seeds - 1")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--ks", default="4,8", help="FK particle counts compared with k = 1 and best-of-N")
     parser.add_argument("--multiples", default="1,2,4,8,16", help="NFE budgets of the curves, in multiples of --steps")
@@ -280,7 +281,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         prompts = eval_prompts(kind, args.prompts, seed=0, split=args.split)
         fk = {"potential": args.fk_potential, "lmbda": args.fk_lambda, "start": args.fk_start,
               "final_correction": args.fk_final_correction, "ess": args.fk_ess or None}
-        bench = Bench(pipe, call, prompts, list(range(args.seeds)), args.steps, rewards, fk)
+        bench = Bench(pipe, call, prompts, list(range(args.first_seed, args.first_seed + args.seeds)), args.steps,
+                      rewards, fk)
         entry: dict[str, Any] = {"prompts": prompts}
         for steer_name in steer_names:
             check = "clip" if steer_name == "shapeworld" else "shapeworld"

@@ -296,6 +296,9 @@ def test_eval_script_runs_on_a_tiny_export(tiny_exports, monkeypatch, tmp_path):
                               str(tmp_path / "r.json")])
     single = report["micro_sd"]["kinds"]["single"]
     assert 0 <= single["trained"]["accuracy"] <= 1 and 0 <= single["random_unet"]["mean_score"] <= 1
+    criteria = single["trained"]["criteria"]
+    assert set(criteria) == {"object_0_color", "object_0_shape"}
+    assert min(criteria.values()) >= single["trained"]["accuracy"]  # passing needs every criterion
     assert np.isfinite(report["micro_sd"]["fid_micro_clip"]) and report["micro_sd"]["fid_micro_clip"] >= 0
     assert (tmp_path / "r.json").is_file()
     with pytest.raises(ValueError, match="--steps"):
