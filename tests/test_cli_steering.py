@@ -24,6 +24,12 @@ def test_particles_write_the_best_image_and_steering_stats(tmp_path, capsys):
     assert all(0.0 <= r <= 1.0 for r in steering["rewards"])  # verifier scores
 
 
+def test_particles_resample_only_from_the_start_step(tmp_path, capsys):
+    main(["generate", PROMPT, "--steps", "4", "--height", "32", "--width", "32", "--particles", "2",
+          "--resample-every", "1", "--resample-start", "2", "--out", str(tmp_path / "fk.png")])
+    assert "resampled at steps [2, 3]" in capsys.readouterr().out
+
+
 def test_search_spends_the_budget(tmp_path, capsys):
     stats_path = tmp_path / "stats.json"
     main(["generate", PROMPT, "--steps", "2", "--height", "32", "--width", "32", "--search", "random",
@@ -39,6 +45,8 @@ def test_search_spends_the_budget(tmp_path, capsys):
         (["--particles", "0"], "must be >= 1"),
         (["--particles", "2", "--search", "random"], "not allowed with argument"),
         (["--search", "grid"], "invalid choice"),
+        (["--particles", "2", "--resample-start", "-1"], "must be >= 0"),
+        (["--particles", "2", "--ess-threshold", "1.5"], "must be in (0, 1]"),
     ],
 )
 def test_bad_steering_flags(tmp_path, capsys, argv, message):

@@ -30,6 +30,20 @@ def _positive(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
 def add_steering_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--particles``, ``--search`` and their options to ``parser``."""
     group = parser.add_mutually_exclusive_group()
@@ -39,7 +53,12 @@ def add_steering_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=_positive, default=None, metavar="NFE", help="search budget (default: 4 x steps)")
     parser.add_argument("--potential", choices=("max", "difference", "sum", "immediate"), default="max")
     parser.add_argument("--lmbda", type=float, default=10.0, help="FK potential inverse temperature")
-    parser.add_argument("--resample-every", type=int, default=5, help="FK: steps between resamplings (0: off)")
+    parser.add_argument("--resample-every", type=_non_negative, default=5, help="FK: steps between resamplings (0: off)")
+    parser.add_argument("--resample-start", type=_non_negative, default=0, metavar="STEP",
+                        help="FK: first step (0-based) that may resample; start where the reward of x0 becomes "
+                             "predictive (bench/fk_predictiveness.py)")
+    parser.add_argument("--ess-threshold", type=_fraction, default=None, metavar="F",
+                        help="FK: resample only when the effective sample size falls below F x K")
 
 
 def make_reward(spec: str, device: str = "cpu") -> Reward:
@@ -106,7 +125,8 @@ def run_steering(args: argparse.Namespace, pipe: Any, call: dict[str, Any]) -> t
     call = dict(call, **stochastic_call(pipe))
     if args.particles is not None:
         config = FKSteeringConfig(
-            num_particles=args.particles, potential=args.potential, lmbda=args.lmbda, resample_every=args.resample_every
+            num_particles=args.particles, potential=args.potential, lmbda=args.lmbda, resample_every=args.resample_every,
+            resample_start=args.resample_start, ess_threshold=args.ess_threshold,
         )
         out = steer(pipe, config, reward)(args.prompt, **call)
         best = out.best_indices[0]
