@@ -19,6 +19,8 @@ import os
 import sys
 from typing import Any, Sequence
 
+from .cli_types import non_negative_float, positive_int
+
 #: The bundled micro-SD (``assets/models/micro-sd``), trained on ShapeWorld scenes.
 DEFAULT_MODEL = "micro-sd"
 #: A tiny Stable Diffusion pipeline with RANDOM weights, built in code.
@@ -37,20 +39,6 @@ def _schedule(text: str) -> Any:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _nonnegative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``diffaccel`` command."""
     parser = argparse.ArgumentParser(prog="diffaccel", description=__doc__.split("\n")[0])
@@ -60,11 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default=DEFAULT_MODEL,
                      help=f"local folder, hub id, {DEFAULT_MODEL} (the default, bundled) or {RANDOM_MODEL}")
     gen.add_argument("--out", required=True, help="output image file (.png, .jpg, .webp)")
-    gen.add_argument("--steps", type=_positive_int, default=50)
+    gen.add_argument("--steps", type=positive_int, default=50)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--guidance-scale", type=float, default=None, help="default: 5 for micro-sd, else 7.5")
-    gen.add_argument("--height", type=_positive_int, default=None)
-    gen.add_argument("--width", type=_positive_int, default=None)
+    gen.add_argument("--height", type=positive_int, default=None)
+    gen.add_argument("--width", type=positive_int, default=None)
     gen.add_argument(
         "--encoder-reuse",
         type=_schedule,
@@ -74,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--parallel", action=argparse.BooleanOptionalAction, default=None,
                      help="batched decoding (default: on CUDA)")
-    gen.add_argument("--max-parallel-steps", type=_positive_int, default=None, help="cap on steps per batched decoder call")
+    gen.add_argument("--max-parallel-steps", type=positive_int, default=None, help="cap on steps per batched decoder call")
     gen.add_argument("--noise-injection", type=float, default=0.0, help="prior noise injection coefficient (paper: 0.003)")
     gen.add_argument(
         "--quantize",
@@ -84,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument(
         "--delta-cache",
-        type=_nonnegative_float,
+        type=non_negative_float,
         default=None,
         metavar="THRESHOLD",
         help="temporal delta cache: skip transformer blocks whose input changed less than this (e.g. 0.05)",
@@ -96,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .video_cli import add_parser as add_video_parser
 
     add_steering_arguments(gen)
-    add_video_parser(commands, _positive_int, _nonnegative_float)
+    add_video_parser(commands)
     return parser
 
 

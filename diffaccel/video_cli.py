@@ -18,13 +18,15 @@ import os
 import sys
 from typing import Any
 
+from .cli_types import non_negative_float, positive_int
+
 #: The bundled micro text-to-video model (``assets/models/micro-video``).
 MICRO_VIDEO = "micro-video"
 #: A tiny Wan pipeline with RANDOM weights, built in code.
 RANDOM_VIDEO_MODEL = "diffaccel/tiny-random-wan"
 
 
-def add_parser(commands: Any, positive_int: Any, nonnegative_float: Any) -> None:
+def add_parser(commands: Any) -> None:
     """Add the ``generate-video`` subcommand to the ``diffaccel`` parser's subparsers."""
     video = commands.add_parser("generate-video", help="generate a clip from a prompt (GIF)")
     video.add_argument("prompt")
@@ -40,7 +42,7 @@ def add_parser(commands: Any, positive_int: Any, nonnegative_float: Any) -> None
     video.add_argument("--fps", type=positive_int, default=8)
     video.add_argument("--quantize", choices=("nvfp4", "int8"), default=None,
                        help="quantize the transformer's Linear layers: NVFP4 (W4A16) or INT8 (W8A8)")
-    video.add_argument("--delta-cache", type=nonnegative_float, default=None, metavar="THRESHOLD",
+    video.add_argument("--delta-cache", type=non_negative_float, default=None, metavar="THRESHOLD",
                        help="temporal delta cache: skip blocks whose input changed less than this (e.g. 0.05)")
     video.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     video.add_argument("--stats-json", default=None, help="also write the call's statistics to this JSON file")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..cli_types import fraction, non_negative_int, positive_int
 from ..rewards.base import Reward
 from .noise_search import SEARCH_METHODS
 
@@ -23,41 +24,20 @@ REWARD_HELP = (
 )
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return value
-
-
 def add_steering_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--particles``, ``--search`` and their options to ``parser``."""
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--particles", type=_positive, default=None, metavar="K", help="FK steering with K particles")
+    group.add_argument("--particles", type=positive_int, default=None, metavar="K", help="FK steering with K particles")
     group.add_argument("--search", choices=SEARCH_METHODS, default=None, help="noise search method")
     parser.add_argument("--reward", default="shapeworld", help=f"steering/search reward: {REWARD_HELP}")
-    parser.add_argument("--budget", type=_positive, default=None, metavar="NFE", help="search budget (default: 4 x steps)")
+    parser.add_argument("--budget", type=positive_int, default=None, metavar="NFE", help="search budget (default: 4 x steps)")
     parser.add_argument("--potential", choices=("max", "difference", "sum", "immediate"), default="max")
     parser.add_argument("--lmbda", type=float, default=10.0, help="FK potential inverse temperature")
-    parser.add_argument("--resample-every", type=_non_negative, default=5, help="FK: steps between resamplings (0: off)")
-    parser.add_argument("--resample-start", type=_non_negative, default=0, metavar="STEP",
+    parser.add_argument("--resample-every", type=non_negative_int, default=5, help="FK: steps between resamplings (0: off)")
+    parser.add_argument("--resample-start", type=non_negative_int, default=0, metavar="STEP",
                         help="FK: first step (0-based) that may resample; start where the reward of x0 becomes "
                              "predictive (bench/fk_predictiveness.py)")
-    parser.add_argument("--ess-threshold", type=_fraction, default=None, metavar="F",
+    parser.add_argument("--ess-threshold", type=fraction, default=None, metavar="F",
                         help="FK: resample only when the effective sample size falls below F x K")
 
 
