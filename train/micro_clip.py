@@ -13,7 +13,8 @@ every token state from the relation word to the end of the 77-token sequence the
 
     python train/micro_clip.py --steps 3000 --resume --export assets/models/micro-clip
     python train/micro_clip.py --init assets/models/micro-clip --steps 800 --lr 2e-4 --run-dir runs/micro-clip-ft
-    python train/micro_clip.py --init assets/models/micro-clip --relation-weight 1 --steps 1000 --run-dir runs/micro-clip-rel
+    python train/micro_clip.py --init assets/models/micro-clip --relation-weight 1 --steps 800 --lr 3e-4 \
+        --run-dir runs/micro-clip-rel
 
 The exported folder loads offline with ``CLIPModel.from_pretrained`` (``CLIPImageProcessor`` too:
 64x64 RGB, normalized to [-1, 1]); the tokenizer is ``diffaccel.tokenizers.clip_tokenizer()``.
@@ -187,8 +188,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         model = CLIPModel.from_pretrained(args.init, dtype=torch.float32).to(args.device).train()
     else:
         model = CLIPModel(clip_config(args.config)).to(args.device).train()
-    probe = torch.nn.Linear(model.config.text_config.hidden_size, len(RELATIONS)).to(args.device)
-    trained = torch.nn.ModuleDict({"model": model, "probe": probe}) if args.relation_weight else model
+    probe = (torch.nn.Linear(model.config.text_config.hidden_size, len(RELATIONS)).to(args.device)
+             if args.relation_weight else None)  # created only when used: runs without it draw no extra randomness
+    trained = model if probe is None else torch.nn.ModuleDict({"model": model, "probe": probe})
     optimizer = torch.optim.AdamW(trained.parameters(), lr=args.lr, weight_decay=0.05)
     ckpt = trainkit.Checkpoint(args.run_dir)
     start = ckpt.load(trained, optimizer) if args.resume else 0

@@ -8,7 +8,7 @@ captions are dropped to "" for classifier-free guidance; an EMA of the weights i
 
     python train/micro_sd.py --steps 20000 --resume --export assets/models/micro-sd
     python train/micro_sd.py --init assets/models/micro-sd --clip runs/micro-clip-rel/export \
-        --vae assets/models/micro-sd/vae --steps 3000 --lr 1e-4 --cache 40000 --run-dir runs/micro-sd-ft
+        --vae assets/models/micro-sd/vae --steps 3000 --batch-size 64 --lr 2e-4 --cache 40000 --run-dir runs/micro-sd-ft
 
 ``--init`` fine-tunes the UNet of an exported micro-SD folder (e.g. onto a retrained text tower)
 instead of starting from random weights; the EMA starts from those weights too.
