@@ -4,7 +4,8 @@ FK steering resamples particles by a reward on their predicted x0 at intermediat
 only beat best-of-N (independent samples, the best one kept) if, among the particles of one prompt,
 the ones that score higher mid-way are the ones that pass at the end. This script runs ``k``
 particles per prompt with no resampling (so they are exactly best-of-k samples), scores the
-predicted x0 at every ``--every``-th step, and reports per step:
+predicted x0 at every ``--every``-th step with each of the ``--guides`` rewards (candidate
+intermediate rewards: the ShapeWorld verifier, micro-CLIP), and reports per step and guide:
 
 - ``auc``: over pairs of particles of the same prompt where one passes the verifier at the end and
   the other does not, the fraction in which the passing one scores higher at that step (ties count
@@ -14,6 +15,7 @@ predicted x0 at every ``--every``-th step, and reports per step:
 
 Usage:
     python bench/fk_predictiveness.py --image-model micro-sd --split train --prompts 48 --k 4
+    python bench/fk_predictiveness.py --split heldout --prompts 64 --guides shapeworld,clip
     python bench/fk_predictiveness.py --quick      # tiny random SD: smoke test, numbers meaningless
 
 Writes ``bench/results/fk_predictiveness_<tag>.json``.
@@ -31,12 +33,40 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchkit import write_report  # noqa: E402
-from diffaccel.rewards import ShapeWorldReward  # noqa: E402
+from diffaccel.rewards import CLIPScoreReward, Reward, ShapeWorldReward  # noqa: E402
 from diffaccel.shapeworld import eval_prompts  # noqa: E402
 from diffaccel.steering.fk import call_sizes, particle_kwargs  # noqa: E402
 from diffaccel.steering.media import pipeline_media  # noqa: E402
 from diffaccel.steering.session import ParticleSession  # noqa: E402
-from steering import load  # noqa: E402
+from steering import load, tiny_clip_folder  # noqa: E402
+
+GUIDES = ("shapeworld", "clip")
+
+
+class GuideScores(Reward):
+    """Scores media with every reward of ``guides``, keeps each one's scores per call in ``history``
+    and returns the first one's (the session needs one score per particle; there is no resampling)."""
+
+    def __init__(self, guides: dict[str, Reward]) -> None:
+        self.guides = guides
+        self.name = next(iter(guides))
+        self.worst = next(iter(guides.values())).worst
+        self.history: dict[str, list[torch.Tensor]] = {name: [] for name in guides}
+
+    def _score(self, media: torch.Tensor, prompts: list[str], clips: bool) -> torch.Tensor:
+        first = None
+        for name, reward in self.guides.items():
+            part = media.to(reward.device)
+            scores = torch.as_tensor(reward.score_clips(part, prompts) if clips else reward.score_images(part, prompts))
+            self.history[name].append(scores.detach().float().cpu())
+            first = scores if first is None else first
+        return first
+
+    def score_images(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return self._score(images, prompts, clips=False)
+
+    def score_clips(self, clips: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return self._score(clips, prompts, clips=True)
 
 
 def within_prompt_auc(scores: torch.Tensor, passed: torch.Tensor) -> tuple[float, int]:
@@ -53,22 +83,37 @@ def within_prompt_auc(scores: torch.Tensor, passed: torch.Tensor) -> tuple[float
 
 
 def trajectories(pipe: Any, call: dict[str, Any], prompts: list[str], k: int, steps: int, every: int,
-                 reward: ShapeWorldReward, seed: int) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-    """Intermediate rewards ``{step: (prompts, k)}`` and final rewards ``(prompts, k)``, no resampling."""
-    intermediate: dict[int, list[torch.Tensor]] = {}
+                 guides: dict[str, Reward], verifier: ShapeWorldReward, seed: int
+                 ) -> tuple[dict[str, dict[int, torch.Tensor]], torch.Tensor]:
+    """Intermediate rewards ``{guide: {step: (prompts, k)}}`` and final verifier scores ``(prompts, k)``,
+    with no resampling."""
+    intermediate: dict[str, dict[int, list[torch.Tensor]]] = {name: {} for name in guides}
     finals = []
     for prompt in tqdm(prompts, desc=f"k={k} trajectories"):
         particles = [prompt] * k
-
-        def record(step: int, is_last: bool, rewards: torch.Tensor) -> None:
-            intermediate.setdefault(step, []).append(rewards.detach().float().cpu())
-
+        scorer = GuideScores(guides)
+        scored: list[int] = []
         kwargs = dict(call, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed))
-        session = ParticleSession(pipe, reward, particles, lambda n: set(range(0, n - 1, every)), record,
-                                  call_sizes(pipe, kwargs))
+        session = ParticleSession(pipe, scorer, particles, lambda n: set(range(0, n - 1, every)),
+                                  lambda step, is_last, rewards: scored.append(step), call_sizes(pipe, kwargs))
         output = session.run(pipe, particle_kwargs(kwargs, particles, k))
-        finals.append(reward(pipeline_media(output), particles).float().cpu())
-    return {s: torch.stack(v) for s, v in sorted(intermediate.items())}, torch.stack(finals)
+        for name, history in scorer.history.items():
+            for step, scores in zip(scored, history):
+                intermediate[name].setdefault(step, []).append(scores)
+        finals.append(verifier(pipeline_media(output), particles).float().cpu())
+    stacked = {name: {s: torch.stack(v) for s, v in sorted(by_step.items())} for name, by_step in intermediate.items()}
+    return stacked, torch.stack(finals)
+
+
+def guide_rows(steps: dict[int, torch.Tensor], passed: torch.Tensor) -> dict[str, dict[str, float]]:
+    """Per step: the within-prompt AUC of one guide's scores, its pairs, mean score and top-particle pass rate."""
+    rows = {}
+    for step, scores in steps.items():
+        auc, pairs = within_prompt_auc(scores, passed)
+        top = scores.argmax(1, keepdim=True)  # first of the tied best, as resampling's arg-max would
+        rows[str(step)] = {"auc": auc, "pairs": pairs, "mean_reward": float(scores.mean()),
+                           "top_pass": float(passed.gather(1, top).float().mean())}
+    return rows
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -81,35 +126,53 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--every", type=int, default=2, help="score every n-th step")
     parser.add_argument("--split", default="train", choices=("train", "heldout"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eta", type=float, default=None,
+                        help="DDIM eta (default 1: the stochastic steps FK needs; lower keeps trajectories closer to the ODE)")
+    parser.add_argument("--guides", default="shapeworld",
+                        help=f"intermediate rewards scored on the predicted x0, comma-separated: {', '.join(GUIDES)}")
+    parser.add_argument("--clip", default=None, help="transformers CLIP folder of the clip guide (default: micro-CLIP)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tag", default=None)
     args = parser.parse_args(argv)
     for name in ("prompts", "k", "steps", "every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
+    names = args.guides.split(",")
+    if unknown := [g for g in names if g not in GUIDES] or len(set(names)) < len(names):
+        parser.error(f"--guides must name distinct rewards among {GUIDES}, got {args.guides!r} ({unknown})")
     if args.quick:
         args.prompts, args.steps, args.k = 2, 4, 2
-    pipe, call = load(None if args.quick else args.image_model, "sd", args.device)
+    try:
+        pipe, call = load(None if args.quick else args.image_model, "sd", args.device, args.eta)
+    except ValueError as error:
+        parser.error(f"--eta: {error}")
     prompts = eval_prompts("relation", args.prompts, seed=args.seed, split=args.split)
-    reward = ShapeWorldReward()
-    steps, finals = trajectories(pipe, call, prompts, args.k, args.steps, args.every, reward, args.seed)
+    verifier = ShapeWorldReward()
+    guides: dict[str, Reward] = {}
+    for name in names:
+        if name == "shapeworld":
+            guides[name] = verifier
+        else:
+            if args.clip is None:
+                from diffaccel.micro_models import micro_model_path
+
+                args.clip = tiny_clip_folder() if args.quick else str(micro_model_path("micro-clip"))
+            guides[name] = CLIPScoreReward.from_transformers(args.clip, device=args.device)
+    by_guide, finals = trajectories(pipe, call, prompts, args.k, args.steps, args.every, guides, verifier, args.seed)
     passed = finals >= 1.0
     top_final = finals.argmax(1, keepdim=True)
-    rows = {}
-    for step, scores in steps.items():
-        auc, pairs = within_prompt_auc(scores, passed)
-        top = scores.argmax(1, keepdim=True)  # first of the tied best, as resampling's arg-max would
-        rows[str(step)] = {"auc": auc, "pairs": pairs, "mean_reward": float(scores.mean()),
-                           "top_pass": float(passed.gather(1, top).float().mean())}
     report = {
         "args": vars(args), "note": "quick: tiny RANDOM pipeline, numbers meaningless" if args.quick else "",
         "device": args.device, "prompts": prompts, "pass_rate": float(passed.float().mean()),
-        "best_of_k": float(passed.gather(1, top_final).float().mean()), "steps": rows,
+        "best_of_k": float(passed.gather(1, top_final).float().mean()),
+        "guides": {name: guide_rows(steps, passed) for name, steps in by_guide.items()},
     }
     print(f"pass rate {report['pass_rate']:.3f}, best-of-{args.k} {report['best_of_k']:.3f}")
-    for step, row in rows.items():
-        print(f"  step {int(step):3d}: auc {row['auc']:.3f} ({row['pairs']} pairs)  top particle passes "
-              f"{row['top_pass']:.3f}  mean x0 reward {row['mean_reward']:.3f}")
+    for name, rows in report["guides"].items():
+        print(f"guide {name}:")
+        for step, row in rows.items():
+            print(f"  step {int(step):3d}: auc {row['auc']:.3f} ({row['pairs']} pairs)  top particle passes "
+                  f"{row['top_pass']:.3f}  mean x0 reward {row['mean_reward']:.3f}")
     model = os.path.basename(args.image_model).replace("-", "_")
     tag = args.tag or ("quick" if args.quick else f"{model}_{args.split}_{args.device.split(':')[0]}")
     write_report(report, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",

@@ -60,8 +60,9 @@ def tiny_clip_folder() -> str:
     return folder
 
 
-def load(path: str | None, tiny: str, device: str) -> tuple[Any, dict[str, Any]]:
-    """A pipeline (a local folder, or the tiny random one) made stochastic; returns it and call kwargs."""
+def load(path: str | None, tiny: str, device: str, eta: float | None = None) -> tuple[Any, dict[str, Any]]:
+    """A pipeline (a local folder, or the tiny random one) made stochastic; returns it and call kwargs.
+    ``eta`` replaces the DDIM eta of 1 that makes DDIM pipelines stochastic (ValueError on other schedulers)."""
     if path is None:
         from diffaccel.testing import TINY_CALL_KWARGS, tiny_pipeline
 
@@ -82,6 +83,10 @@ def load(path: str | None, tiny: str, device: str) -> tuple[Any, dict[str, Any]]
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     call.update(stochastic_call(pipe))
+    if eta is not None:
+        if "eta" not in call:
+            raise ValueError(f"eta is a DDIM setting; this pipeline samples with {type(pipe.scheduler).__name__}")
+        call["eta"] = eta
     return pipe, call
 
 
@@ -234,7 +239,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--ks", default="4,8", help="FK particle counts compared with k = 1 and best-of-N")
     parser.add_argument("--multiples", default="1,2,4,8,16", help="NFE budgets of the curves, in multiples of --steps")
-    parser.add_argument("--methods", default=",".join(METHODS), help="methods of the reward-vs-NFE curves")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="methods of the reward-vs-NFE curves ('': no curves, only the k tables)")
     parser.add_argument("--steer", default="shapeworld,clip",
                         help="steering rewards (each run is checked with the other reward)")
     parser.add_argument("--fk-potential", default="max", help="FK potential: max, difference, sum, immediate")
@@ -248,6 +254,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--fk-ess", type=float, default=0.5,
                         help="FK adaptive resampling: resample only when the ESS falls below this fraction of k "
                              "(0: at every scheduled step)")
+    parser.add_argument("--eta", type=float, default=None,
+                        help="DDIM eta of the image pipeline (default 1); lower eta makes x0 predictions predictive "
+                             "earlier (bench/fk_predictiveness.py --eta), at less diversity after resampling")
     parser.add_argument("--skip-accelerated", action="store_true", help="leave out accelerated-vs-plain FK (sweeps)")
     parser.add_argument("--split", default="heldout", choices=("heldout", "train"),
                         help="prompt split (tune FK settings on train, report on heldout)")
@@ -259,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.quick:
         args.prompts, args.seeds, args.steps = 1, 1, 4
     ks, multiples = ([int(v) for v in text.split(",")] for text in (args.ks, args.multiples))
-    methods, steer_names = tuple(args.methods.split(",")), args.steer.split(",")
+    methods, steer_names = tuple(m for m in args.methods.split(",") if m), args.steer.split(",")
     if unknown := [m for m in methods if m not in METHODS] + [r for r in steer_names if r not in ("shapeworld", "clip")]:
         parser.error(f"unknown --methods / --steer values {unknown}: methods are {METHODS}, rewards shapeworld, clip")
     if args.quick:
@@ -277,7 +286,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"args": vars(args), "note": note}
     curve_sets: dict[str, Any] = {}
     for label, path, tiny, kind in setups:
-        pipe, call = load(path, tiny, args.device)
+        try:
+            pipe, call = load(path, tiny, args.device, args.eta if label == "image" else None)
+        except ValueError as error:
+            parser.error(f"--eta: {error}")
         prompts = eval_prompts(kind, args.prompts, seed=0, split=args.split)
         fk = {"potential": args.fk_potential, "lmbda": args.fk_lambda, "start": args.fk_start,
               "final_correction": args.fk_final_correction, "ess": args.fk_ess or None}

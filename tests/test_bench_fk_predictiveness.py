@@ -30,3 +30,26 @@ def test_auc_is_one_for_a_perfect_guide_and_ties_count_half():
 def test_auc_is_nan_without_mixed_prompts():
     auc, pairs = within_prompt_auc(torch.rand(3, 4), torch.ones(3, 4, dtype=torch.bool))
     assert pairs == 0 and auc != auc
+
+
+def test_guide_scores_records_every_guide_and_returns_the_first():
+    from diffaccel.rewards import FunctionReward
+    from fk_predictiveness import GuideScores
+
+    bright = FunctionReward(lambda x, p: x.mean(dim=(1, 2, 3)), name="bright")
+    red = FunctionReward(lambda x, p: x[:, 0].mean(dim=(1, 2)), name="red")
+    scorer = GuideScores({"bright": bright, "red": red})
+    images = torch.zeros(2, 3, 4, 4)
+    images[0, 0] = 1.0
+    assert torch.allclose(scorer(images, "a red square"), torch.tensor([1 / 3, 0.0]))
+    assert torch.allclose(scorer.history["red"][0], torch.tensor([1.0, 0.0]))
+    assert scorer.name == "bright" and len(scorer.history["bright"]) == 1
+
+
+def test_load_sets_ddim_eta_and_refuses_it_elsewhere():
+    from steering import load
+
+    _, call = load(None, "sd", "cpu", eta=0.5)
+    assert call["eta"] == 0.5
+    with pytest.raises(ValueError, match="DDIM"):
+        load(None, "flux", "cpu", eta=0.5)
