@@ -5,7 +5,8 @@ only beat best-of-N (independent samples, the best one kept) if, among the parti
 the ones that score higher mid-way are the ones that pass at the end. This script runs ``k``
 particles per prompt with no resampling (so they are exactly best-of-k samples), scores the
 predicted x0 at every ``--every``-th step with each of the ``--guides`` rewards (candidate
-intermediate rewards: the ShapeWorld verifier, micro-CLIP), and reports per step and guide:
+intermediate rewards: the ShapeWorld verifier, its layout-only check, micro-CLIP), and reports per
+step and guide:
 
 - ``auc``: over pairs of particles of the same prompt where one passes the verifier at the end and
   the other does not, the fraction in which the passing one scores higher at that step (ties count
@@ -15,7 +16,7 @@ intermediate rewards: the ShapeWorld verifier, micro-CLIP), and reports per step
 
 Usage:
     python bench/fk_predictiveness.py --image-model micro-sd --split train --prompts 48 --k 4
-    python bench/fk_predictiveness.py --split heldout --prompts 64 --guides shapeworld,clip
+    python bench/fk_predictiveness.py --split heldout --prompts 64 --guides shapeworld,layout,clip
     python bench/fk_predictiveness.py --quick      # tiny random SD: smoke test, numbers meaningless
 
 Writes ``bench/results/fk_predictiveness_<tag>.json``.
@@ -40,7 +41,7 @@ from diffaccel.steering.media import pipeline_media  # noqa: E402
 from diffaccel.steering.session import ParticleSession  # noqa: E402
 from steering import load, tiny_clip_folder  # noqa: E402
 
-GUIDES = ("shapeworld", "clip")
+GUIDES = ("shapeworld", "layout", "clip")
 
 
 class GuideScores(Reward):
@@ -152,6 +153,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in names:
         if name == "shapeworld":
             guides[name] = verifier
+        elif name == "layout":
+            guides[name] = ShapeWorldReward(shapes=False)
         else:
             if args.clip is None:
                 from diffaccel.micro_models import micro_model_path

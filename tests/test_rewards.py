@@ -166,6 +166,18 @@ def test_shapeworld_reward_scores_rendered_scenes():
     assert (reward(blank, captions) < 1.0).all()
 
 
+def test_shapeworld_layout_reward_forgives_wrong_shapes_only():
+    from diffaccel.shapeworld import Scene, ShapeObject, render
+
+    image = render(Scene((ShapeObject("circle", "red", 0.3, 0.5, 0.25), ShapeObject("square", "blue", 0.7, 0.5, 0.25)),
+                         relation="left of"))
+    prompts = ["a red triangle to the left of a blue triangle", "a red circle to the right of a blue square"]
+    layout = ShapeWorldReward(shapes=False)
+    assert layout.name == "shapeworld-layout"
+    assert layout([image] * 2, prompts).tolist() == pytest.approx([1.0, 2 / 3])
+    assert ShapeWorldReward()([image] * 2, prompts).tolist() == pytest.approx([0.4, 0.8])
+
+
 def test_shapeworld_reward_checks_the_motion_of_clips():
     shapeworld = pytest.importorskip("diffaccel.shapeworld")
     if not hasattr(shapeworld, "Verifier"):

@@ -141,6 +141,27 @@ def test_every_criterion_can_fail():
     assert [r.criteria.get("count") for r in counts] == [False, True, None]
 
 
+def test_layout_mode_ignores_shapes_but_not_colors_positions_or_motion():
+    red_circle = ShapeObject("circle", "red", 0.3, 0.5, 0.25)
+    blue_square = ShapeObject("square", "blue", 0.7, 0.5, 0.25)
+    pair = render(Scene((red_circle, blue_square), relation="left of"))
+    cases = {  # prompt -> the layout criteria that must fail
+        "a red triangle to the left of a blue circle": set(),  # wrong shapes: still the right layout
+        "a red square to the right of a blue square": {"relation"},
+        "a green circle to the left of a blue square": {"object_0_color", "relation"},
+        "two red squares": {"count"},
+    }
+    results = VERIFIER.verify([pair] * len(cases), list(cases), shapes=False)
+    for (prompt, failing), result in zip(cases.items(), results):
+        assert not any(name.endswith("_shape") for name in result.criteria), prompt
+        assert {k for k, ok in result.criteria.items() if not ok} == failing, prompt
+    scenes, clips, prompts = _clips(4)
+    reshaped = [p.replace(s.objects[0].shape, "circle" if s.objects[0].shape != "circle" else "square")
+                for s, p in zip(scenes, prompts)]
+    assert all(r.passed for r in VERIFIER.verify_clips(clips, reshaped, shapes=False))
+    assert not any(r.passed for r in VERIFIER.verify_clips(clips, reshaped))
+
+
 def test_motion_criterion_fails_for_the_wrong_direction_and_for_still_clips():
     scenes, clips, prompts = _clips(8)
     opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}

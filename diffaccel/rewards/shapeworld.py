@@ -17,22 +17,31 @@ from .base import Reward
 
 
 class ShapeWorldReward(Reward):
-    """``Verification.score`` of :class:`diffaccel.shapeworld.Verifier` (in [0, 1]; 0 is the worst)."""
+    """``Verification.score`` of :class:`diffaccel.shapeworld.Verifier` (in [0, 1]; 0 is the worst).
+
+    ``shapes=False`` scores the layout only (colors, counts, relations and motion of objects matched
+    by color, whatever their shapes; named ``shapeworld-layout``): an intermediate reward that
+    blurry early x0 predictions can already satisfy.
+    """
 
     name = "shapeworld"
     worst = 0.0
 
-    def __init__(self, verifier: Any = None) -> None:
+    def __init__(self, verifier: Any = None, shapes: bool = True) -> None:
         if verifier is None:
             from ..shapeworld import (
                 Verifier,  # imported lazily: the verifier lives in its own subpackage
             )
 
             verifier = Verifier()
-        self.verifier = verifier
+        self.verifier, self.shapes = verifier, shapes
+        if not shapes:
+            self.name = "shapeworld-layout"
 
     def score_images(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        return torch.tensor([v.score for v in self.verifier.verify(images.cpu(), prompts)], dtype=torch.float32)
+        verdicts = self.verifier.verify(images.cpu(), prompts, shapes=self.shapes)
+        return torch.tensor([v.score for v in verdicts], dtype=torch.float32)
 
     def score_clips(self, clips: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        return torch.tensor([v.score for v in self.verifier.verify_clips(clips.cpu(), prompts)], dtype=torch.float32)
+        verdicts = self.verifier.verify_clips(clips.cpu(), prompts, shapes=self.shapes)
+        return torch.tensor([v.score for v in verdicts], dtype=torch.float32)

@@ -16,6 +16,10 @@ Criteria (all booleans; ``score`` is the fraction met, ``passed`` all of them):
 For clips, the still criteria are judged per frame and pass if they hold in at least half the
 frames; object 0 must be found in at least half the frames for the motion to be judged.
 
+``shapes=False`` judges the layout only: objects are matched by color alone, so the shape criteria
+drop out and count, relation and motion hold whatever the objects' shapes. Blurry predictions of
+early sampling steps already show colored blobs and where they sit, long before their shapes.
+
 Example:
     >>> from diffaccel.shapeworld import Scene, ShapeObject, Verifier, render
     >>> scene = Scene((ShapeObject("circle", "red", 0.3, 0.5, 0.25),
@@ -28,6 +32,8 @@ Example:
     {'object_0_color': True, 'object_0_shape': True, 'object_1_color': True, 'object_1_shape': True, 'relation': False}
     >>> Verifier().verify([image], ["two purple triangles"])[0].score
     0.0
+    >>> Verifier().verify([image], ["a red square to the left of a blue circle"], shapes=False)[0].criteria
+    {'object_0_color': True, 'object_1_color': True, 'relation': True}
 """
 
 from __future__ import annotations
@@ -71,8 +77,9 @@ class Verification:
         return all(self.criteria.values())
 
 
-def _matches(detections: list[Detection], pair: tuple[str, str]) -> list[Detection]:
-    return [d for d in detections if (d.color, d.shape) == pair]
+def _matches(detections: list[Detection], pair: tuple[str, str], shapes: bool = True) -> list[Detection]:
+    """The detections of ``pair``'s color and shape (its color alone without ``shapes``)."""
+    return [d for d in detections if d.color == pair[0] and (not shapes or d.shape == pair[1])]
 
 
 @dataclass(frozen=True)
@@ -129,19 +136,21 @@ class Verifier:
             max_aspect=self.max_aspect,
         )
 
-    def verify(self, images, prompts) -> list[Verification]:
+    def verify(self, images, prompts, shapes: bool = True) -> list[Verification]:
         """Score images (list of PIL, numpy (N, H, W, 3) uint8 or float in [0, 1], or tensor
-        (N, 3, H, W) in [0, 1]) against prompts (one per image, or one str for all)."""
+        (N, 3, H, W) in [0, 1]) against prompts (one per image, or one str for all); ``shapes=False``
+        judges the layout only (see the module docs)."""
         specs, prompts = self._parse(prompts, _length(images))
         detections = self.detect(images)
         return [
-            Verification(p, self._still(s, d), (tuple(d),))
+            Verification(p, self._still(s, d, shapes), (tuple(d),))
             for p, s, d in zip(prompts, specs, detections)
         ]
 
-    def verify_clips(self, clips, prompts) -> list[Verification]:
+    def verify_clips(self, clips, prompts, shapes: bool = True) -> list[Verification]:
         """Score clips (list of lists of PIL frames, tensor (N, T, 3, H, W) in [0, 1], or numpy
-        (N, T, H, W, 3) uint8 or float in [0, 1]) against prompts (one per clip, or one str)."""
+        (N, T, H, W, 3) uint8 or float in [0, 1]) against prompts (one per clip, or one str);
+        ``shapes=False`` judges the layout only (see the module docs)."""
         if isinstance(clips, (torch.Tensor, np.ndarray)):
             if clips.ndim != 5:
                 raise ValueError(
@@ -165,7 +174,7 @@ class Verifier:
             per_frame = detections[start : start + t]
             start += t
             results.append(
-                Verification(prompt, self._clip(spec, per_frame), tuple(map(tuple, per_frame)))
+                Verification(prompt, self._clip(spec, per_frame, shapes), tuple(map(tuple, per_frame)))
             )
         return results
 
@@ -175,19 +184,20 @@ class Verifier:
             raise ValueError(f"got {len(prompts)} prompts for {n} images or clips")
         return [parse_prompt(p) for p in prompts], prompts
 
-    def _still(self, spec: PromptSpec, detections: list[Detection]) -> dict[str, bool]:
+    def _still(self, spec: PromptSpec, detections: list[Detection], shapes: bool = True) -> dict[str, bool]:
         criteria = {}
         for i, (color, shape) in enumerate(spec.objects):
             criteria[f"object_{i}_color"] = any(d.color == color for d in detections)
-            criteria[f"object_{i}_shape"] = bool(_matches(detections, (color, shape)))
+            if shapes:
+                criteria[f"object_{i}_shape"] = bool(_matches(detections, (color, shape)))
         if spec.count > 1:
-            criteria["count"] = len(_matches(detections, spec.objects[0])) == spec.count
+            criteria["count"] = len(_matches(detections, spec.objects[0], shapes)) == spec.count
         if spec.relation is not None:
             axis, sign = _AXES[spec.relation]
             criteria["relation"] = any(
                 self._related(a, b, axis, sign)
-                for a in _matches(detections, spec.objects[0])
-                for b in _matches(detections, spec.objects[1])
+                for a in _matches(detections, spec.objects[0], shapes)
+                for b in _matches(detections, spec.objects[1], shapes)
                 if a is not b
             )
         return criteria
@@ -197,17 +207,17 @@ class Verifier:
         along, across = sign * delta[axis], abs(delta[1 - axis])
         return bool(along > self.relation_margin and along > across / 2)
 
-    def _clip(self, spec: PromptSpec, frames: list[list[Detection]]) -> dict[str, bool]:
-        votes = [self._still(spec, d) for d in frames]
+    def _clip(self, spec: PromptSpec, frames: list[list[Detection]], shapes: bool = True) -> dict[str, bool]:
+        votes = [self._still(spec, d, shapes) for d in frames]
         criteria = {k: 2 * sum(v[k] for v in votes) >= len(votes) for k in votes[0]}
         if spec.motion is not None:
-            criteria["motion"] = self._moves(spec, frames)
+            criteria["motion"] = self._moves(spec, frames, shapes)
         return criteria
 
-    def _moves(self, spec: PromptSpec, frames: list[list[Detection]]) -> bool:
+    def _moves(self, spec: PromptSpec, frames: list[list[Detection]], shapes: bool = True) -> bool:
         t, points = [], []
         for i, detections in enumerate(frames):
-            found = _matches(detections, spec.objects[0])
+            found = _matches(detections, spec.objects[0], shapes)
             if found:  # the mean centroid of the matching objects
                 t.append(i / (len(frames) - 1))
                 points.append([np.mean([d.x for d in found]), np.mean([d.y for d in found])])
