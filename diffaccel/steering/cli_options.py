@@ -19,7 +19,8 @@ from .noise_search import SEARCH_METHODS
 
 #: ``--reward`` forms; the default needs no weights (it parses ShapeWorld captions).
 REWARD_HELP = (
-    "shapeworld (default; ShapeWorld captions), clip:MODEL[:PRETRAINED] (open_clip), "
+    "shapeworld (default; ShapeWorld captions), shapeworld-layout (colors and positions only), "
+    "clip:MODEL[:PRETRAINED] (open_clip), "
     "transformers-clip:FOLDER (e.g. micro-CLIP), aesthetic:HEAD.safetensors"
 )
 
@@ -45,14 +46,16 @@ def make_reward(spec: str, device: str = "cpu") -> Reward:
     """Build a reward from a ``--reward`` string (see :data:`REWARD_HELP`).
 
     Example:
-        >>> make_reward("shapeworld").name
-        'shapeworld'
+        >>> make_reward("shapeworld").name, make_reward("shapeworld-layout").name
+        ('shapeworld', 'shapeworld-layout')
     """
     from ..rewards import AestheticReward, CLIPScoreReward, ShapeWorldReward
 
     kind, _, rest = spec.partition(":")
     if kind == "shapeworld" and not rest:
         return ShapeWorldReward()
+    if kind == "shapeworld-layout" and not rest:
+        return ShapeWorldReward(shapes=False)
     if kind == "clip" and rest:
         model, _, pretrained = rest.partition(":")
         return CLIPScoreReward.from_open_clip(model, pretrained=pretrained or "openai", device=device)
