@@ -51,23 +51,13 @@ class GuideScores(Reward):
     def __init__(self, guides: dict[str, Reward]) -> None:
         self.guides = guides
         self.name = next(iter(guides))
-        self.worst = next(iter(guides.values())).worst
+        self.worst = guides[self.name].worst
         self.history: dict[str, list[torch.Tensor]] = {name: [] for name in guides}
 
-    def _score(self, media: torch.Tensor, prompts: list[str], clips: bool) -> torch.Tensor:
-        first = None
+    def __call__(self, media: Any, prompts: Any) -> torch.Tensor:
         for name, reward in self.guides.items():
-            part = media.to(reward.device)
-            scores = torch.as_tensor(reward.score_clips(part, prompts) if clips else reward.score_images(part, prompts))
-            self.history[name].append(scores.detach().float().cpu())
-            first = scores if first is None else first
-        return first
-
-    def score_images(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        return self._score(images, prompts, clips=False)
-
-    def score_clips(self, clips: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        return self._score(clips, prompts, clips=True)
+            self.history[name].append(reward(media, prompts))
+        return self.history[self.name][-1]
 
 
 def within_prompt_auc(scores: torch.Tensor, passed: torch.Tensor) -> tuple[float, int]:
