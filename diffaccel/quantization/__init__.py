@@ -6,7 +6,11 @@
 * :func:`quantize_`: swap a model's Linear layers in place (:mod:`.quantize`).
 * :func:`memory_report`: bits per weight and bytes against bf16 (:mod:`.report`);
   :func:`planned_memory`: the same for a plan, before quantizing (meta-device models too).
-* :func:`load_quantized`: load what a quantized model's ``save_pretrained`` wrote (:mod:`.serialization`).
+* :func:`load_quantized`: load what a quantized model's ``save_pretrained`` wrote (:mod:`.serialization`);
+  :class:`QuantizationFileError` names a missing or broken plan file.
+* What ``quantize_`` checks (:mod:`.safety`): weights it cannot quantize (refused by layer name,
+  before anything is swapped), layers their precision would mostly zero (kept in a higher one per
+  ``QuantizationConfig.fallback``), configs that quantize (almost) nothing (a warning).
 * :func:`calibrate` / :class:`PrecisionPredictor`: 6Bit-Diffusion's sensitivity predictor;
   :func:`calibrate_activation_scales`: static INT8 activation scales (:mod:`.calibration`).
 * :func:`allocate_static` / :func:`allocate_dynamic`: per-block INT8, or the nested residual per
@@ -31,12 +35,12 @@ from .allocation import (
     calibration_prompts,
 )
 from .calibration import CalibrationData, PrecisionPredictor, calibrate, calibrate_activation_scales
-from .config import CONFIG_PRECISIONS, DEFAULT_EXCLUDE, EMBEDDING_EXCLUDE, QuantizationConfig
+from .config import CONFIG_PRECISIONS, DEFAULT_EXCLUDE, EMBEDDING_EXCLUDE, FALLBACKS, QuantizationConfig
 from .feature import QuantizationFeature, QuantizationStats
 from .linear import PRECISIONS, QuantizedLinear
 from .quantize import SUPPORTED_MODELS, is_quantized, quantization_plan, quantize_, quantized_layers
 from .report import LayerMemory, MemoryReport, memory_report, planned_memory
-from .serialization import QUANTIZATION_FILE, load_quantized
+from .serialization import QUANTIZATION_FILE, QuantizationFileError, load_quantized
 
 __all__ = [
     "CalibrationData",
@@ -52,12 +56,14 @@ __all__ = [
     "CONFIG_PRECISIONS",
     "DEFAULT_EXCLUDE",
     "EMBEDDING_EXCLUDE",
+    "FALLBACKS",
     "LayerMemory",
     "MemoryReport",
     "PRECISIONS",
     "QUANTIZATION_FILE",
     "QuantizationConfig",
     "QuantizationFeature",
+    "QuantizationFileError",
     "QuantizationStats",
     "QuantizedLinear",
     "SUPPORTED_MODELS",

@@ -201,10 +201,17 @@ class DynamicPrecisionConfig(FeatureConfig):
         return tuple(block for block, bands in self.schedule if any(bands) or self.online_threshold is not None)
 
     def quantization_config(self, base: QuantizationConfig | None = None) -> QuantizationConfig:
-        """``base`` (default: all NVFP4) storing the nested residual for the refined blocks only."""
+        """``base`` (default: all NVFP4) storing the nested residual for the refined blocks only,
+        unapplied (``refine=False``) until this schedule switches it on.
+
+        Example:
+            >>> config = DynamicPrecisionConfig({"blocks.0": (True, False)}).quantization_config()
+            >>> config.overrides, config.refine
+            ((('blocks.0.*', 'nvfp4+residual'),), False)
+        """
         base = base or QuantizationConfig(precision="nvfp4")
         nested = {f"{block}.*": "nvfp4+residual" for block in self.refined_blocks}
-        return replace(base, overrides={**nested, **dict(base.overrides)})
+        return replace(base, overrides={**nested, **dict(base.overrides)}, refine=False)
 
     def attach(self, pipe: Any) -> "DynamicPrecision":
         return DynamicPrecision(self, pipe)
@@ -349,6 +356,7 @@ class DynamicPrecision(AttachedFeature):
                     f"block {block} is refined but none of its layers stores the nested residual; quantize with "
                     "DynamicPrecisionConfig.quantization_config() (precision 'nvfp4+residual' for that block)")
             self.layers[block] = [layer for layer in layers if layer.has_residual]
+        self.at_rest = [(layer, layer.refine) for layers in self.layers.values() for layer in layers]
         self.switch = _BandSwitch(self)
         HookRegistry.check_if_exists_or_initialize(self.model).register_hook(self.switch, _DYNAMIC_HOOK)
         self.probed = [blocks[block] for block, _ in config.schedule] if config.online_threshold is not None else []
@@ -383,17 +391,17 @@ class DynamicPrecision(AttachedFeature):
         self.stats.refined_fraction.append(refined / total)
         self.stats.bits_per_weight.append(bits / total)
 
-    def _unrefine(self) -> None:
-        for layers in self.layers.values():
-            for layer in layers:
-                layer.refine = False
+    def _restore(self) -> None:
+        """Put the scheduled layers' ``refine`` back as it was when the feature was attached."""
+        for layer, refine in self.at_rest:
+            layer.refine = refine
 
     def end_call(self) -> DynamicPrecisionStats:
-        self._unrefine()
+        self._restore()
         return self.stats
 
     def detach(self, pipe: Any) -> None:
-        self._unrefine()
+        self._restore()
         HookRegistry.check_if_exists_or_initialize(self.model).remove_hook(_DYNAMIC_HOOK, recurse=False)
         for module in self.probed:
             HookRegistry.check_if_exists_or_initialize(module).remove_hook(_PROBE_HOOK, recurse=False)

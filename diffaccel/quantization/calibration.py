@@ -11,7 +11,8 @@ calibration run measures both, per block and denoising step, on a handful of pro
   pipeline runs them as separate calls);
 * ``error[p, s, b] = ||out_q - out|| / ||out||``: the block's output error when the Linear
   layers inside it that the :class:`~diffaccel.quantization.QuantizationConfig` quantizes take
-  NVFP4 weights (the block runs a second time on the same inputs with the quantized weights
+  NVFP4 weights (or their fallback's, where NVFP4 would zero most of a layer's weights; see
+  :mod:`diffaccel.quantization.safety`) (the block runs a second time on the same inputs with the quantized weights
   swapped in; its float output is the one the pipeline goes on with; 0 for a block with none).
 
 :class:`PrecisionPredictor` fits ``error ~ slope * difference + intercept`` by least squares;
@@ -37,7 +38,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -46,9 +47,9 @@ from diffusers.hooks import HookRegistry, ModelHook
 from tqdm.auto import tqdm
 
 from ..errors import UnsupportedPipelineError
-from ..kernels import nvfp4_dequantize, nvfp4_quantize
 from .config import QuantizationConfig
 from .quantize import quantization_plan
+from .safety import check_weights, quantize_layer
 
 #: File that :meth:`CalibrationData.save` writes (beside a saved model, for instance).
 CALIBRATION_FILE = "diffaccel_calibration.json"
@@ -172,14 +173,33 @@ class _Recorder:
         return diff, err
 
 
+def deployed_nvfp4_weight(name: str, linear: torch.nn.Linear, config: QuantizationConfig) -> torch.Tensor:
+    """The weight ``linear`` computes with once quantized to NVFP4 by ``config``, in its own dtype: the
+    NVFP4 one, or the fallback's when NVFP4 would zero most of it (see :mod:`~diffaccel.quantization.safety`).
+
+    Example:
+        >>> linear = torch.nn.Linear(64, 32)
+        >>> weight = deployed_nvfp4_weight("fc", linear, QuantizationConfig())
+        >>> weight.shape, bool((weight - linear.weight).norm() < 0.15 * linear.weight.norm())
+        (torch.Size([32, 64]), True)
+    """
+    from .linear import QuantizedLinear
+
+    module, _ = quantize_layer(name, linear, "nvfp4", replace(config, fp4_activations=False))
+    if isinstance(module, QuantizedLinear):
+        return module.dequantized_weight(linear.weight.dtype)
+    return linear.weight.detach().clone()
+
+
 class _BlockHook(ModelHook):
     """Records a block's relative input-output difference and its output error under NVFP4 weights."""
 
-    def __init__(self, name: str, linears: list[torch.nn.Linear], counter: StepCounter, recorder: _Recorder) -> None:
+    def __init__(self, name: str, linears: dict[str, torch.nn.Linear], counter: StepCounter, recorder: _Recorder,
+                 config: QuantizationConfig) -> None:
         super().__init__()
         self.name, self.counter, self.recorder = name, counter, recorder
-        self.linears = linears
-        self.quantized = [nvfp4_dequantize(nvfp4_quantize(m.weight.detach()), m.weight.dtype) for m in self.linears]
+        self.linears = list(linears.values())
+        self.quantized = [deployed_nvfp4_weight(layer, m, config) for layer, m in linears.items()]
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         output = self.fn_ref.original_forward(*args, **kwargs)
@@ -280,8 +300,10 @@ def calibrate(
         raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
     model = denoiser_of(pipe)
     blocks = transformer_blocks(model)
-    plan = quantization_plan(model, config or QuantizationConfig())
+    config = config or QuantizationConfig()
+    plan = quantization_plan(model, config)
     quantized = [name for name, precision in plan.items() if precision != "bf16"]
+    check_weights(model, quantized)
     names = [name for name, _ in blocks]
     counter = StepCounter()
     HookRegistry.check_if_exists_or_initialize(model).register_hook(counter, _STEP_HOOK)
@@ -291,8 +313,8 @@ def calibrate(
     try:
         for name, block in blocks:
             registry = HookRegistry.check_if_exists_or_initialize(block)
-            linears = [model.get_submodule(layer) for layer in quantized if layer.startswith(name + ".")]
-            registry.register_hook(_BlockHook(name, linears, counter, recorder), _BLOCK_HOOK)
+            linears = {layer: model.get_submodule(layer) for layer in quantized if layer.startswith(name + ".")}
+            registry.register_hook(_BlockHook(name, linears, counter, recorder, config), _BLOCK_HOOK)
             registries.append(registry)
         for index, prompt in enumerate(tqdm(prompts, desc="calibration", disable=not progress)):
             counter.reset()

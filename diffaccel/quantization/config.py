@@ -10,9 +10,15 @@ Per layer, in this order:
 3. Otherwise the first ``overrides`` pattern that matches decides its precision, else ``precision``.
 
 Precisions: ``"nvfp4"`` (4.5 bits per weight; see :class:`~diffaccel.quantization.QuantizedLinear`),
-``"nvfp4+residual"`` (nested NVFP4: 9 bits per weight, the residual applied while ``refine``;
-``residual=True`` makes every ``"nvfp4"`` layer nested), ``"int8"`` (W8A8) and ``"bf16"`` (leave
-the layer as it is). Patterns are :func:`fnmatch.fnmatchcase` patterns on the module's qualified name
+``"nvfp4+residual"`` (nested NVFP4: 9 bits per weight, about 8-bit precision; the residual is
+applied from the start, ``refine=False`` stores it for :class:`~diffaccel.quantization.DynamicPrecisionConfig`
+to switch per step; ``residual=True`` makes every ``"nvfp4"`` layer nested), ``"int8"`` (W8A8)
+and ``"bf16"`` (leave the layer as it is).
+
+4. A layer whose weights would mostly round to zero in its precision (a few outliers push the
+   other blocks' E4M3 scales below their smallest value: NVFP4 then zeroes whole blocks) is kept
+   in a higher precision, as ``fallback`` says, with a warning naming it; see
+   :mod:`diffaccel.quantization.safety`. Patterns are :func:`fnmatch.fnmatchcase` patterns on the module's qualified name
 (``"transformer_blocks.0.attn.to_q"``).
 
 The default ``exclude`` (:data:`DEFAULT_EXCLUDE`) keeps unquantized the layers that are small in
@@ -55,6 +61,9 @@ from ..kernels._triton import IMPLS
 #: Values of ``QuantizationConfig.precision`` and of its ``overrides``.
 CONFIG_PRECISIONS: tuple[str, ...] = ("nvfp4", "nvfp4+residual", "int8", "bf16")
 
+#: Values of ``QuantizationConfig.fallback``.
+FALLBACKS: tuple[str, ...] = ("auto", "int8", "bf16", "none")
+
 #: The embedding and input/output projection patterns of :data:`DEFAULT_EXCLUDE`, without the norms.
 EMBEDDING_EXCLUDE: tuple[str, ...] = (
     "*embed*",
@@ -84,8 +93,17 @@ class QuantizationConfig(FeatureConfig):
             stored as a tuple of pairs so the config stays hashable.
         exclude: patterns of layers that stay unquantized (default :data:`DEFAULT_EXCLUDE`).
         min_weight_numel: layers with fewer weights stay unquantized (too small to gain).
-        residual: store the nested NVFP4 residual on every nvfp4 layer (for dynamic precision);
+        residual: store the nested NVFP4 residual on every nvfp4 layer;
             ``"nvfp4+residual"`` in ``overrides`` does it for chosen layers only.
+        refine: whether nested layers apply their residual from the start (default True: a stored
+            residual is used); False stores it unused until something switches
+            ``QuantizedLinear.refine`` on (:class:`~diffaccel.quantization.DynamicPrecisionConfig`
+            per timestep band: its ``quantization_config()`` sets False).
+        fallback: what happens to a layer whose weights would mostly (over half of the nonzero
+            ones) round to zero in its precision: ``"auto"`` (default: INT8 if INT8 keeps them,
+            else unquantized), ``"int8"``, ``"bf16"`` (unquantized) or ``"none"`` (quantize it
+            anyway). Every such layer is named in a warning and recorded in the plan
+            (``model._diffaccel_quantization["fallbacks"]``) and in the stats.
         impl: kernel choice, ``"auto"`` (Triton on CUDA), ``"triton"`` or ``"reference"``.
         fp4_activations: run the nvfp4 layers in W4A4 (activations quantized to NVFP4 per call) on
             Blackwell's FP4 tensor cores (the reference elsewhere); costs accuracy, off by default.
@@ -106,6 +124,8 @@ class QuantizationConfig(FeatureConfig):
     residual: bool = False
     impl: str = "auto"
     fp4_activations: bool = False
+    refine: bool = True
+    fallback: str = "auto"
 
     def __post_init__(self) -> None:
         if self.precision not in CONFIG_PRECISIONS:
@@ -142,6 +162,35 @@ class QuantizationConfig(FeatureConfig):
             raise ValueError(f"QuantizationConfig.fp4_activations must be True or False, got {self.fp4_activations!r}")
         if self.impl not in IMPLS:
             raise ValueError(f"QuantizationConfig.impl must be one of {IMPLS}, got {self.impl!r}")
+        if not isinstance(self.refine, bool):
+            raise ValueError(f"QuantizationConfig.refine must be True or False, got {self.refine!r}")
+        if self.fallback not in FALLBACKS:
+            raise ValueError(f"QuantizationConfig.fallback must be one of {FALLBACKS}, got {self.fallback!r}")
+
+    @property
+    def quantizes_anything(self) -> bool:
+        """Whether some precision of this config is not ``"bf16"`` (an all-bf16 config leaves every layer as is).
+
+        Example:
+            >>> QuantizationConfig("bf16").quantizes_anything
+            False
+            >>> QuantizationConfig("bf16", overrides={"*.ff.*": "int8"}).quantizes_anything
+            True
+        """
+        return any(p != "bf16" for p in (self.precision, *(value for _, value in self.overrides)))
+
+    def skip_reason(self, name: str, weight_numel: int) -> str | None:
+        """Why the layer ``name`` stays unquantized whatever its precision: ``"exclude"``, ``"min_weight_numel"`` or None.
+
+        Example:
+            >>> QuantizationConfig().skip_reason("blocks.0.attn1.to_q", 100)
+            'min_weight_numel'
+            >>> QuantizationConfig().skip_reason("proj_out", 10**6), QuantizationConfig().skip_reason("blocks.0.ffn", 10**6)
+            ('exclude', None)
+        """
+        if any(fnmatchcase(name, pattern) for pattern in self.exclude):
+            return "exclude"
+        return "min_weight_numel" if weight_numel < self.min_weight_numel else None
 
     def precision_for(self, name: str, weight_numel: int) -> str:
         """The precision of the in-scope Linear ``name`` with ``weight_numel`` weights (``"bf16"``: untouched).
@@ -154,7 +203,7 @@ class QuantizationConfig(FeatureConfig):
             >>> QuantizationConfig(residual=True).precision_for("blocks.0.attn1.to_q", 10**6)
             'nvfp4+residual'
         """
-        if any(fnmatchcase(name, pattern) for pattern in self.exclude) or weight_numel < self.min_weight_numel:
+        if self.skip_reason(name, weight_numel) is not None:
             return "bf16"
         precision = next((value for pattern, value in self.overrides if fnmatchcase(name, pattern)), self.precision)
         return "nvfp4+residual" if precision == "nvfp4" and self.residual else precision
@@ -186,6 +235,8 @@ class QuantizationConfig(FeatureConfig):
             "residual": self.residual,
             "impl": self.impl,
             "fp4_activations": self.fp4_activations,
+            "refine": self.refine,
+            "fallback": self.fallback,
         }
 
     @classmethod

@@ -40,7 +40,7 @@ from ..features.base import AttachedFeature
 from .config import QuantizationConfig
 from .quantize import is_quantized, plan_of, quantize_, quantized_layers
 from .report import memory_report
-from .serialization import load_quantized, read_quantization_plan
+from .serialization import load_quantized, saved_plan
 
 #: Pipeline attributes that hold the denoiser, in the order they are looked up.
 DENOISER_ATTRS: tuple[str, ...] = ("transformer", "unet")
@@ -52,7 +52,11 @@ class QuantizationStats:
 
     ``nbytes`` / ``bf16_nbytes`` / ``ratio`` / ``bits_per_weight`` as in
     :class:`~diffaccel.quantization.MemoryReport`; ``layers`` counts Linear layers per precision;
-    ``refined`` counts nested layers whose residual was on (``refine``) at the end of the call.
+    ``refined`` counts nested layers whose residual was on (``refine``) at the end of the call;
+    ``quantized`` counts the quantized Linear layers and ``quantized_fraction`` is their share of
+    the Linear weights (0 and 0.0: the config quantized nothing); ``fallbacks`` names the layers
+    kept in a higher precision than planned (their weights would mostly round to zero) and the
+    precision they got.
     """
 
     nbytes: int
@@ -61,6 +65,9 @@ class QuantizationStats:
     bits_per_weight: float
     layers: dict[str, int] = field(default_factory=dict)
     refined: int = 0
+    quantized: int = 0
+    quantized_fraction: float = 0.0
+    fallbacks: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form, for JSON reports."""
@@ -118,6 +125,9 @@ class QuantizationFeature(AttachedFeature):
             bits_per_weight=report.bits_per_weight,
             layers=dict(sorted(report.counts.items())),
             refined=sum(m.refine for m in quantized_layers(self.model).values()),
+            quantized=report.quantized_layers,
+            quantized_fraction=report.quantized_fraction,
+            fallbacks=dict(plan_of(self.model).get("fallbacks", {})),
         )
 
 
@@ -125,7 +135,9 @@ def load_quantized_components(path: str | os.PathLike, load_kwargs: Mapping[str,
     """The quantized denoiser saved in pipeline folder ``path``, as ``from_pretrained`` component kwargs.
 
     Empty when ``path`` is not a local folder, holds no quantized denoiser, or ``load_kwargs``
-    already passes that component. ``torch_dtype`` in ``load_kwargs`` is honoured.
+    already passes that component. ``torch_dtype`` in ``load_kwargs`` is honoured. A denoiser
+    folder that holds quantized weights without its plan raises
+    :class:`~diffaccel.quantization.serialization.QuantizationFileError` naming the missing file.
 
     Example:
         >>> load_quantized_components("/nonexistent", {})
@@ -140,7 +152,7 @@ def load_quantized_components(path: str | os.PathLike, load_kwargs: Mapping[str,
         index = json.load(handle)
     for attr in DENOISER_ATTRS:
         folder = os.path.join(os.fspath(path), attr)
-        if attr not in index or attr in load_kwargs or read_quantization_plan(folder) is None:
+        if attr not in index or attr in load_kwargs or saved_plan(folder) is None:
             continue
         library, class_name = index[attr]
         if library != "diffusers":

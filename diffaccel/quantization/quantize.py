@@ -4,7 +4,7 @@ In the style of torchao's ``quantize_``: one :class:`~diffaccel.quantization.Qua
 decides, per Linear layer, whether it becomes a
 :class:`~diffaccel.quantization.QuantizedLinear` and in which format. The plan is recorded on the
 model as ``model._diffaccel_quantization = {"config": QuantizationConfig, "layers": {name:
-layout}}`` and ``model.save_pretrained`` then also writes it (see
+layout}, "fallbacks": {name: precision}}`` and ``model.save_pretrained`` then also writes it (see
 :mod:`diffaccel.quantization.serialization`).
 
 Supported models (:data:`SUPPORTED_MODELS`): the transformers of Flux, SD3, PixArt, Wan,
@@ -27,7 +27,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+import warnings
+from typing import Any, Mapping, TypeVar
 
 from torch import nn
 from tqdm.auto import tqdm
@@ -112,23 +113,25 @@ def is_quantized(model: nn.Module) -> bool:
     return getattr(model, PLAN_ATTR, None) is not None or bool(quantized_layers(model))
 
 
-def record_plan(model: nn.Module, config: QuantizationConfig) -> None:
+def record_plan(model: nn.Module, config: QuantizationConfig, fallbacks: Mapping[str, str] | None = None) -> None:
     """Record ``config`` and the model's quantized layers on it and make ``save_pretrained`` keep them.
 
-    :func:`quantize_` calls it; call it yourself after swapping in :class:`QuantizedLinear` layers by hand.
+    ``fallbacks`` maps the layers kept in a higher precision than planned to that precision (see
+    :mod:`~diffaccel.quantization.safety`). :func:`quantize_` calls it; call it yourself after
+    swapping in :class:`QuantizedLinear` layers by hand.
 
     Example:
         >>> from diffaccel.testing import tiny_pipeline
         >>> model = tiny_pipeline("wan").transformer
         >>> model.blocks[0].ffn.net[2] = QuantizedLinear.from_linear(model.blocks[0].ffn.net[2], "int8")
         >>> record_plan(model, QuantizationConfig("int8"))
-        >>> list(plan_of(model)["layers"])
-        ['blocks.0.ffn.net.2']
+        >>> list(plan_of(model)["layers"]), plan_of(model)["fallbacks"]
+        (['blocks.0.ffn.net.2'], {})
     """
     from .serialization import install_save_pretrained
 
     layers = {name: module.layout() for name, module in quantized_layers(model).items()}
-    setattr(model, PLAN_ATTR, {"config": config, "layers": layers})
+    setattr(model, PLAN_ATTR, {"config": config, "layers": layers, "fallbacks": dict(fallbacks or {})})
     install_save_pretrained(model)
 
 
@@ -137,7 +140,12 @@ def quantize_(model: M, config: QuantizationConfig | None = None) -> M:
 
     Shows a progress bar on terminals. Returns ``model``. Raises
     :class:`~diffaccel.errors.UnsupportedPipelineError` for models not in
-    :data:`SUPPORTED_MODELS` and ``ValueError`` for a model that is already quantized.
+    :data:`SUPPORTED_MODELS` and ``ValueError`` for a model that is already quantized or a layer
+    whose weight cannot be quantized (NaN or inf, not loaded): every weight is checked before any
+    layer is swapped, so a refused model is left as it was. Warns (``UserWarning``) when the config
+    quantizes no layer, or under half of the model's Linear weights with ``min_weight_numel``
+    leaving layers out, and names the layers ``config.fallback`` kept in a higher precision because
+    their weights would mostly round to zero (:mod:`~diffaccel.quantization.safety`).
 
     Example:
         >>> import torch
@@ -146,6 +154,8 @@ def quantize_(model: M, config: QuantizationConfig | None = None) -> M:
         >>> len(unet._diffaccel_quantization["layers"])
         70
     """
+    from .safety import check_weights, coverage_warning, fallback_warning, quantize_layer
+
     config = QuantizationConfig() if config is None else config
     plan = quantization_plan(model, config)
     if is_quantized(model):
@@ -154,16 +164,18 @@ def quantize_(model: M, config: QuantizationConfig | None = None) -> M:
             "(reload the model) rather than quantizing twice"
         )
     todo = [(name, precision) for name, precision in plan.items() if precision != "bf16"]
+    check_weights(model, [name for name, _ in todo])
+    coverage = coverage_warning(model, plan, config)
+    if coverage:
+        warnings.warn(coverage, UserWarning, stacklevel=2)
+    fallbacks = []
     for name, precision in tqdm(todo, desc="quantize_", leave=False, disable=None):  # a bar on terminals only
-        layer = QuantizedLinear.from_linear(
-            model.get_submodule(name),
-            "nvfp4" if precision == "nvfp4+residual" else precision,
-            residual=precision == "nvfp4+residual",
-            impl=config.impl,
-            fp4_activations=config.fp4_activations and precision != "int8",
-        )
+        layer, fallback = quantize_layer(name, model.get_submodule(name), precision, config)
         model.set_submodule(name, layer)
-    record_plan(model, config)
+        fallbacks += [fallback] if fallback else []
+    if fallbacks:
+        warnings.warn(fallback_warning(fallbacks, config), UserWarning, stacklevel=2)
+    record_plan(model, config, {f.name: f.precision for f in fallbacks})
     return model
 
 

@@ -17,6 +17,9 @@ Example:
     layer                                       precision      bits/weight   weight bytes
     ...
     total: ... bytes (bf16: ... bytes), ratio 0.6..., ... bits per weight
+    quantized: 17 of 28 Linear layers, 52.2% of the Linear weights
+    >>> report.quantized_layers, round(report.quantized_fraction, 3)
+    (17, 0.522)
 """
 
 from __future__ import annotations
@@ -71,6 +74,17 @@ class MemoryReport:
         """Average bits per parameter over the whole model."""
         return self.nbytes * 8 / self.numel
 
+    @property
+    def quantized_layers(self) -> int:
+        """How many Linear layers are quantized (0: the config matched none)."""
+        return sum(layer.precision != "bf16" for layer in self.layers)
+
+    @property
+    def quantized_fraction(self) -> float:
+        """The quantized layers' share of all Linear weights (0.0 to 1.0; 0.0 without Linear layers)."""
+        total = sum(layer.numel for layer in self.layers)
+        return sum(layer.numel for layer in self.layers if layer.precision != "bf16") / total if total else 0.0
+
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form, for JSON reports."""
         return {
@@ -80,6 +94,8 @@ class MemoryReport:
             "bits_per_weight": self.bits_per_weight,
             "numel": self.numel,
             "counts": dict(self.counts),
+            "quantized_layers": self.quantized_layers,
+            "quantized_fraction": self.quantized_fraction,
             "layers": [dict(asdict(layer), bits_per_weight=layer.bits_per_weight) for layer in self.layers],
         }
 
@@ -93,6 +109,10 @@ class MemoryReport:
         lines.append(
             f"total: {self.nbytes:,} bytes (bf16: {self.bf16_nbytes:,} bytes), ratio {self.ratio:.3f}, "
             f"{self.bits_per_weight:.2f} bits per weight"
+        )
+        lines.append(
+            f"quantized: {self.quantized_layers} of {len(self.layers)} Linear layers, "
+            f"{self.quantized_fraction:.1%} of the Linear weights"
         )
         return "\n".join(lines)
 
