@@ -8,16 +8,17 @@
 # then download diffusers==0.42.1 and importlib_metadata into .whl/ as the device README shows. Carry: .whl.
 # Usage there: bash bench/gpu_session.sh      (about 8 minutes with the defaults)
 # Check it here on CPU in a minute: DEVICE=cpu OUT=/tmp/gpu-session bash bench/gpu_session.sh
+#   (PY=/path/to/venv/bin/python picks another Python; train/device_env.sh installs diffaccel into it)
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 DEVICE=${DEVICE:-cuda} OUT=${OUT:-bench/results/gpu-session}
 TESTS_S=${TESTS_S:-150} KERNELS_S=${KERNELS_S:-200} DIT_S=${DIT_S:-180}
 DIT_FRAMES=${DIT_FRAMES:-17} DIT_STEPS=${DIT_STEPS:-10}
 mkdir -p "$OUT"
-source train/device_env.sh  # $PY, the carried wheels, PYTHONPATH
-$PY -c "import diffusers, torch, triton; print('diffusers', diffusers.__version__, 'torch', torch.__version__,
-'triton', triton.__version__, 'device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')" \
-  | tee "$OUT/versions.txt" || exit 1
+source train/device_env.sh  # $PY, the carried wheels, PYTHONPATH, diffaccel installed from this tree
+$PY -c "import diffusers, torch, triton, diffaccel.kernels; print('diffusers', diffusers.__version__, 'torch', torch.__version__,
+'triton', triton.__version__, 'device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu',
+'diffaccel.kernels', diffaccel.kernels.__file__)" | tee "$OUT/versions.txt" || exit 1
 QUICK=""
 [ "$DEVICE" = cpu ] && QUICK=--quick
 

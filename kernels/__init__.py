@@ -1,7 +1,9 @@
 """Triton kernels, each beside a plain-torch reference, with a dispatcher per op.
 
 Every op takes ``impl="auto" | "triton" | "reference"``; ``"auto"`` runs the Triton kernel on
-CUDA tensors (or anywhere under ``TRITON_INTERPRET=1``) and the reference elsewhere.
+CUDA tensors (or anywhere under ``TRITON_INTERPRET=1``) and the reference elsewhere. Triton is
+optional (pyproject installs it on Linux only): without it every op runs its reference and
+``impl="triton"`` raises ``ImportError``.
 
 * :mod:`~diffaccel.kernels.nvfp4`: NVFP4 quantize / dequantize, :class:`NVFP4Tensor`.
 * :mod:`~diffaccel.kernels.nvfp4_gemm`: ``y = x @ W^T + b`` with NVFP4 weights (W4A16).

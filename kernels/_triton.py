@@ -4,11 +4,15 @@ A kernel decorated with :func:`jit` decides at *launch* time whether it is compi
 or run by Triton's interpreter, by reading ``triton.knobs.runtime.interpret`` (the
 ``TRITON_INTERPRET`` environment variable). ``triton.jit`` itself decides once, at import time,
 so a test that sets the variable after something imported the kernels would still get compiled
-kernels; the lazy choice makes CPU tests independent of import order. Kernels decorated here must
-not call other ``@triton.jit`` helpers (write them inline).
+kernels; the lazy choice makes CPU tests independent of import order. Device helpers that such
+kernels call are decorated with :func:`device_function` (``triton.jit``).
 
 Every op takes ``impl="auto" | "triton" | "reference"``: ``"auto"`` runs Triton for CUDA tensors
 (or everywhere while the interpreter is on) and the plain-torch reference otherwise.
+
+Triton is optional (it ships for Linux only): without it the package still imports, ``"auto"``
+always picks the reference, and ``"triton"`` raises ``ImportError``. Kernel modules take ``triton``
+and ``tl`` from here (``None`` then) and decorate device helpers with :func:`device_function`.
 
 Example:
     >>> import torch
@@ -24,16 +28,48 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-import triton
-from triton.runtime.interpreter import InterpretedFunction, _patch_lang
-from triton.runtime.jit import JITFunction
+
+try:
+    import triton
+    import triton.language as tl
+
+    _TRITON_MISSING = ""
+except ImportError as error:  # macOS, Windows: the plain-torch references still work
+    triton = tl = None
+    _TRITON_MISSING = str(error)
 
 IMPLS = ("auto", "triton", "reference")
+#: Whether the ``triton`` package imports; without it every op runs its plain-torch reference.
+TRITON_AVAILABLE = triton is not None
+
+
+def require_triton() -> None:
+    """Raise a one-line ``ImportError`` unless the ``triton`` package is importable.
+
+    Example:
+        >>> require_triton() if TRITON_AVAILABLE else None  # raises only where triton is missing
+    """
+    if not TRITON_AVAILABLE:
+        raise ImportError(
+            f"impl='triton' needs the triton package, which is not installed ({_TRITON_MISSING}); "
+            "install it (Linux) or use impl='auto' / 'reference'"
+        )
 
 
 def interpreting() -> bool:
     """Whether Triton's interpreter is on (``TRITON_INTERPRET=1``), read now, not at import."""
-    return bool(triton.knobs.runtime.interpret)
+    return TRITON_AVAILABLE and bool(triton.knobs.runtime.interpret)
+
+
+def device_function(fn: Callable[..., Any]) -> Any:
+    """``triton.jit`` for helpers that kernels call; ``fn`` itself (never launched) without triton.
+
+    Example:
+        >>> from diffaccel.kernels.nvfp4 import e2m1_to_f32  # decorated with device_function
+        >>> type(e2m1_to_f32).__name__ == ("JITFunction" if TRITON_AVAILABLE else "function")
+        True
+    """
+    return triton.jit(fn) if TRITON_AVAILABLE else fn
 
 
 class LazyKernel:
@@ -44,11 +80,14 @@ class LazyKernel:
         self._compiled: dict[bool, Any] = {}
 
     def __getitem__(self, grid: Any) -> Callable[..., Any]:
+        require_triton()
         if not interpreting():
             if "jit" not in self._compiled:
                 self._compiled["jit"] = triton.jit(self.fn)
             return self._compiled["jit"][grid]
         if "interpret" not in self._compiled:
+            from triton.runtime.interpreter import InterpretedFunction
+
             self._compiled["interpret"] = InterpretedFunction(self.fn)
         launch = self._compiled["interpret"][grid]
 
@@ -67,6 +106,9 @@ def _jit_helpers_interpreted() -> Iterator[None]:
     off at import they are compiled-mode objects that refuse host calls. During an interpreted
     launch (CPU tests only) such calls run through the interpreter instead.
     """
+    from triton.runtime.interpreter import _patch_lang
+    from triton.runtime.jit import JITFunction
+
     original = JITFunction.__call__
 
     def call(self: JITFunction, *args: Any, **kwargs: Any) -> Any:
@@ -115,6 +157,8 @@ def interpreted_e4m3_scales() -> Iterator[None]:
 
 @functools.cache
 def _interpreted(fn: Callable[..., Any]) -> Any:
+    from triton.runtime.interpreter import InterpretedFunction
+
     return InterpretedFunction(fn)
 
 
@@ -129,9 +173,11 @@ def resolve_impl(impl: str, *tensors: torch.Tensor) -> str:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     on_cuda = all(t.is_cuda for t in tensors)
     if impl == "auto":
-        return "triton" if on_cuda or interpreting() else "reference"
-    if impl == "triton" and not (on_cuda or interpreting()):
-        raise ValueError("impl='triton' needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
+        return "triton" if TRITON_AVAILABLE and (on_cuda or interpreting()) else "reference"
+    if impl == "triton":
+        require_triton()
+        if not (on_cuda or interpreting()):
+            raise ValueError("impl='triton' needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
     return impl
 
 

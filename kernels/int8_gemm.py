@@ -24,10 +24,8 @@ Example:
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
-from ._triton import check_float, interpreting, jit, resolve_impl
+from ._triton import check_float, interpreting, jit, resolve_impl, tl, triton
 from .int8_quant import int8_quantize_per_token
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)

@@ -21,10 +21,8 @@ Example:
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
-from ._triton import check_float, jit, resolve_impl
+from ._triton import check_float, jit, resolve_impl, tl, triton
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 

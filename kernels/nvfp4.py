@@ -37,10 +37,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import triton
-import triton.language as tl
 
-from ._triton import check_float, jit, resolve_impl
+from ._triton import check_float, device_function, jit, resolve_impl, tl, triton
 
 #: The eight E2M1 magnitudes, indexed by the code's low three bits.
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -120,7 +118,7 @@ def nvfp4_quantize_reference(
     return packed.reshape(x.shape[0], -1), scale.reshape(x.shape[0], -1)
 
 
-@triton.jit
+@device_function
 def e2m1_to_f32(code):
     """E2M1 code(s) (low 4 bits; bit 3 is the sign) -> float32 value."""
     e = (code >> 1) & 3
@@ -131,7 +129,7 @@ def e2m1_to_f32(code):
     return tl.where((code & 8) != 0, -mag, mag)
 
 
-@triton.jit
+@device_function
 def e4m3_to_f32(code):
     """Unsigned E4M3 bits (exponent bias 7, subnormals in steps of 2**-9) -> float32, no fp8 dtype."""
     code = code.to(tl.int32)
@@ -141,7 +139,7 @@ def e4m3_to_f32(code):
     return tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal)
 
 
-@triton.jit
+@device_function
 def f32_to_e4m3(x):
     """Non-negative float32 <= 448 -> E4M3 bits, rounded to nearest even (integer arithmetic only)."""
     bits = x.to(tl.int32, bitcast=True)
@@ -151,7 +149,7 @@ def f32_to_e4m3(x):
     return tl.where(x < 0.015625, subnormal, normal).to(tl.uint8)
 
 
-@triton.jit
+@device_function
 def f32_to_e2m1(x, full):
     """E2M1 code of ``x / full`` (``full`` > 0, else code 0), nearest even, saturating at 6."""
     v = tl.where(full > 0, tl.div_rn(tl.abs(x), tl.where(full > 0, full, 1.0)), 0.0)

@@ -24,10 +24,8 @@ Example:
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
-from ._triton import check_float, interpreting, jit, resolve_impl
+from ._triton import check_float, interpreting, jit, resolve_impl, tl, triton
 from .nvfp4 import NVFP4Tensor, e2m1_to_f32, e4m3_to_f32, nvfp4_dequantize_reference
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)

@@ -33,10 +33,8 @@ Example:
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
-from ._triton import check_float, interpreted_e4m3_scales, interpreting, jit, resolve_impl
+from ._triton import check_float, interpreted_e4m3_scales, interpreting, jit, resolve_impl, tl, triton
 from .nvfp4 import (
     BLOCK_SIZE,
     E2M1_MAX,

@@ -39,10 +39,8 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
-import triton.language as tl
 
-from ._triton import check_float, interpreting, jit, resolve_impl
+from ._triton import check_float, interpreting, jit, resolve_impl, tl, triton
 
 #: Queries per INT8 block (one scale each) and per kernel program.
 Q_BLOCK = 128
@@ -69,7 +67,7 @@ def quantize_blocks_reference(
     """
     b, h, s, d = x.shape
     xf = x.float() if mean is None else x.float() - mean
-    nb = triton.cdiv(s, block)
+    nb = -(-s // block)
     padded = torch.nn.functional.pad(xf, (0, 0, 0, nb * block - s)).reshape(b, h, nb, block * d)
     finite = torch.isfinite(padded).all(dim=-1)
     amax = padded.abs().amax(dim=-1)

@@ -4,7 +4,9 @@
 # come back under $OUT/micro-video. Each stage has a step target and a time limit; a stage that
 # hits its limit stops with a checkpoint (SIGTERM) and is exported from there.
 # Prepare here (the machine has torch/transformers, not diffusers): `echo /.whl/ >> .git/info/exclude`,
-# then download diffusers==0.42.1 and importlib_metadata into .whl/ as the device README shows.
+# then download diffusers==0.42.1, importlib_metadata and open_clip_torch (the held-out evaluation's CLIP
+# tokenizer reads its BPE file) into .whl/ as the device README shows. train/device_env.sh installs them
+# and this tree's diffaccel.
 # Carry: .whl. Usage there: bash train/micro_video_gpu.sh   (about 9 minutes with the defaults)
 # VAE_FROM=assets/models/micro-video/vae (the bundled model's VAE) skips both VAE stages and trains the DiT on that VAE.
 # Check it here on CPU in a minute: DEVICE=cpu CONFIG=tiny STILL_STEPS=2 CLIP_STEPS=4 DIT_STEPS=2 \
@@ -16,8 +18,9 @@ STILL_STEPS=${STILL_STEPS:-3000} CLIP_STEPS=${CLIP_STEPS:-3600} DIT_STEPS=${DIT_
 STILL_S=${STILL_S:-120} CLIP_S=${CLIP_S:-90} DIT_S=${DIT_S:-240}
 CACHE=${CACHE:-20000} EVAL_PROMPTS=${EVAL_PROMPTS:-64}
 mkdir -p "$OUT"
-source train/device_env.sh  # $PY, the carried wheels, PYTHONPATH
-$PY -c "import diffusers, torch; print('diffusers', diffusers.__version__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available())" || exit 1
+source train/device_env.sh  # $PY, the carried wheels, PYTHONPATH, diffaccel installed from this tree
+$PY -c "import diffusers, torch, diffaccel.pipelines; print('diffusers', diffusers.__version__, 'torch', torch.__version__,
+'cuda', torch.cuda.is_available(), 'diffaccel.pipelines', diffaccel.pipelines.__file__)" || exit 1
 
 checkpoint_step() {  # the step of the checkpoint in run dir $1
   $PY -c "import sys; sys.path.insert(0, 'train'); import trainkit; print(trainkit.Checkpoint('$1').info()['step'])"
