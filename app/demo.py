@@ -1,17 +1,23 @@
 """Gradio demo: text-to-image with and without diffaccel's encoder reuse (and optionally NVFP4 or
-INT8 weights), and text-to-video with and without the temporal delta cache, side by side.
+INT8 weights), and text-to-video with and without the temporal delta cache, side by side, each
+side judged by the ShapeWorld verifier.
 
     pip install -e ".[app]"
-    python app/demo.py [--model PATH] [--video-model PATH]
-    # defaults: the bundled micro-SD and micro-video
+    python app/demo.py [--model PATH] [--video-model PATH] [--port PORT]
+    # defaults: the bundled micro-SD and micro-video, on http://127.0.0.1:7860
 
 The generation itself is :func:`compare` and :func:`compare_video`, usable without Gradio.
+Small images (the micro models draw 64x64) are shown enlarged, nearest-neighbour, to
+:data:`DISPLAY_SIZE`; the summary states their native size.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
+import pathlib
+import tempfile
 from typing import Any, Callable
 
 import torch
@@ -19,11 +25,25 @@ import torch
 import diffaccel
 from diffaccel.cli import DEFAULT_MODEL, load_pipeline
 from diffaccel.micro_models import models_dir
+from diffaccel.shapeworld import Verification, Verifier, parse_prompt
 from diffaccel.video_cli import MICRO_VIDEO, RANDOM_VIDEO_MODEL, load_video_pipeline
 
 SCHEDULES = ("faster-diffusion", "uniform:2", "uniform:3", "uniform:5")
 #: Weight formats the accelerated side can use (``"none"``: the pipeline's own weights).
 WEIGHTS = ("none", "nvfp4", "int8")
+#: Frames per clip unless the call says otherwise: the bundled micro-video's (9-frame 64x64 clips),
+#: as ``diffaccel generate-video --frames``.
+VIDEO_FRAMES = 9
+#: GIF frame duration, milliseconds (8 frames per second, as ``diffaccel generate-video --fps``).
+FRAME_MS = 125
+#: Images and clips smaller than this (pixels, longer side) are shown enlarged by a whole factor.
+DISPLAY_SIZE = 256
+#: Requests that may wait in the queue; more are turned away until it drains.
+QUEUE_SIZE = 8
+#: The seeds the seed field accepts (those of ``torch.Generator.manual_seed``'s unsigned range).
+SEED_RANGE = (0, 2**32 - 1)
+#: Gradio's cached copies of outputs: checked every hour, deleted when older than an hour.
+DELETE_CACHE = (3600, 3600)
 _QUANTIZED: dict[tuple[int, str], Any] = {}  # (id of the float denoiser, format) -> its quantized copy
 
 
@@ -57,31 +77,91 @@ def _side_by_side(pipe: Any, denoiser: str, weights: str, config: Any, generate:
     return base, fast, base_seconds, stats
 
 
-def compare(
-    pipe: Any, prompt: str, steps: int, seed: int, schedule: str, parallel: bool, weights: str = "none"
-) -> tuple[Any, Any, str]:
-    """Generate ``prompt`` untouched and with encoder reuse (on ``weights``: ``"none"``, ``"nvfp4"``
-    or ``"int8"``); return both images and a summary. The pipeline's own UNet is never modified.
-
-    Example:
-        >>> from diffaccel.testing import tiny_pipeline
-        >>> base, fast, text = compare(tiny_pipeline("sd"), "a red circle", 10, 0, "uniform:2", False)
-        >>> "encoder evaluations: 5/10" in text
-        True
-    """
+def _check_common(prompt: str, weights: str) -> None:
+    """The inputs both tabs share; raises ``ValueError`` with a one-line message."""
     if not prompt.strip():
         raise ValueError("the prompt is empty")
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+
+
+def image_config(prompt: str, steps: int, schedule: str, parallel: bool, weights: str = "none") -> Any:
+    """The encoder-reuse config of :func:`compare`'s inputs, checked before any model work.
+
+    Example:
+        >>> image_config("a red circle", 50, "faster-diffusion", False).schedule.key_steps(50)[:4]
+        (0, 1, 2, 3)
+        >>> image_config("a red circle", 50, "uniform:2", False, "fp8")
+        Traceback (most recent call last):
+        ...
+        ValueError: weights must be one of ('none', 'nvfp4', 'int8'), got 'fp8'
+    """
+    _check_common(prompt, weights)
     config = diffaccel.EncoderReuseConfig(schedule, parallel=parallel)
-    config.schedule.key_steps(steps)
+    config.schedule.key_steps(int(steps))
+    return config
+
+
+def video_config(prompt: str, threshold: float, weights: str = "none") -> Any:
+    """The delta-cache config of :func:`compare_video`'s inputs, checked before any model work.
+
+    Example:
+        >>> video_config("a red circle moving left", 0.05).threshold
+        0.05
+    """
+    _check_common(prompt, weights)
+    return diffaccel.DeltaCacheConfig(threshold=float(threshold))
+
+
+def _describe(result: Verification) -> str:
+    failed = [name for name, ok in result.criteria.items() if not ok]
+    return f"score {result.score:.2f} " + (f"(failed: {', '.join(failed)})" if failed else "(all criteria met)")
+
+
+def verdicts(base: Any, fast: Any, prompt: str, *, clip: bool = False) -> str:
+    """The ShapeWorld verifier's verdict on both sides (PIL images, or lists of PIL frames with
+    ``clip=True``), on one line; it says so when the accelerated side's verdict differs.
+
+    Example:
+        >>> from diffaccel.shapeworld import Scene, ShapeObject, render
+        >>> scene = Scene((ShapeObject("circle", "red", 0.3, 0.5, 0.25),
+        ...                ShapeObject("square", "blue", 0.7, 0.5, 0.25)), relation="left of")
+        >>> verdicts(render(scene), render(scene), scene.caption)
+        'ShapeWorld verifier: untouched score 1.00 (all criteria met); diffaccel score 1.00 (all criteria met)'
+        >>> verdicts(render(scene), render(scene), "hello")
+        'ShapeWorld verifier: skipped (not a ShapeWorld caption)'
+    """
+    try:
+        parse_prompt(prompt)
+    except ValueError:
+        return "ShapeWorld verifier: skipped (not a ShapeWorld caption)"
+    verifier = Verifier()
+    judge = verifier.verify_clips if clip else verifier.verify
+    untouched, accelerated = judge([base, fast], [prompt, prompt])
+    changed = "" if untouched.criteria == accelerated.criteria else " -- the verdict changed"
+    return f"ShapeWorld verifier: untouched {_describe(untouched)}; diffaccel {_describe(accelerated)}{changed}"
+
+
+def compare(
+    pipe: Any, prompt: str, steps: int, seed: int, schedule: str, parallel: bool, weights: str = "none"
+) -> tuple[Any, Any, str]:
+    """Generate ``prompt`` untouched and with encoder reuse (on ``weights``: ``"none"``, ``"nvfp4"``
+    or ``"int8"``); return both images (native size) and a summary with the verifier's verdicts.
+    The pipeline's own UNet is never modified.
+
+    Example:
+        >>> from diffaccel.testing import tiny_pipeline
+        >>> base, fast, text = compare(tiny_pipeline("sd"), "a red circle", 10, 0, "uniform:2", False)
+        >>> "encoder evaluations: 5/10" in text, "ShapeWorld verifier: untouched" in text
+        (True, True)
+    """
+    config = image_config(prompt, steps, schedule, parallel, weights)
 
     def generate() -> Any:
         generator = torch.Generator("cpu").manual_seed(int(seed))
         return pipe(prompt, num_inference_steps=int(steps), generator=generator).images[0]
 
     base_image, fast_image, base_seconds, stats = _side_by_side(pipe, "unet", weights, config, generate)
-    unet = pipe.unet
     reuse = stats.features["encoder_reuse"]
     summary = (
         f"baseline: {base_seconds:.2f} s; encoder reuse: {stats.seconds:.2f} s "
@@ -90,9 +170,10 @@ def compare(
         f"decoder evaluations {reuse.decoder_evaluations} in {reuse.batched_decoder_calls} calls"
     )
     if weights != "none":
-        report = diffaccel.memory_report(_quantized_copy(unet, weights))
+        report = diffaccel.memory_report(_quantized_copy(pipe.unet, weights))
         summary += (f"\n{weights} weights: UNet {report.nbytes / 1e6:.2f} MB vs {report.bf16_nbytes / 1e6:.2f} MB "
                     f"in bf16 ({report.bits_per_weight:.2f} bits per weight)")
+    summary += "\n" + verdicts(base_image, fast_image, prompt)
     return base_image, fast_image, summary
 
 
@@ -100,8 +181,9 @@ def compare_video(
     pipe: Any, prompt: str, steps: int, seed: int, threshold: float, weights: str = "none", **call: Any
 ) -> tuple[list[Any], list[Any], str]:
     """Generate a clip untouched and with the delta cache (on ``weights``: ``"none"``, ``"nvfp4"``,
-    ``"int8"``); return both as lists of PIL frames and a summary. ``call`` goes to the pipeline
-    (sizes, ``num_frames``). The pipeline's own transformer is never modified.
+    ``"int8"``); return both as lists of PIL frames (native size) and a summary with the verifier's
+    verdicts. ``call`` goes to the pipeline (sizes; ``num_frames`` defaults to :data:`VIDEO_FRAMES`).
+    The pipeline's own transformer is never modified.
 
     Example:
         >>> from diffaccel.testing import tiny_call_inputs, tiny_pipeline
@@ -111,11 +193,8 @@ def compare_video(
     """
     from PIL import Image
 
-    if not prompt.strip():
-        raise ValueError("the prompt is empty")
-    if weights not in WEIGHTS:
-        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
-    config = diffaccel.DeltaCacheConfig(threshold=threshold)
+    config = video_config(prompt, threshold, weights)
+    call = {"num_frames": VIDEO_FRAMES, **call}
 
     def generate() -> list[Any]:
         frames = pipe(prompt, num_inference_steps=int(steps), generator=torch.Generator("cpu").manual_seed(int(seed)),
@@ -123,38 +202,101 @@ def compare_video(
         return [Image.fromarray((frame.clip(0, 1) * 255).round().astype("uint8")) for frame in frames]
 
     base_frames, fast_frames, base_seconds, stats = _side_by_side(pipe, "transformer", weights, config, generate)
-    transformer = pipe.transformer
     cache = stats.features["delta_cache"]
     summary = (f"baseline: {base_seconds:.2f} s; delta cache: {stats.seconds:.2f} s "
                f"({base_seconds / stats.seconds:.2f}x)\n"
                f"{cache.blocks_skipped}/{cache.blocks_skipped + cache.blocks_computed} blocks skipped")
     if weights != "none":
-        report = diffaccel.memory_report(_quantized_copy(transformer, weights))
+        report = diffaccel.memory_report(_quantized_copy(pipe.transformer, weights))
         summary += (f"\n{weights} weights: transformer {report.nbytes / 1e6:.2f} MB vs {report.bf16_nbytes / 1e6:.2f} MB "
                     f"in bf16")
+    summary += "\n" + verdicts(base_frames, fast_frames, prompt, clip=True)
     return base_frames, fast_frames, summary
 
 
-def _gif(frames: list[Any]) -> str:
-    """Write frames to a temporary GIF for Gradio; returns its path."""
-    import tempfile
+def enlarge(image: Any, size: int = DISPLAY_SIZE) -> Any:
+    """``image`` enlarged by the largest whole factor that keeps its longer side within ``size``
+    (nearest-neighbour: every pixel stays a sharp square); images already that large are kept.
 
-    path = tempfile.NamedTemporaryFile(suffix=".gif", delete=False).name
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=125, loop=0)
-    return path
+    Example:
+        >>> from PIL import Image
+        >>> enlarge(Image.new("RGB", (64, 32))).size
+        (256, 128)
+        >>> enlarge(Image.new("RGB", (512, 512))).size
+        (512, 512)
+    """
+    from PIL import Image
+
+    factor = max(1, size // max(image.size))
+    return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
 
 
-def build_demo(pipe: Any, model_label: str, video: tuple[Any, str, dict[str, Any]] | None = None) -> Any:
+def shown_as(native: Any, shown: Any) -> str:
+    """What the page shows of a ``native`` image as ``shown`` (both PIL), in words.
+
+    Example:
+        >>> from PIL import Image
+        >>> shown_as(Image.new("RGB", (64, 64)), Image.new("RGB", (256, 256)))
+        'native size 64x64, shown enlarged 4x (nearest-neighbour) at 256x256'
+    """
+    size = f"native size {native.width}x{native.height}"
+    if shown.size == native.size:
+        return size
+    return f"{size}, shown enlarged {shown.width // native.width}x (nearest-neighbour) at {shown.width}x{shown.height}"
+
+
+class GifStore:
+    """Writes clips as GIFs into one temporary folder the app owns (deleted with it), keeping only
+    the newest ``keep`` files: older clips are deleted as new ones are written.
+
+    Example:
+        >>> from PIL import Image
+        >>> store = GifStore(keep=2)
+        >>> paths = [store.write([Image.new("RGB", (8, 8))] * 2) for _ in range(3)]
+        >>> sorted(p.name for p in store.folder.iterdir()) == sorted(pathlib.Path(p).name for p in paths[1:])
+        True
+    """
+
+    def __init__(self, keep: int = 4) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.keep = keep
+        self._folder = tempfile.TemporaryDirectory(prefix="diffaccel-demo-")
+        self._count = itertools.count()
+        self._written: list[pathlib.Path] = []
+
+    @property
+    def folder(self) -> pathlib.Path:
+        """The folder the GIFs are written to."""
+        return pathlib.Path(self._folder.name)
+
+    def write(self, frames: list[Any]) -> str:
+        """Write ``frames`` (PIL) as a looping GIF; returns its path."""
+        path = self.folder / f"clip-{next(self._count)}.gif"
+        frames[0].save(path, save_all=True, append_images=frames[1:], duration=FRAME_MS, loop=0)
+        self._written.append(path)
+        while len(self._written) > self.keep:
+            self._written.pop(0).unlink(missing_ok=True)
+        return str(path)
+
+
+def build_demo(pipe: Any, model_label: str, video: tuple[Any, str, dict[str, Any]] | None = None,
+               gifs: GifStore | None = None) -> Any:
     """The Gradio Blocks app around :func:`compare` (and :func:`compare_video` when ``video`` is
-    ``(pipeline, label, call arguments)``)."""
+    ``(pipeline, label, call arguments)``), queued (at most :data:`QUEUE_SIZE` waiting). Clips
+    are written to ``gifs`` (default: a new :class:`GifStore`)."""
     import gradio as gr
+
+    gifs = gifs if gifs is not None else GifStore()
 
     def run(prompt: str, steps: float, seed: float, schedule: str, parallel: bool, weights: str,
             progress: Any = gr.Progress(track_tqdm=True)):
         try:
-            return compare(pipe, prompt, int(steps), int(seed), schedule, parallel, weights)
+            base, fast, text = compare(pipe, prompt, int(steps), int(seed), schedule, parallel, weights)
         except ValueError as err:
             raise gr.Error(str(err)) from None
+        shown = enlarge(base)
+        return shown, enlarge(fast), f"{text}\nimages: {shown_as(base, shown)}"
 
     def run_video(prompt: str, steps: float, seed: float, threshold: float, weights: str,
                   progress: Any = gr.Progress(track_tqdm=True)):
@@ -163,9 +305,11 @@ def build_demo(pipe: Any, model_label: str, video: tuple[Any, str, dict[str, Any
                                              **video[2])
         except ValueError as err:
             raise gr.Error(str(err)) from None
-        return _gif(base), _gif(fast), text
+        shown = [enlarge(frame) for frame in base]
+        clips = f"clips: {len(base)} frames, {shown_as(base[0], shown[0])}"
+        return gifs.write(shown), gifs.write([enlarge(frame) for frame in fast]), f"{text}\n{clips}"
 
-    with gr.Blocks(title="diffaccel") as demo:
+    with gr.Blocks(title="diffaccel", delete_cache=DELETE_CACHE) as demo:
         gr.Markdown(f"# diffaccel: encoder reuse\nmodel: `{model_label}`")
         prompt, steps, seed = _prompt_row(gr, "a red circle to the left of a blue square", 50)
         with gr.Row():
@@ -174,9 +318,9 @@ def build_demo(pipe: Any, model_label: str, video: tuple[Any, str, dict[str, Any
             weights = gr.Dropdown(list(WEIGHTS), value="none", label="quantized weights")
             button = gr.Button("generate", variant="primary")
         with gr.Row():
-            base = gr.Image(label="untouched pipeline")
-            fast = gr.Image(label="diffaccel")
-        summary = gr.Textbox(label="what it did", lines=3)
+            base = gr.Image(label="untouched pipeline", format="png", elem_id="image-untouched")
+            fast = gr.Image(label="diffaccel", format="png", elem_id="image-diffaccel")
+        summary = gr.Textbox(label="what it did", lines=5, elem_id="image-summary")
         button.click(run, [prompt, steps, seed, schedule, parallel, weights], [base, fast, summary])
         if video is not None:
             gr.Markdown(f"# text-to-video: temporal delta cache\nmodel: `{video[1]}`")
@@ -186,11 +330,11 @@ def build_demo(pipe: Any, model_label: str, video: tuple[Any, str, dict[str, Any
                 v_weights = gr.Dropdown(list(WEIGHTS), value="none", label="quantized weights")
                 v_button = gr.Button("generate clip", variant="primary")
             with gr.Row():
-                v_base = gr.Image(label="untouched pipeline", type="filepath")
-                v_fast = gr.Image(label="diffaccel", type="filepath")
-            v_summary = gr.Textbox(label="what it did", lines=3)
+                v_base = gr.Image(label="untouched pipeline", type="filepath", elem_id="clip-untouched")
+                v_fast = gr.Image(label="diffaccel", type="filepath", elem_id="clip-diffaccel")
+            v_summary = gr.Textbox(label="what it did", lines=5, elem_id="clip-summary")
             v_button.click(run_video, [v_prompt, v_steps, v_seed, v_threshold, v_weights], [v_base, v_fast, v_summary])
-    return demo
+    return demo.queue(max_size=QUEUE_SIZE)
 
 
 def _prompt_row(gr: Any, prompt: str, steps: int) -> tuple[Any, Any, Any]:
@@ -198,7 +342,20 @@ def _prompt_row(gr: Any, prompt: str, steps: int) -> tuple[Any, Any, Any]:
     with gr.Row():
         return (gr.Textbox(label="prompt", value=prompt),
                 gr.Slider(4, 100, value=steps, step=1, label="steps"),
-                gr.Number(value=0, precision=0, label="seed"))
+                gr.Number(value=0, precision=0, minimum=SEED_RANGE[0], maximum=SEED_RANGE[1], label="seed"))
+
+
+def load_models(model: str = DEFAULT_MODEL, video_model: str | None = None, device: str | None = None
+                ) -> tuple[Any, str, tuple[Any, str, dict[str, Any]]]:
+    """The arguments of :func:`build_demo` for ``model`` and ``video_model`` (None: the bundled
+    micro-video when exported, else :data:`~diffaccel.video_cli.RANDOM_VIDEO_MODEL`), as ``main`` loads them."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = load_pipeline(model, device, torch.float16 if device == "cuda" else torch.float32)
+    if video_model is None:
+        video_model = MICRO_VIDEO if (models_dir() / MICRO_VIDEO / "model_index.json").is_file() else RANDOM_VIDEO_MODEL
+    video_pipe, call = load_video_pipeline(video_model, device, torch.bfloat16 if device == "cuda" else torch.float32)
+    video_pipe.set_progress_bar_config(disable=True)
+    return pipe, model, (video_pipe, video_model, call)
 
 
 def main() -> None:
@@ -206,16 +363,10 @@ def main() -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--video-model", default=None,
                         help=f"text-to-video model (default: {MICRO_VIDEO} when trained, else {RANDOM_VIDEO_MODEL})")
+    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=7860)
     args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = load_pipeline(args.model, device, torch.float16 if device == "cuda" else torch.float32)
-    video_model = args.video_model
-    if video_model is None:
-        video_model = MICRO_VIDEO if (models_dir() / MICRO_VIDEO / "model_index.json").is_file() else RANDOM_VIDEO_MODEL
-    video_pipe, call = load_video_pipeline(video_model, device, torch.bfloat16 if device == "cuda" else torch.float32)
-    video_pipe.set_progress_bar_config(disable=True)
-    build_demo(pipe, args.model, (video_pipe, video_model, call)).launch(server_port=args.port)
+    build_demo(*load_models(args.model, args.video_model)).launch(server_name=args.host, server_port=args.port)
 
 
 if __name__ == "__main__":
