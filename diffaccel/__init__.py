@@ -8,39 +8,43 @@ Example:
     >>> pipe.acceleration_stats.features["encoder_reuse"].key_steps
     (0, 3)
     >>> pipe = diffaccel.restore(pipe)
+
+The public names load on first use (PEP 562), so ``import diffaccel`` -- and the ``diffaccel``
+command's argument parsing -- does not import torch or diffusers.
 """
 
-from .acceleration import AccelerationStats, accelerate, restore
-from .errors import DiffaccelError, UnsupportedCombinationError, UnsupportedPipelineError
-from .features.delta_cache import DeltaCacheConfig, DeltaCacheStats
-from .features.encoder_reuse import EncoderReuseConfig, EncoderReuseStats
-from .quantization import (
-    DynamicPrecisionConfig,
-    MemoryReport,
-    QuantizationConfig,
-    QuantizationStats,
-    QuantizedLinear,
-    allocate_dynamic,
-    allocate_static,
-    calibrate,
-    load_quantized,
-    memory_report,
-    quantize_,
-)
-from .features.key_steps import ExplicitSchedule, FasterDiffusionSchedule, UniformSchedule, parse_schedule
-from .steering import FKSteeringConfig, FlowMatchSDEScheduler, NoiseSearchConfig, search, steer
-from .attention import (
-    QuantizedAttention,
-    QuantizedAttentionConfig,
-    remove_quantized_attention,
-    use_quantized_attention,
-)
-from .kernels.quantized_attention import quantized_sdpa
+from __future__ import annotations
 
-# Importing the drop-in classes registers them, so accelerate() uses them for their base classes.
-from . import pipelines as _pipelines  # noqa: E402,F401  (diffaccel.pipelines maps to ./pipelines)
+import importlib
+import importlib.util
+from typing import Any
 
 __version__ = "0.1.0"
+
+#: Where each public name lives (relative to this package).
+_LAZY_NAMES: dict[str, str] = {
+    **dict.fromkeys(("AccelerationStats", "accelerate", "restore"), ".acceleration"),
+    **dict.fromkeys(("DiffaccelError", "UnsupportedCombinationError", "UnsupportedPipelineError"), ".errors"),
+    **dict.fromkeys(("DeltaCacheConfig", "DeltaCacheStats"), ".features.delta_cache"),
+    **dict.fromkeys(("EncoderReuseConfig", "EncoderReuseStats"), ".features.encoder_reuse"),
+    **dict.fromkeys(
+        ("DynamicPrecisionConfig", "MemoryReport", "QuantizationConfig", "QuantizationStats", "QuantizedLinear",
+         "allocate_dynamic", "allocate_static", "calibrate", "load_quantized", "memory_report", "quantize_"),
+        ".quantization",
+    ),
+    **dict.fromkeys(
+        ("ExplicitSchedule", "FasterDiffusionSchedule", "UniformSchedule", "parse_schedule"), ".features.key_steps"
+    ),
+    **dict.fromkeys(("FKSteeringConfig", "FlowMatchSDEScheduler", "NoiseSearchConfig", "search", "steer"), ".steering"),
+    **dict.fromkeys(
+        ("QuantizedAttention", "QuantizedAttentionConfig", "remove_quantized_attention", "use_quantized_attention"),
+        ".attention",
+    ),
+    "quantized_sdpa": ".kernels.quantized_attention",
+}
+
+#: Modules that need no torch: loading a name from them does not load the drop-in pipelines.
+_LIGHT_MODULES = (".errors", ".features.key_steps")
 
 __all__ = [
     "AccelerationStats",
@@ -52,14 +56,14 @@ __all__ = [
     "EncoderReuseStats",
     "ExplicitSchedule",
     "FKSteeringConfig",
-    "FlowMatchSDEScheduler",
     "FasterDiffusionSchedule",
+    "FlowMatchSDEScheduler",
     "MemoryReport",
     "NoiseSearchConfig",
-    "QuantizedAttention",
-    "QuantizedAttentionConfig",
     "QuantizationConfig",
     "QuantizationStats",
+    "QuantizedAttention",
+    "QuantizedAttentionConfig",
     "QuantizedLinear",
     "UniformSchedule",
     "UnsupportedCombinationError",
@@ -79,3 +83,29 @@ __all__ = [
     "steer",
     "use_quantized_attention",
 ]
+
+
+def _register_drop_in_pipelines() -> None:
+    """Import the drop-in classes (``diffaccel.pipelines``): importing them registers them, so
+    ``accelerate()`` uses them for their base classes."""
+    importlib.import_module(".pipelines", __name__)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_NAMES:
+        module_name = _LAZY_NAMES[name]
+        value = getattr(importlib.import_module(module_name, __name__), name)
+        registers = module_name not in _LIGHT_MODULES
+    elif not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f".{name}", __name__)  # ``import diffaccel`` used to load them all
+        registers = name == "acceleration"
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if registers:
+        _register_drop_in_pipelines()
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY_NAMES})

@@ -10,7 +10,8 @@
 
 The folders are produced by the training scripts under ``train/`` (see their ``--export``); a
 model that has not been exported yet raises :class:`FileNotFoundError` saying how to make it.
-``DIFFACCEL_MODELS`` overrides the folder that holds them.
+``DIFFACCEL_MODELS`` overrides the folder that holds them. Importing this module (and resolving a
+name with :func:`micro_model_path`) does not import torch; the loaders do.
 
 Example::
 
@@ -25,22 +26,22 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import TYPE_CHECKING
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
+    import torch
     from diffusers import StableDiffusionPipeline, WanPipeline
     from transformers import CLIPModel, CLIPTokenizer
 
 __all__ = [
     "MICRO_MODELS",
-    "MicroClipFeatures",
+    "MicroClipFeatures",  # noqa: F822 (defined on first use, by __getattr__)
     "load_micro_clip",
     "load_micro_sd",
     "load_micro_video",
     "micro_model_path",
     "models_dir",
+    "resolve_folder",
 ]
 
 MICRO_MODELS: tuple[str, ...] = ("micro-clip", "micro-sd", "micro-video")
@@ -81,29 +82,46 @@ def micro_model_path(name: str) -> pathlib.Path:
     return path
 
 
-def load_micro_sd(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+def resolve_folder(path: str | os.PathLike) -> str:
+    """``path`` itself, or the bundled model's folder when ``path`` is one of :data:`MICRO_MODELS`
+    and no such local folder exists: the bundled names work from any working directory.
+
+    Example::
+
+        >>> resolve_folder("micro-clip") == str(micro_model_path("micro-clip"))
+        True
+        >>> resolve_folder("path/to/clip")
+        'path/to/clip'
+    """
+    path = os.fspath(path)
+    if path in MICRO_MODELS and not os.path.isdir(path):
+        return str(micro_model_path(path))
+    return path
+
+
+def load_micro_sd(device: str | torch.device = "cpu", dtype: torch.dtype | None = None
                   ) -> StableDiffusionPipeline:
-    """micro-SD as a stock ``StableDiffusionPipeline`` (64x64 images), offline."""
+    """micro-SD as a stock ``StableDiffusionPipeline`` (64x64 images), offline; ``dtype`` None: float32."""
     from diffusers import StableDiffusionPipeline
 
     path = micro_model_path("micro-sd")
-    pipe = StableDiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
+    pipe = StableDiffusionPipeline.from_pretrained(str(path), torch_dtype=_dtype(dtype), local_files_only=True)
     pipe.set_progress_bar_config(disable=None)
     return pipe.to(device)
 
 
-def load_micro_video(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+def load_micro_video(device: str | torch.device = "cpu", dtype: torch.dtype | None = None
                      ) -> WanPipeline:
-    """micro-video as a stock ``WanPipeline``, offline."""
+    """micro-video as a stock ``WanPipeline``, offline; ``dtype`` None: float32."""
     from diffusers import WanPipeline
 
     path = micro_model_path("micro-video")
-    return WanPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True).to(device)
+    return WanPipeline.from_pretrained(str(path), torch_dtype=_dtype(dtype), local_files_only=True).to(device)
 
 
-def load_micro_clip(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+def load_micro_clip(device: str | torch.device = "cpu", dtype: torch.dtype | None = None
                     ) -> tuple[CLIPModel, CLIPTokenizer]:
-    """micro-CLIP (``CLIPModel``, eval mode) and its tokenizer (CLIP's, built offline).
+    """micro-CLIP (``CLIPModel``, eval mode; ``dtype`` None: float32) and its tokenizer (CLIP's, built offline).
 
     Its images are 64x64 RGB scaled to [-1, 1] (``pixels * 2 - 1`` for images in [0, 1]).
     """
@@ -112,39 +130,58 @@ def load_micro_clip(device: str | torch.device = "cpu", dtype: torch.dtype = tor
     from .tokenizers import clip_tokenizer
 
     path = micro_model_path("micro-clip")
-    model = CLIPModel.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+    model = CLIPModel.from_pretrained(str(path), dtype=_dtype(dtype), local_files_only=True)
     return model.to(device).eval(), clip_tokenizer()
 
 
-class MicroClipFeatures(torch.nn.Module):
-    """micro-CLIP's image embeddings as a feature extractor for torchmetrics' FID.
+def _dtype(dtype: torch.dtype | None) -> torch.dtype:
+    import torch
 
-    Takes ``(N, 3, H, W)`` images, uint8 in [0, 255] or float in [0, 1], resizes them to the
-    model's input size and returns the projected image embeddings ``(N, projection_dim)``.
+    return torch.float32 if dtype is None else dtype
 
-    Example::
 
-        >>> from torchmetrics.image.fid import FrechetInceptionDistance   # doctest: +SKIP
-        >>> fid = FrechetInceptionDistance(feature=MicroClipFeatures(), normalize=True)  # doctest: +SKIP
-    """
+def __getattr__(name: str) -> Any:
+    if name == "MicroClipFeatures":  # defined on first use: it subclasses torch.nn.Module
+        return _define_micro_clip_features()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-    def __init__(self, model: CLIPModel | None = None) -> None:
-        super().__init__()
-        self.model = model if model is not None else load_micro_clip()[0]
-        self.model.requires_grad_(False).eval()
-        self.size = self.model.config.vision_config.image_size
-        self.num_features = self.model.config.projection_dim
 
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.dtype == torch.uint8:
-            images = images.float() / 255.0
-        param = next(self.model.parameters())
-        images = images.to(param.device, torch.float32)
-        if images.shape[-2:] != (self.size, self.size):
-            images = torch.nn.functional.interpolate(images, size=(self.size, self.size),
-                                                     mode="bilinear", antialias=True, align_corners=False)
-        out = self.model.get_image_features(pixel_values=(images * 2 - 1).to(param.dtype))
-        if not isinstance(out, torch.Tensor):  # transformers 5 may return a model output
-            out = out.pooler_output
-        return out.float()
+def _define_micro_clip_features() -> type:
+    import torch
+
+    class MicroClipFeatures(torch.nn.Module):
+        """micro-CLIP's image embeddings as a feature extractor for torchmetrics' FID.
+
+        Takes ``(N, 3, H, W)`` images, uint8 in [0, 255] or float in [0, 1], resizes them to the
+        model's input size and returns the projected image embeddings ``(N, projection_dim)``.
+
+        Example::
+
+            >>> from torchmetrics.image.fid import FrechetInceptionDistance   # doctest: +SKIP
+            >>> fid = FrechetInceptionDistance(feature=MicroClipFeatures(), normalize=True)  # doctest: +SKIP
+        """
+
+        def __init__(self, model: CLIPModel | None = None) -> None:
+            super().__init__()
+            self.model = model if model is not None else load_micro_clip()[0]
+            self.model.requires_grad_(False).eval()
+            self.size = self.model.config.vision_config.image_size
+            self.num_features = self.model.config.projection_dim
+
+        @torch.no_grad()
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            if images.dtype == torch.uint8:
+                images = images.float() / 255.0
+            param = next(self.model.parameters())
+            images = images.to(param.device, torch.float32)
+            if images.shape[-2:] != (self.size, self.size):
+                images = torch.nn.functional.interpolate(images, size=(self.size, self.size),
+                                                         mode="bilinear", antialias=True, align_corners=False)
+            out = self.model.get_image_features(pixel_values=(images * 2 - 1).to(param.dtype))
+            if not isinstance(out, torch.Tensor):  # transformers 5 may return a model output
+                out = out.pooler_output
+            return out.float()
+
+    MicroClipFeatures.__module__, MicroClipFeatures.__qualname__ = __name__, "MicroClipFeatures"
+    globals()["MicroClipFeatures"] = MicroClipFeatures
+    return MicroClipFeatures

@@ -7,7 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-from diffaccel.cli import main
+from diffaccel.cli import RANDOM_MODEL, main
 
 PROMPT = "a red circle to the left of a blue square"  # a ShapeWorld caption: the default reward parses it
 
@@ -53,3 +53,16 @@ def test_bad_steering_flags(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit):
         main(["generate", PROMPT, "--out", str(tmp_path / "x.png"), *argv])
     assert message in capsys.readouterr().err
+
+
+def test_bundled_clip_reward_by_name_from_any_folder(tmp_path, capsys, monkeypatch):
+    """``transformers-clip:micro-clip`` needs no repository-relative path."""
+    from diffaccel.rewards import CLIPScoreReward
+    from diffaccel.steering.cli_options import make_reward
+
+    monkeypatch.chdir(tmp_path)
+    assert CLIPScoreReward.from_transformers("micro-clip").image_size == 64
+    assert make_reward("transformers-clip:micro-clip").name == "clip_score"
+    main(["generate", PROMPT, "--model", RANDOM_MODEL, "--steps", "2", "--height", "32", "--width", "32",
+          "--particles", "2", "--reward", "transformers-clip:micro-clip", "--out", "fk.png"])
+    assert "rewards (clip_score):" in capsys.readouterr().out and (tmp_path / "fk.png").is_file()

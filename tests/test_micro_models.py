@@ -4,6 +4,7 @@ stock diffusers/transformers classes load offline; the bundled models, when pres
 from __future__ import annotations
 
 import pathlib
+import re
 import signal
 import sys
 
@@ -245,6 +246,9 @@ def test_video_export_loads_with_wan_pipeline(tmp_path):
     frames = pipe("a red circle moving left", num_inference_steps=2, height=64, width=64, num_frames=9,
                   output_type="np", generator=torch.Generator().manual_seed(0)).frames
     assert frames.shape == (1, 9, 64, 64, 3) and np.isfinite(frames).all()
+    # the export loads with no dtype argument: every model in float32 (the weights stay fp16 on disk)
+    plain = WanPipeline.from_pretrained(str(tmp_path / "micro-video"), local_files_only=True)
+    assert {plain.text_encoder.dtype, plain.transformer.dtype, plain.vae.dtype} == {torch.float32}
 
 
 def test_exports_are_fp16_and_load_offline(tiny_exports):
@@ -267,6 +271,10 @@ def test_exports_are_fp16_and_load_offline(tiny_exports):
     image = pipe("a red circle", num_inference_steps=2, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images
     assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+    # and as the README loads the bundled one: the stock class, no dtype argument
+    plain = StableDiffusionPipeline.from_pretrained(str(tiny_exports["sd"]), local_files_only=True)
+    assert {plain.text_encoder.dtype, plain.unet.dtype, plain.vae.dtype} == {torch.float32}
+    assert np.isfinite(plain("a red circle", num_inference_steps=2, output_type="np").images).all()
 
 
 def test_loaders_and_clear_errors(tiny_exports, monkeypatch, tmp_path):
@@ -297,7 +305,7 @@ def test_eval_script_runs_on_a_tiny_export(tiny_exports, monkeypatch, tmp_path):
     single = report["micro_sd"]["kinds"]["single"]
     assert 0 <= single["trained"]["accuracy"] <= 1 and 0 <= single["random_unet"]["mean_score"] <= 1
     criteria = single["trained"]["criteria"]
-    assert set(criteria) == {"object_0_color", "object_0_shape"}
+    assert set(criteria) == {"object_0_color", "object_0_shape", "no_extra_objects"}
     assert min(criteria.values()) >= single["trained"]["accuracy"]  # passing needs every criterion
     assert np.isfinite(report["micro_sd"]["fid_micro_clip"]) and report["micro_sd"]["fid_micro_clip"] >= 0
     assert (tmp_path / "r.json").is_file()
@@ -373,3 +381,59 @@ def test_bundled_micro_video_draws_the_object():
     results = Verifier().verify_clips(clips, prompts)
     # random weights draw no object at all (color and shape criteria fail in every frame)
     assert sum(r.criteria["object_0_color"] for r in results) >= 3
+
+
+_BUNDLED = all((micro_models.models_dir() / name).is_dir() for name in micro_models.MICRO_MODELS)
+_README_LOADER = re.compile(r'`((?:StableDiffusionPipeline|WanPipeline|CLIPModel)\.from_pretrained\("assets/models/[\w-]+"\))`')
+
+
+def _module_dtypes(obj) -> set[torch.dtype]:
+    modules = [obj] if isinstance(obj, torch.nn.Module) else [
+        c for c in obj.components.values() if isinstance(c, torch.nn.Module)]
+    return {p.dtype for module in modules for p in module.parameters()}
+
+
+def _draw_sd(pipe, steps: int = 2) -> np.ndarray:
+    return pipe("a red circle above a blue square", num_inference_steps=steps, guidance_scale=5.0, output_type="np",
+                generator=torch.Generator().manual_seed(0)).images
+
+
+@pytest.mark.skipif(not _BUNDLED, reason="the micro models have not been exported to assets/models yet")
+def test_readme_loaders_run_with_the_stock_classes(monkeypatch):
+    """The README's ``X.from_pretrained("assets/models/...")`` calls, verbatim (stock classes, no dtype),
+    load every component in one dtype and run (the text encoders loaded fp16 next to an fp32 UNet/VAE:
+    the first call failed with "mat1 and mat2 must have the same dtype"). micro-SD draws the image
+    of ``load_micro_sd(dtype=float32)``."""
+    from diffusers import StableDiffusionPipeline, WanPipeline
+    from transformers import CLIPModel
+
+    calls = _README_LOADER.findall((REPO / "README.md").read_text(encoding="utf-8"))
+    assert len(calls) == 3, calls
+    monkeypatch.chdir(REPO)
+    for call in calls:
+        loaded = eval(call, {"StableDiffusionPipeline": StableDiffusionPipeline, "WanPipeline": WanPipeline,
+                             "CLIPModel": CLIPModel})
+        assert len(_module_dtypes(loaded)) == 1, (call, _module_dtypes(loaded))
+        if isinstance(loaded, StableDiffusionPipeline):
+            assert _module_dtypes(loaded) == {torch.float32}
+            np.testing.assert_array_equal(_draw_sd(loaded), _draw_sd(micro_models.load_micro_sd(dtype=torch.float32)))
+        elif isinstance(loaded, WanPipeline):
+            frames = loaded("a red circle moving left", height=64, width=64, num_frames=9, num_inference_steps=2,
+                            output_type="np").frames
+            assert frames.shape == (1, 9, 64, 64, 3) and np.isfinite(frames).all()
+        else:
+            features = loaded.get_image_features(pixel_values=torch.zeros(1, 3, 64, 64, dtype=loaded.dtype))
+            assert torch.isfinite(features.pooler_output).all()
+
+
+@pytest.mark.skipif(not _BUNDLED, reason="the micro models have not been exported to assets/models yet")
+def test_the_drop_in_class_loads_micro_sd_in_one_dtype(monkeypatch):
+    import diffaccel
+    from diffaccel.pipelines import AcceleratedStableDiffusionPipeline
+
+    monkeypatch.chdir(REPO)
+    pipe = AcceleratedStableDiffusionPipeline.from_pretrained(
+        "assets/models/micro-sd", acceleration=diffaccel.EncoderReuseConfig("uniform:2"))
+    assert _module_dtypes(pipe) == {torch.float32}
+    assert np.isfinite(_draw_sd(pipe, steps=4)).all()
+    assert pipe.acceleration_stats.features["encoder_reuse"].encoder_evaluations == 2

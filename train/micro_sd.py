@@ -173,8 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps({"step": max(start, args.steps), "run_dir": str(args.run_dir)}))
     if args.export is not None:
         ema.copy_to(unet.parameters())
-        pipe = build_pipeline(unet.eval(), vae, text_encoder).to(torch.float16)
-        pipe.save_pretrained(str(args.export), safe_serialization=True)
+        trainkit.export_pipeline_fp16(build_pipeline(unet.eval(), vae, text_encoder), args.export)
         (args.export / "training.json").write_text(json.dumps(
             {"steps": max(start, args.steps), "batch_size": args.batch_size, "lr": args.lr,
              "ema_decay": args.ema_decay, "seed": args.seed, "init": args.init or None, "clip": args.clip},

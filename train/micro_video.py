@@ -415,7 +415,7 @@ def train_dit(args) -> None:
         ckpt.save(args.steps, model, optimizer, ema, vae=str(args.vae))
     if args.export is not None:
         ema.copy_to(model.parameters())
-        pipe.to(torch.float16).save_pretrained(str(args.export), safe_serialization=True)
+        trainkit.export_pipeline_fp16(pipe, args.export)
         (args.export / "training.json").write_text(json.dumps(
             {"steps": max(start, args.steps), "batch_size": args.batch_size, "lr": args.lr,
              "warmup": args.warmup, "cache": args.cache, "ema_decay": args.ema_decay, "seed": args.seed}, indent=2) + "\n")

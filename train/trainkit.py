@@ -224,3 +224,18 @@ def export_fp16(model: Any, path: pathlib.Path) -> None:
     dtype = next(model.parameters()).dtype
     model.to(torch.float16).save_pretrained(str(path), safe_serialization=True)
     model.to(dtype)
+
+
+def export_pipeline_fp16(pipe: Any, path: pathlib.Path) -> None:
+    """``save_pretrained`` with fp16 weights (half the bytes in ``assets/``) that load as float32.
+
+    diffusers loads the UNet/transformer and VAE in float32 unless told otherwise, but transformers
+    honours the text encoder's saved ``dtype``; a text encoder that came back in fp16 next to fp32
+    models fails the first call (``mat1 and mat2 must have the same dtype``). So the text encoder's
+    config says ``float32``, and ``StableDiffusionPipeline.from_pretrained(path)`` works as is.
+    """
+    pipe.to(torch.float16).save_pretrained(str(path), safe_serialization=True)
+    config_path = path / "text_encoder" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["dtype"] = "float32"
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -120,18 +120,24 @@ class CLIPScoreReward(Reward):
     def from_transformers(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> CLIPScoreReward:
         """A transformers ``CLIPModel`` and its tokenizer from a local folder (safetensors weights).
 
-        A folder without tokenizer files (like micro-CLIP's) uses CLIP's own BPE tokenizer, built
-        offline by :func:`diffaccel.tokenizers.clip_tokenizer`. The image normalization comes from
-        the folder's ``preprocessor_config.json`` when present, else OpenAI CLIP's.
+        ``path`` may be ``"micro-clip"``: the bundled micro-CLIP (from any working directory, unless
+        a local folder has that name). A folder without tokenizer files (like micro-CLIP's) uses
+        CLIP's own BPE tokenizer, built offline by :func:`diffaccel.tokenizers.clip_tokenizer`. The
+        image normalization comes from the folder's ``preprocessor_config.json`` when present, else
+        OpenAI CLIP's.
 
         Example:
-            >>> reward = CLIPScoreReward.from_transformers("assets/micro-clip")  # doctest: +SKIP
+            >>> reward = CLIPScoreReward.from_transformers("micro-clip")
+            >>> reward.image_size
+            64
         """
         import json
 
         from transformers import AutoTokenizer, CLIPModel
 
-        path = os.fspath(path)
+        from ..micro_models import resolve_folder
+
+        path = resolve_folder(path)
         if not os.path.isdir(path):
             raise ValueError(f"from_transformers needs a local folder with a CLIPModel, got {path!r}")
         model = CLIPModel.from_pretrained(path, use_safetensors=True).to(device)

@@ -1,49 +1,28 @@
-"""``diffaccel generate`` options for FK steering (``--particles``) and noise search (``--search``).
+"""What ``diffaccel generate --particles K`` and ``--search METHOD`` run (the options themselves are
+defined in :func:`diffaccel.cli.add_steering_arguments`, so parsing them imports no torch).
 
 Example:
     >>> import argparse
-    >>> parser = argparse.ArgumentParser()
-    >>> add_steering_arguments(parser)
-    >>> parser.parse_args(["--particles", "4"]).particles
-    4
+    >>> args = argparse.Namespace(particles=4, search=None, potential="max", lmbda=10.0, resample_every=5,
+    ...                           resample_start=0, ess_threshold=None, reward="shapeworld")
+    >>> config, reward = make_steering(args, "cpu")
+    >>> config.num_particles, reward.name
+    (4, 'shapeworld')
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..cli_types import fraction, non_negative_int, positive_int
-from ..rewards.base import Reward
-from .noise_search import SEARCH_METHODS
+from ..cli_types import REWARD_HELP, fail
 
-#: ``--reward`` forms; the default needs no weights (it parses ShapeWorld captions).
-REWARD_HELP = (
-    "shapeworld (default; ShapeWorld captions), shapeworld-layout (colors and positions only), "
-    "clip:MODEL[:PRETRAINED] (open_clip), "
-    "transformers-clip:FOLDER (e.g. micro-CLIP), aesthetic:HEAD.safetensors"
-)
-
-
-def add_steering_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--particles``, ``--search`` and their options to ``parser``."""
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--particles", type=positive_int, default=None, metavar="K", help="FK steering with K particles")
-    group.add_argument("--search", choices=SEARCH_METHODS, default=None, help="noise search method")
-    parser.add_argument("--reward", default="shapeworld", help=f"steering/search reward: {REWARD_HELP}")
-    parser.add_argument("--budget", type=positive_int, default=None, metavar="NFE", help="search budget (default: 4 x steps)")
-    parser.add_argument("--potential", choices=("max", "difference", "sum", "immediate"), default="max")
-    parser.add_argument("--lmbda", type=float, default=10.0, help="FK potential inverse temperature")
-    parser.add_argument("--resample-every", type=non_negative_int, default=5, help="FK: steps between resamplings (0: off)")
-    parser.add_argument("--resample-start", type=non_negative_int, default=0, metavar="STEP",
-                        help="FK: first step (0-based) that may resample; start where the reward of x0 becomes "
-                             "predictive (bench/fk_predictiveness.py)")
-    parser.add_argument("--ess-threshold", type=fraction, default=None, metavar="F",
-                        help="FK: resample only when the effective sample size falls below F x K")
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from ..rewards.base import Reward
 
 
 def make_reward(spec: str, device: str = "cpu") -> Reward:
-    """Build a reward from a ``--reward`` string (see :data:`REWARD_HELP`).
+    """Build a reward from a ``--reward`` string (see :data:`~diffaccel.cli_types.REWARD_HELP`).
 
     Example:
         >>> make_reward("shapeworld").name, make_reward("shapeworld-layout").name
@@ -63,7 +42,31 @@ def make_reward(spec: str, device: str = "cpu") -> Reward:
         return CLIPScoreReward.from_transformers(rest, device=device)
     if kind == "aesthetic" and rest:
         return AestheticReward.from_open_clip(rest, device=device)
-    raise SystemExit(f"--reward: unknown reward {spec!r}; use {REWARD_HELP}")
+    fail(f"--reward: unknown reward {spec!r}; use {REWARD_HELP}")
+
+
+def make_steering(args: argparse.Namespace, device: str) -> tuple[Any, Reward]:
+    """The FK or noise-search config and the reward of ``args``, built before the pipeline loads;
+    a value they refuse, or a reward model that cannot load, is a one-line error."""
+    from .fk import FKSteeringConfig
+    from .noise_search import NoiseSearchConfig
+
+    try:
+        if args.particles is not None:
+            config: Any = FKSteeringConfig(
+                num_particles=args.particles, potential=args.potential, lmbda=args.lmbda,
+                resample_every=args.resample_every, resample_start=args.resample_start,
+                ess_threshold=args.ess_threshold,
+            )
+        else:
+            config = NoiseSearchConfig(args.search, budget_nfe=args.budget)
+    except ValueError as err:
+        fail(str(err))
+    try:
+        reward = make_reward(args.reward, device)
+    except (OSError, RuntimeError, ValueError) as err:
+        fail(f"--reward {args.reward}: {' '.join(str(err).split())}")
+    return config, reward
 
 
 def stochastic_call(pipe: Any) -> dict[str, Any]:
@@ -99,18 +102,15 @@ def stochastic_call(pipe: Any) -> dict[str, Any]:
     return {}
 
 
-def run_steering(args: argparse.Namespace, pipe: Any, call: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """Run ``--particles`` or ``--search`` for ``diffaccel generate``; print and return (best image, stats)."""
-    from .fk import FKSteeringConfig, steer
-    from .noise_search import NoiseSearchConfig, search
+def run_steering(args: argparse.Namespace, pipe: Any, call: dict[str, Any], config: Any, reward: Reward
+                 ) -> tuple[Any, dict[str, Any]]:
+    """Run ``--particles`` or ``--search`` (``config`` and ``reward`` from :func:`make_steering`) for
+    ``diffaccel generate``; print and return (best image, stats)."""
+    from .fk import steer
+    from .noise_search import search
 
-    reward = make_reward(args.reward, str(pipe.device))
     call = dict(call, **stochastic_call(pipe))
     if args.particles is not None:
-        config = FKSteeringConfig(
-            num_particles=args.particles, potential=args.potential, lmbda=args.lmbda, resample_every=args.resample_every,
-            resample_start=args.resample_start, ess_threshold=args.ess_threshold,
-        )
         out = steer(pipe, config, reward)(args.prompt, **call)
         best = out.best_indices[0]
         print(f"FK steering: {args.particles} particles, resampled at steps {out.stats.resampled_steps}, NFE {out.stats.nfe}")
@@ -119,7 +119,6 @@ def run_steering(args: argparse.Namespace, pipe: Any, call: dict[str, Any]) -> t
             print(f"NaN rewards (counted as the worst): {out.stats.nan_scores}")
         return out.images[best], {"method": "fk", "config": config.to_dict(), **out.stats.to_dict(),
                                   "rewards": out.rewards.tolist()}
-    config = NoiseSearchConfig(args.search, budget_nfe=args.budget or 4 * args.steps)
     out = search(pipe, args.prompt, config, reward, **call)
     print(f"{args.search} search: {len(out.trace)} candidates scored, NFE {out.nfe}/{config.budget_nfe}")
     print(f"best reward ({reward.name}): {out.reward:.4f}")
