@@ -3,7 +3,23 @@
 Features attach at the seams diffusers already has (hooks on the denoiser, the scheduler, module
 swaps). The pipeline keeps its own ``__call__``; :class:`AcceleratedPipelineMixin` only wraps it
 to tell each feature when a call begins and ends (state is per call) and to collect what the
-features did into ``pipe.acceleration_stats``.
+features did into ``pipe.acceleration_stats``. The wrapper has the base class's own signature
+(``inspect.signature(AcceleratedStableDiffusionPipeline.__call__)`` lists ``prompt``, ``height``, ...).
+
+**Features follow the pipeline that is called.** Pipelines built with ``from_pipe`` share their
+modules (the UNet or transformer, the ControlNet). The features of at most one pipeline are attached
+to a shared module at a time; at the start of each call the mixin makes sure that the features
+attached are the called pipeline's own, re-attaching them if another pipeline's replaced them. So
+``src`` and ``type(src).from_pipe(src, acceleration=...)`` each run as configured, in any order.
+Hooks do nothing outside a call of the pipeline that owns them, and quantized attention is installed
+only during its owner's calls: a plain diffusers pipeline that shares the modules
+(``StableDiffusionPipeline.from_pipe(accelerated)``) draws the untouched image. Module swaps are
+the exception, since they change the shared module itself: a denoiser quantized by
+:class:`~diffaccel.quantization.QuantizationConfig` is quantized for every pipeline that uses it.
+
+**Features follow the pipeline's current modules.** Replacing a component after ``accelerate``
+(``pipe.unet = fine_tuned_unet``) moves the features to the new module at the next call: they are
+detached from the old one and attached to the new one (quantization quantizes the new denoiser).
 
 Example:
     >>> import diffaccel
@@ -14,17 +30,27 @@ Example:
     >>> _ = pipe("a blue square", num_inference_steps=4, output_type="np")
     >>> pipe.acceleration_stats.features["encoder_reuse"].key_steps
     (0, 2)
+    >>> copy = type(pipe).from_pipe(pipe, acceleration=diffaccel.EncoderReuseConfig("uniform:4"))
+    >>> _ = copy("a blue square", num_inference_steps=4, output_type="np")
+    >>> _ = pipe("a blue square", num_inference_steps=4, output_type="np")    # pipe keeps its own features
+    >>> pipe.acceleration_stats.features["encoder_reuse"].key_steps
+    (0, 2)
     >>> type(diffaccel.restore(pipe)).__name__
     'StableDiffusionPipeline'
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
+import warnings
+import weakref
 from dataclasses import dataclass, field
-from typing import Any, Sequence, Union
+from typing import Any, Callable, Sequence, Union
+
+import torch
 
 from .attention import QuantizedAttentionConfig
 from .errors import DiffaccelError
@@ -72,32 +98,27 @@ class AcceleratedPipelineMixin:
     """Mixed into a diffusers pipeline class by :func:`accelerate` (or by the classes in
     :mod:`diffaccel.pipelines`): wraps ``__call__`` with per-call feature bookkeeping and makes
     ``from_pretrained``/``from_pipe`` accept ``acceleration=`` and ``save_pretrained`` keep it.
+
+    Every subclass gets its own ``__call__`` wrapper, made with ``functools.wraps`` from the base
+    class's, so it keeps the base's signature and docstring (diffusers' tests, IDEs and argument
+    filters read them).
     """
 
-    _diffaccel_features: list[AttachedFeature]
+    _diffaccel_configs: tuple[FeatureConfig, ...] = ()
+    _diffaccel_features: Sequence[AttachedFeature] = ()
     acceleration_stats: AccelerationStats | None = None
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        features = list(getattr(self, "_diffaccel_features", ()))
-        started: list[AttachedFeature] = []
-        begin = time.perf_counter()
-        stats = AccelerationStats()
-        try:
-            for feature in features:
-                feature.begin_call(self, kwargs)
-                started.append(feature)
-            output = super().__call__(*args, **kwargs)
-        finally:
-            for feature in started:
-                stats.features[feature.config.name] = feature.end_call()
-            stats.seconds = time.perf_counter() - begin
-            self.acceleration_stats = stats
-        return output
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        call = _inherited_call(cls)
+        if call is not None and "__call__" not in cls.__dict__ and not getattr(call, "_diffaccel_wrapper", False):
+            cls.__call__ = _accelerated_call(cls, call)
 
     @property
     def acceleration(self) -> tuple[FeatureConfig, ...]:
-        """The feature configs attached to this pipeline."""
-        return tuple(f.config for f in getattr(self, "_diffaccel_features", ()))
+        """The feature configs of this pipeline (attached again at each call if another pipeline's
+        features, or a replaced component, took their place)."""
+        return tuple(getattr(self, "_diffaccel_configs", ()))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
@@ -113,10 +134,12 @@ class AcceleratedPipelineMixin:
         acceleration = kwargs.pop("acceleration", None)
         try:
             saved = load_acceleration_config(pretrained_model_name_or_path)
-        except DiffaccelError:
+        except DiffaccelError as error:
             if acceleration is None:
                 raise
-            saved = []  # an explicit acceleration= overrides a saved config this version cannot read
+            # An explicit acceleration= overrides a saved config that cannot be read.
+            warnings.warn(f"ignoring the saved acceleration config, acceleration= replaces it: {error}", stacklevel=2)
+            saved = []
         configs = saved if acceleration is None else _as_configs(acceleration)
         for config in (*saved, *configs):
             load_components = getattr(config, "pretrained_components", None)
@@ -127,12 +150,14 @@ class AcceleratedPipelineMixin:
 
     @classmethod
     def from_pipe(cls, pipeline: Any, **kwargs: Any) -> Any:
-        """Build from another pipeline's components; ``acceleration=`` defaults to the source's."""
+        """Build from another pipeline's components; ``acceleration=`` defaults to the source's.
+
+        Both pipelines share the components and each keeps its own features (see the module docs).
+        """
         acceleration = kwargs.pop("acceleration", None)
         if acceleration is None:
-            acceleration = [f.config for f in getattr(pipeline, "_diffaccel_features", ())]
+            acceleration = list(getattr(pipeline, "_diffaccel_configs", ()))
         pipe = super().from_pipe(pipeline, **kwargs)
-        pipe._diffaccel_features = []
         return accelerate(pipe, *_as_configs(acceleration))
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
@@ -147,6 +172,45 @@ class AcceleratedPipelineMixin:
         configs = {config.name: config.to_dict() for config in self.acceleration}
         with open(os.path.join(save_directory, ACCELERATION_CONFIG_NAME), "w", encoding="utf-8") as handle:
             json.dump(configs, handle, indent=2, sort_keys=True)
+
+
+def _inherited_call(cls: type) -> Callable[..., Any] | None:
+    """The ``__call__`` that instances of ``cls`` use (looked up in the MRO, not on the metaclass)."""
+    return next((klass.__dict__["__call__"] for klass in cls.__mro__ if "__call__" in klass.__dict__), None)
+
+
+def _accelerated_call(cls: type, call: Callable[..., Any]) -> Callable[..., Any]:
+    """``call`` (the base class's ``__call__``) with the feature bookkeeping around it, under
+    ``call``'s own name, docstring and signature."""
+
+    @functools.wraps(call)
+    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return _run_call(self, call, args, kwargs)
+
+    __call__.__qualname__ = f"{cls.__qualname__}.__call__"
+    __call__._diffaccel_wrapper = True
+    return __call__
+
+
+def _run_call(pipe: Any, call: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """One pipeline call: attach the pipeline's features if needed, tell them the call begins and
+    ends, and record what they did in ``pipe.acceleration_stats``."""
+    _ensure_attached(pipe)
+    features = list(pipe._diffaccel_features) if pipe.__dict__.get("_diffaccel_bound") is not None else []
+    started: list[AttachedFeature] = []
+    begin = time.perf_counter()
+    stats = AccelerationStats()
+    try:
+        for feature in features:
+            feature.begin_call(pipe, kwargs)
+            started.append(feature)
+        output = call(pipe, *args, **kwargs)
+    finally:
+        for feature in started:
+            stats.features[feature.config.name] = feature.end_call()
+        stats.seconds = time.perf_counter() - begin
+        pipe.acceleration_stats = stats
+    return output
 
 
 def _diffusers_base(cls: type) -> type:
@@ -200,11 +264,32 @@ def load_acceleration_config(path: str | os.PathLike) -> list[FeatureConfig]:
     if not os.path.isfile(config_path):
         return []
     with open(config_path, encoding="utf-8") as handle:
-        data = json.load(handle)
+        try:
+            data = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise DiffaccelError(
+                f"{config_path} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno} "
+                f"(character {error.pos})"
+            ) from error
+    if not isinstance(data, dict):
+        raise DiffaccelError(
+            f"{config_path} must hold a JSON object that maps feature names to their settings, "
+            f"got a {type(data).__name__}"
+        )
     unknown = set(data) - set(FEATURE_CONFIGS)
     if unknown:
         raise DiffaccelError(f"{config_path} names unknown features {sorted(unknown)}; known: {sorted(FEATURE_CONFIGS)}")
-    return [FEATURE_CONFIGS[name].from_dict(data[name]) for name in FEATURE_CONFIGS if name in data]
+    return [_read_feature(config_path, name, data[name]) for name in FEATURE_CONFIGS if name in data]
+
+
+def _read_feature(config_path: str, name: str, settings: Any) -> FeatureConfig:
+    """One feature's config from the saved settings; bad settings name the file and the feature."""
+    if not isinstance(settings, dict):
+        raise DiffaccelError(f"{config_path}: the settings of {name!r} must be a JSON object, got {settings!r}")
+    try:
+        return FEATURE_CONFIGS[name].from_dict(settings)
+    except (TypeError, ValueError) as error:
+        raise DiffaccelError(f"{config_path}: invalid settings for {name!r}: {error}") from error
 
 
 def accelerate(pipe: Any, *configs: FeatureConfig) -> Any:
@@ -212,6 +297,8 @@ def accelerate(pipe: Any, *configs: FeatureConfig) -> Any:
 
     The pipeline's class becomes its accelerated subclass (so ``isinstance`` checks still hold)
     and every call records ``pipe.acceleration_stats``. Calling it again replaces the features.
+    Features of another pipeline that shares a module with ``pipe`` (``from_pipe``) are detached
+    from it; that pipeline attaches them again at its next call.
     Features attach in :data:`FEATURE_CONFIGS` order whatever order they are given in
     (quantization first, then the dynamic precision that switches its layers).
 
@@ -237,23 +324,76 @@ def accelerate(pipe: Any, *configs: FeatureConfig) -> Any:
     if not isinstance(pipe, AcceleratedPipelineMixin):
         pipe._diffaccel_original_class = type(pipe)
         pipe.__class__ = accelerated_class(type(pipe))
+    pipe._diffaccel_configs, pipe._diffaccel_features = configs, []
+    try:
+        _attach(pipe)
+    except BaseException:
+        restore(pipe)
+        raise
+    return pipe
+
+
+#: The pipeline whose features are attached to a module, for modules shared through ``from_pipe``.
+_OWNERS: weakref.WeakKeyDictionary[torch.nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
+
+
+def _pipeline_modules(pipe: Any) -> dict[str, torch.nn.Module]:
+    """The pipeline's model components (what features attach to), by attribute name."""
+    names = [name for name in getattr(pipe, "config", {}) if not name.startswith("_")]
+    return {name: vars(pipe)[name] for name in names if isinstance(vars(pipe).get(name), torch.nn.Module)}
+
+
+def _same_modules(a: dict[str, torch.nn.Module], b: dict[str, torch.nn.Module]) -> bool:
+    return a.keys() == b.keys() and all(a[name] is b[name] for name in a)
+
+
+def _ensure_attached(pipe: Any) -> None:
+    """Before a call: attach the pipeline's features again if another pipeline's features took
+    their place on a shared module, or if a component was replaced since they were attached."""
+    if not pipe._diffaccel_configs:
+        return
+    bound = pipe.__dict__.get("_diffaccel_bound")
+    if bound is None or not _same_modules(bound, _pipeline_modules(pipe)):
+        _attach(pipe)
+
+
+def _attach(pipe: Any) -> None:
+    """Attach ``pipe``'s configs to its current modules, detaching first its own features (from the
+    modules they were on) and any other pipeline's features on the modules it shares with it."""
+    _detach_all(pipe)
+    if not pipe._diffaccel_configs:
+        return
+    modules = _pipeline_modules(pipe)
+    for module in modules.values():
+        owner = _OWNERS.get(module)
+        other = owner() if owner is not None else None
+        if other is not None and other is not pipe:
+            _detach_all(other)  # it keeps its configs and attaches them again at its next call
     attached: list[AttachedFeature] = []
     try:
-        for config in configs:
+        for config in pipe._diffaccel_configs:
             attached.append(config.attach(pipe))
     except BaseException:
         for feature in reversed(attached):
             feature.detach(pipe)
-        restore(pipe)
         raise
-    pipe._diffaccel_features = attached
-    return pipe
+    pipe._diffaccel_features, pipe._diffaccel_bound = attached, modules
+    for module in modules.values():
+        _OWNERS[module] = weakref.ref(pipe)
 
 
 def _detach_all(pipe: Any) -> None:
-    for feature in reversed(getattr(pipe, "_diffaccel_features", ())):
+    """Detach the pipeline's features if they are attached (its configs stay)."""
+    bound = pipe.__dict__.get("_diffaccel_bound")
+    if bound is None:
+        return
+    pipe._diffaccel_bound = None
+    for feature in reversed(pipe._diffaccel_features):
         feature.detach(pipe)
-    pipe._diffaccel_features = []
+    for module in bound.values():
+        owner = _OWNERS.get(module)
+        if owner is not None and owner() is pipe:
+            del _OWNERS[module]
 
 
 def restore(pipe: Any) -> Any:
@@ -267,10 +407,11 @@ def restore(pipe: Any) -> Any:
         False
     """
     _detach_all(pipe)
+    for name in ("_diffaccel_configs", "_diffaccel_features", "_diffaccel_bound"):
+        pipe.__dict__.pop(name, None)
     original = pipe.__dict__.pop("_diffaccel_original_class", None)
     if original is not None:
         pipe.__class__ = original
-        pipe.__dict__.pop("_diffaccel_features", None)
         pipe.__dict__.pop("acceleration_stats", None)
     return pipe
 

@@ -114,6 +114,24 @@ def _wrap(processor: Any, handle: QuantizedAttention) -> Any:
     return wrapped
 
 
+def _check_model(model: torch.nn.Module) -> None:
+    """Raise unless quantized attention can be put on ``model`` now."""
+    if not (hasattr(model, "attn_processors") and hasattr(model, "set_attn_processor")):
+        raise UnsupportedPipelineError(
+            f"{type(model).__name__} has no attention processors: pass a diffusers model such as "
+            "pipe.unet or pipe.transformer (UNet2DConditionModel, PixArt, SD3, Flux, CogVideoX, Wan, LTX)"
+        )
+    if getattr(model, _HANDLE_ATTR, None) is not None:
+        raise ValueError(
+            f"quantized attention is already on for this {type(model).__name__}; remove it first"
+        )
+    if any(getattr(p, "_parallel_config", None) is not None for p in model.attn_processors.values()):
+        raise UnsupportedCombinationError(
+            "quantized attention does not support context-parallel attention (its processors "
+            "bypass scaled_dot_product_attention); disable context parallelism first"
+        )
+
+
 def use_quantized_attention(model: torch.nn.Module, *, impl: str = "auto") -> QuantizedAttention:
     """Send every attention call of a diffusers model (UNet or transformer) through quantized SDPA.
 
@@ -121,23 +139,10 @@ def use_quantized_attention(model: torch.nn.Module, *, impl: str = "auto") -> Qu
     (``"auto"``: Triton on CUDA, the plain-torch reference elsewhere). Returns the handle that
     counts the calls; undo with :func:`remove_quantized_attention`.
     """
-    if not (hasattr(model, "attn_processors") and hasattr(model, "set_attn_processor")):
-        raise UnsupportedPipelineError(
-            f"{type(model).__name__} has no attention processors: pass a diffusers model such as "
-            "pipe.unet or pipe.transformer (UNet2DConditionModel, PixArt, SD3, Flux, CogVideoX, Wan, LTX)"
-        )
     if impl not in ("auto", "triton", "reference"):
         raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
-    if getattr(model, _HANDLE_ATTR, None) is not None:
-        raise ValueError(
-            f"quantized attention is already on for this {type(model).__name__}; remove it first"
-        )
+    _check_model(model)
     originals = dict(model.attn_processors)
-    if any(getattr(p, "_parallel_config", None) is not None for p in originals.values()):
-        raise UnsupportedCombinationError(
-            "quantized attention does not support context-parallel attention (its processors "
-            "bypass scaled_dot_product_attention); disable context parallelism first"
-        )
     handle = QuantizedAttention(impl=impl)
     model.set_attn_processor({name: _wrap(p, handle) for name, p in originals.items()})
     setattr(model, _HANDLE_ATTR, (handle, originals))
@@ -161,7 +166,8 @@ class QuantizedAttentionConfig(FeatureConfig):
     ``impl`` is ``"auto"`` (Triton on CUDA, the reference elsewhere), ``"triton"`` or
     ``"reference"``. Each call reports a :class:`QuantizedAttention` (calls, fallback calls) in
     ``pipe.acceleration_stats.features["quantized_attention"]``. Only the denoiser (``transformer``
-    or ``unet``) is routed; text encoders and ControlNets keep their attention.
+    or ``unet``) is routed, and only during the pipeline's own calls (another pipeline that shares
+    the denoiser keeps its attention); text encoders and ControlNets keep their attention.
 
     Example:
         >>> import diffaccel
@@ -187,9 +193,8 @@ class QuantizedAttentionConfig(FeatureConfig):
         for attr in ("transformer", "unet"):
             model = getattr(pipe, attr, None)
             if model is not None:
-                return _QuantizedAttentionFeature(
-                    self, model, use_quantized_attention(model, impl=self.impl)
-                )
+                _check_model(model)
+                return _QuantizedAttentionFeature(self, model)
         raise UnsupportedPipelineError(
             f"{type(pipe).__name__} has no transformer or unet; quantized attention needs a diffusers "
             "pipeline whose denoiser is one of them"
@@ -204,18 +209,26 @@ class QuantizedAttentionConfig(FeatureConfig):
 
 
 class _QuantizedAttentionFeature(AttachedFeature):
-    def __init__(
-        self, config: QuantizedAttentionConfig, model: torch.nn.Module, handle: QuantizedAttention
-    ) -> None:
+    """Puts quantized attention on the denoiser at the start of each pipeline call and removes it
+    at the end, so other pipelines sharing the denoiser (``from_pipe``) keep their own attention."""
+
+    def __init__(self, config: QuantizedAttentionConfig, model: torch.nn.Module) -> None:
         self.config = config
         self.model = model
-        self.handle = handle
+        self.handle: QuantizedAttention | None = None
 
     def begin_call(self, pipe: Any, call_kwargs: Mapping[str, Any]) -> None:
-        self.handle.reset()
+        self.handle = use_quantized_attention(self.model, impl=self.config.impl)
 
     def end_call(self) -> QuantizedAttention:
-        return replace(self.handle)
+        stats = replace(self.handle)
+        self._remove()
+        return stats
 
     def detach(self, pipe: Any) -> None:
-        remove_quantized_attention(self.model)
+        self._remove()
+
+    def _remove(self) -> None:
+        if self.handle is not None:
+            remove_quantized_attention(self.model)
+            self.handle = None

@@ -2,8 +2,10 @@
 
 Swapping the class name is the whole migration: these are subclasses of the diffusers classes,
 so ``isinstance``, ``from_pretrained``, ``from_pipe`` and ``save_pretrained`` work as before,
-with an extra ``acceleration=`` argument. A pipeline with no acceleration gives bit-identical
-output to the diffusers class.
+with an extra ``acceleration=`` argument, and ``__call__`` has the diffusers class's signature. A
+pipeline with no acceleration gives bit-identical output to the diffusers class. Pipelines made
+with ``from_pipe`` share their components and each keeps its own features (see
+:mod:`diffaccel.acceleration`).
 
 Example:
     >>> from diffaccel import EncoderReuseConfig

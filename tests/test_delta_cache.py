@@ -552,12 +552,12 @@ def test_unsupported_pipeline_raises():
     assert type(pipe).__name__ == "StableDiffusionPipeline"
 
 
-def test_replaced_transformer_is_refused():
-    pipe = diffaccel.accelerate(tiny_pipeline("wan"), DeltaCacheConfig())
+def test_replaced_transformer_gets_the_cache_at_the_next_call():
+    pipe = diffaccel.accelerate(tiny_pipeline("wan"), DeltaCacheConfig(threshold=INF))
     original = pipe.transformer
     pipe.transformer = tiny_pipeline("wan", seed=1).transformer
-    with pytest.raises(UnsupportedCombinationError, match="replaced"):
-        _run("wan", pipe=pipe)
-    pipe.transformer = original
+    _run("wan", pipe=pipe)
+    assert pipe.acceleration_stats.features["delta_cache"].blocks_skipped > 0
+    assert not hasattr(original, "_diffusers_hook")  # detached from the transformer it replaced
     diffaccel.restore(pipe)
-    assert not hasattr(original, "_diffusers_hook")
+    assert not hasattr(pipe.transformer, "_diffusers_hook")

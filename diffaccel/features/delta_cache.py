@@ -47,7 +47,8 @@ Built on diffusers hooks: one ``ModelHook`` per transformer block, one on each d
 (``transformer``, and ``transformer_2`` where a pipeline has one; or ``unet``, whose blocks are the
 ``BasicTransformerBlock`` lists inside its attentions) that picks the branch state and the step.
 Hooks sit on whole blocks, so they compose with module swaps inside them (quantized
-Linear layers, quantized attention processors). State is reset per pipeline call. Memory: one
+Linear layers, quantized attention processors). State is reset per pipeline call; outside a call
+of the pipeline they were attached for, the hooks pass every call through unchanged. Memory: one
 input and one residual (two for dual-stream blocks) per block and branch. Each prediction reads
 a scalar back from the device (a sync per block and step).
 
@@ -520,11 +521,7 @@ class DeltaCache(AttachedFeature):
         """Reset every branch's caches and the statistics."""
         from ..steering.session import CHUNK_HOOK  # here: the steering package is not needed to import this one
 
-        for attribute, denoiser in self.denoisers.items():
-            if getattr(pipe, attribute, None) is not denoiser:
-                raise UnsupportedCombinationError(
-                    f"the pipeline's {attribute} was replaced after diffaccel.accelerate(); call it again"
-                )
+        for denoiser in self.denoisers.values():
             registry = getattr(denoiser, "_diffusers_hook", None)
             if registry is not None and CHUNK_HOOK in registry.hooks:
                 raise UnsupportedCombinationError(

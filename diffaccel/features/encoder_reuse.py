@@ -14,7 +14,8 @@ Everything is built on diffusers' hook registry: one hook on the UNet counts ste
 mode, small hooks on ``conv_in``, each down block and the mid block capture or replay their
 outputs, and a hook on the ControlNet (if any) replays the key step's residuals. The UNet's own
 ``forward`` still does all the glue (time embedding, ControlNet residual sums, up blocks), so
-nothing of diffusers is copied here.
+nothing of diffusers is copied here. Outside a call of the pipeline they were attached for, the hooks
+pass every call through unchanged (see :mod:`diffaccel.acceleration` for pipelines that share a UNet).
 
 Example:
     >>> import diffaccel
@@ -532,8 +533,6 @@ class EncoderReuse(AttachedFeature):
         parallel = self.config.parallel
         if parallel is None:
             parallel = self.unet.device.type == "cuda"
-        if pipe.unet is not self.unet:
-            raise UnsupportedCombinationError("the pipeline's UNet was replaced after diffaccel.accelerate(); call it again")
         self.state.start(pipe, parallel)
         if self.config.noise_injection > 0:
             self._unwrap_scheduler = _wrap_scheduler_step(self.state, pipe.scheduler)
