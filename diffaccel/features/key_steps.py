@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Sequence, Union
 
@@ -67,19 +68,33 @@ class FasterDiffusionSchedule(KeyStepSchedule):
     """The paper's non-uniform schedule: key steps 0,1,2,3,5,10,15,25,35 of 50.
 
     For another number of steps the 50-step key steps are scaled proportionally and rounded
-    (duplicates dropped), so the schedule keeps its shape: dense early, sparse late.
+    (duplicates dropped), so the schedule keeps its shape: dense early, sparse late. Below 11 steps
+    that would make most steps key steps (5 of 6), so the scaled schedule is thinned evenly over its
+    key steps to half the steps, rounded up: 4-10 step samplers reuse the encoder at about half
+    their steps. A 1-step loop has nothing to reuse; it warns.
 
     Example:
         >>> FasterDiffusionSchedule().key_steps(25)
         (0, 1, 2, 5, 8, 12, 18)
+        >>> FasterDiffusionSchedule().key_steps(6), FasterDiffusionSchedule().key_steps(4)
+        ((0, 1, 3), (0, 2))
     """
 
     def key_steps(self, num_steps: int) -> tuple[int, ...]:
         _check_num_steps(num_steps)
+        if num_steps == 1:
+            warnings.warn(
+                "the faster-diffusion schedule of a 1-step loop is its key step 0 alone: encoder reuse saves nothing",
+                UserWarning,
+                stacklevel=2,
+            )
         if num_steps == 50:
             return FASTER_DIFFUSION_KEY_STEPS_50
-        scaled = {min(num_steps - 1, round(k * num_steps / 50)) for k in FASTER_DIFFUSION_KEY_STEPS_50}
-        return tuple(sorted(scaled))
+        scaled = sorted({min(num_steps - 1, round(k * num_steps / 50)) for k in FASTER_DIFFUSION_KEY_STEPS_50})
+        keep = (num_steps + 1) // 2  # at most half the steps (rounded up) are key steps
+        if len(scaled) > keep:
+            scaled = [scaled[j * len(scaled) // keep] for j in range(keep)]
+        return tuple(scaled)
 
     def describe(self) -> str:
         return "faster-diffusion"

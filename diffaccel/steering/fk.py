@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ..rewards.base import Reward, check_scores, nan_to_worst
+from .inputs import particle_kwargs
 from .latents import call_default
 from .media import check_output_type, convert_media, gray_media, pipeline_media
 from .resampling import (
@@ -175,17 +176,6 @@ def prompt_list(prompt: str | list[str]) -> list[str]:
     return prompts
 
 
-def particle_kwargs(kwargs: Mapping[str, Any], particle_prompts: list[str], k: int) -> dict[str, Any]:
-    """Call arguments for ``k`` particles per prompt: each prompt (and a per-prompt negative prompt)
-    repeated ``k`` times, which every pipeline batches the same way (CogVideoX ignores
-    ``num_videos_per_prompt``), and ``output_type="pt"``."""
-    call = dict(kwargs, prompt=particle_prompts, output_type="pt")
-    negative = kwargs.get("negative_prompt")
-    if isinstance(negative, (list, tuple)):
-        call["negative_prompt"] = [n for n in negative for _ in range(k)]
-    return call
-
-
 def call_sizes(pipe: Any, kwargs: Mapping[str, Any]) -> dict[str, Any]:
     return {name: kwargs.get(name) for name in ("height", "width", "num_frames") if kwargs.get(name) is not None}
 
@@ -264,7 +254,7 @@ class FKSteering:
         begin = time.perf_counter()
         restore_noise = _seed_sde_noise(pipe.scheduler, config.seed)
         try:
-            output = session.run(pipe, particle_kwargs(kwargs, particle_prompts, k))
+            output = session.run(pipe, particle_kwargs(kwargs, particle_prompts, k, pipe))
         finally:
             restore_noise()
         media = pipeline_media(output)

@@ -7,13 +7,16 @@ Steps", 2025): spend a budget of function evaluations looking for a better sampl
 * ``"paths"``: search over paths in one batched call: at every ``branch_every``-th step the
   ``num_paths`` best particles (reward on their predicted x0) are kept and branched to refill the
   batch; the stochastic scheduler's fresh noise makes the branches diverge (needs DDPM, DDIM with
-  eta > 0, an SDE DPM-Solver, or :class:`~diffaccel.steering.FlowMatchSDEScheduler`).
+  eta > 0, an SDE DPM-Solver, or, for flow-matching models, :class:`~diffaccel.steering.FlowMatchSDEScheduler`).
 * ``"rbf"``: Rollover Budget Forcing for flow models (:mod:`diffaccel.steering.rbf`): one
   trajectory whose every step picks among SDE candidates scored by look-ahead denoiser calls.
 
 The budget counts function evaluations (NFE) as denoising steps times samples (a CFG step counts
 once); a method never spends more than ``budget_nfe``; random, zero-order and paths spend
 ``(budget_nfe // steps) * steps``, RBF the loop's steps plus the look-ahead calls it needed.
+``steps`` is what the pipeline's loop executes (measured before sampling, see
+:func:`~diffaccel.steering.session.count_loop_steps`): img2img and inpainting run
+``int(strength * num_inference_steps)`` steps, so at ``strength=0.5`` a budget buys twice the samples.
 
 Example:
     >>> import torch, diffaccel
@@ -37,9 +40,10 @@ import torch
 
 from ..rewards.base import Reward
 from .fk import _positive_int, _seed_sde_noise, call_sizes, final_rewards, probe_reward
-from .latents import call_default
+from .inputs import particle_kwargs
 from .media import check_output_type, convert_media, pipeline_media
-from .session import ParticleSession, SessionStats, check_stochastic
+from .rbf import check_rbf_pipeline, rollover_budget_forcing
+from .session import ParticleSession, SessionStats, check_stochastic, count_loop_steps
 
 SEARCH_METHODS = ("random", "zero-order", "paths", "rbf")
 
@@ -140,8 +144,11 @@ class SearchOutput:
 
 
 class _Searcher:
-    def __init__(self, pipe: Any, prompt: str, config: NoiseSearchConfig, reward: Reward, kwargs: dict[str, Any]):
+    def __init__(
+        self, pipe: Any, prompt: str, config: NoiseSearchConfig, reward: Reward, kwargs: dict[str, Any], steps: int
+    ):
         self.pipe, self.prompt, self.config, self.reward, self.kwargs = pipe, prompt, config, reward, kwargs
+        self.steps = steps  # the loop's executed steps
         self.sizes = call_sizes(pipe, kwargs)
         self.nfe, self.evaluations, self.nan_scores = 0, 0, 0
         self.trace: list[SearchCandidate] = []
@@ -150,7 +157,7 @@ class _Searcher:
     def run_batch(self, count: int, latents: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``count`` full samples (from ``latents`` if given): (media, rewards, initial latents)."""
         session = ParticleSession(self.pipe, self.reward, [self.prompt] * count, lambda n: set(), lambda *a: None, self.sizes)
-        call = dict(self.kwargs, prompt=[self.prompt] * count, output_type="pt")
+        call = particle_kwargs(self.kwargs, [self.prompt] * count, count, self.pipe)
         if latents is not None:
             call["latents"] = latents
         restore = _seed_sde_noise(self.pipe.scheduler, self.config.seed * 100_003 + len(self.sessions))
@@ -238,7 +245,7 @@ def _paths(searcher: _Searcher, total: int) -> tuple[torch.Tensor, float, torch.
     )
     restore = _seed_sde_noise(pipe.scheduler, config.seed)
     try:
-        output = session.run(pipe, dict(searcher.kwargs, prompt=[searcher.prompt] * total, output_type="pt"))
+        output = session.run(pipe, particle_kwargs(searcher.kwargs, [searcher.prompt] * total, total, pipe))
     finally:
         restore()
     media = pipeline_media(output)
@@ -252,12 +259,20 @@ def _paths(searcher: _Searcher, total: int) -> tuple[torch.Tensor, float, torch.
 
 
 def _rbf(searcher: _Searcher, total: int) -> tuple[torch.Tensor, float, torch.Tensor | None]:
-    from .rbf import rollover_budget_forcing
-
     return rollover_budget_forcing(searcher)
 
 
 _METHODS = {"random": _random, "zero-order": _zero_order, "paths": _paths, "rbf": _rbf}
+
+
+def _loop_steps(pipe: Any, prompt: str, kwargs: dict[str, Any]) -> int:
+    """The steps one sample's loop executes; the probing call draws its noise from a generator of
+    its own, so the caller's generator is left untouched."""
+    call = dict(particle_kwargs(kwargs, [prompt], 1, pipe), generator=torch.Generator().manual_seed(0))
+    steps = count_loop_steps(pipe, call)
+    if steps < 1:
+        raise ValueError(f"{type(pipe).__name__} runs no denoising steps with these arguments; nothing to search")
+    return steps
 
 
 def search(pipe: Any, prompt: str, config: NoiseSearchConfig, reward: Reward, **kwargs: Any) -> SearchOutput:
@@ -278,15 +293,17 @@ def search(pipe: Any, prompt: str, config: NoiseSearchConfig, reward: Reward, **
         if name in kwargs:
             raise ValueError(f"search sets {name} itself; do not pass it")
     output_type = check_output_type(kwargs.pop("output_type", "pil"))
-    steps = kwargs.get("num_inference_steps") or call_default(pipe, "num_inference_steps")
-    total = config.budget_nfe // steps
-    if total < 1:
+    if config.method == "rbf":
+        check_rbf_pipeline(pipe)
+    probe_reward(reward, pipe, [prompt])
+    begin = time.perf_counter()
+    steps = _loop_steps(pipe, prompt, kwargs)
+    if config.budget_nfe < steps:
         raise ValueError(
             f"NoiseSearchConfig.budget_nfe ({config.budget_nfe}) is smaller than one sample's {steps} denoising steps"
         )
-    probe_reward(reward, pipe, [prompt])
-    begin = time.perf_counter()
-    searcher = _Searcher(pipe, prompt, config, reward, kwargs)
+    total = config.budget_nfe // steps
+    searcher = _Searcher(pipe, prompt, config, reward, kwargs, steps)
     media, best_reward, latents = _METHODS[config.method](searcher, total)
     return SearchOutput(
         sample=convert_media(media.unsqueeze(0), output_type)[0],

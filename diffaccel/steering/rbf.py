@@ -24,7 +24,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from ..errors import UnsupportedCombinationError, UnsupportedPipelineError
 from ..features.encoder_reuse import _remove_hook
 from .latents import decode_latents
-from .sde import FlowMatchSDEScheduler
+from .sde import FlowMatchSDEScheduler, is_flow_matching
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from .noise_search import _Searcher
@@ -83,12 +83,24 @@ def _guided(pipe: Any, predictions: list[torch.Tensor]) -> torch.Tensor:
     )
 
 
-def rollover_budget_forcing(searcher: _Searcher) -> tuple[torch.Tensor, float, None]:
-    """Run RBF within ``searcher``'s budget (see the module docs); returns (media, reward, None)."""
-    from .noise_search import SearchCandidate
+def check_rbf_pipeline(pipe: Any) -> None:
+    """Refuse, before any model work, a pipeline that Rollover Budget Forcing cannot run on.
 
-    pipe, config = searcher.pipe, searcher.config
+    Example:
+        >>> from diffaccel.testing import tiny_pipeline
+        >>> check_rbf_pipeline(tiny_pipeline("sd"))
+        Traceback (most recent call last):
+        ...
+        diffaccel.errors.UnsupportedPipelineError: Rollover Budget Forcing is for flow-matching models only (...
+    """
     scheduler = pipe.scheduler
+    if not is_flow_matching(scheduler):
+        prediction = scheduler.config.get("prediction_type", "epsilon")
+        raise UnsupportedPipelineError(
+            f"Rollover Budget Forcing is for flow-matching models only (Flux, SD3, LTX, Wan); {type(pipe).__name__} "
+            f"samples with {type(scheduler).__name__} ({prediction} prediction): search it with 'random', "
+            "'zero-order' or 'paths'"
+        )
     if not isinstance(scheduler, FlowMatchSDEScheduler) or scheduler.config.noise_level <= 0:
         raise UnsupportedPipelineError(
             "Rollover Budget Forcing needs a FlowMatchSDEScheduler with noise_level > 0: "
@@ -96,8 +108,17 @@ def rollover_budget_forcing(searcher: _Searcher) -> tuple[torch.Tensor, float, N
         )
     if getattr(pipe, "_diffaccel_features", ()):
         raise UnsupportedCombinationError("Rollover Budget Forcing's look-ahead calls cannot run on an accelerated pipeline")
+
+
+def rollover_budget_forcing(searcher: _Searcher) -> tuple[torch.Tensor, float, None]:
+    """Run RBF within ``searcher``'s budget (see the module docs; :func:`check_rbf_pipeline` has
+    accepted the pipeline); returns (media, reward, None)."""
+    from .noise_search import SearchCandidate
+
+    pipe, config = searcher.pipe, searcher.config
+    scheduler = pipe.scheduler
     denoiser = pipe.transformer
-    steps = searcher.kwargs.get("num_inference_steps")
+    steps = searcher.steps
     extra, lookahead_steps = config.budget_nfe - steps, max(steps - 1, 1)
 
     def share(i: int) -> int:  # equal shares of the look-ahead budget that add up to all of it

@@ -43,6 +43,23 @@ from diffusers.utils.torch_utils import randn_tensor
 INTERPOLANTS = ("linear", "vp")
 
 
+def is_flow_matching(scheduler: Any) -> bool:
+    """Whether ``scheduler`` samples a flow-matching model (velocity prediction on ``sigma``
+    interpolants), the only models :class:`FlowMatchSDEScheduler` applies to.
+
+    Example:
+        >>> from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+        >>> is_flow_matching(FlowMatchEulerDiscreteScheduler()), is_flow_matching(DDPMScheduler())
+        (True, False)
+    """
+    config = scheduler.config
+    return (
+        "FlowMatch" in type(scheduler).__name__
+        or bool(config.get("use_flow_sigmas", False))
+        or config.get("prediction_type") == "flow_prediction"
+    )
+
+
 @dataclass
 class FlowMatchSDESchedulerOutput(BaseOutput):
     """``prev_sample`` and the step's clean-sample prediction ``pred_original_sample``."""

@@ -33,6 +33,7 @@ from ..features.base import reindex_batch
 from ..features.encoder_reuse import _remove_hook
 from ..rewards.base import Reward, check_scores, nan_to_worst
 from .latents import call_parameters, decode_latents, predicted_x0
+from .sde import is_flow_matching
 
 #: Scheduler attributes that hold per-sample multistep history (DPM-Solver, UniPC, DEIS, PNDM, LMS, Heun, KDPM2).
 HISTORY_ATTRIBUTES = (
@@ -96,13 +97,61 @@ def is_stochastic(scheduler: Any, call_kwargs: dict[str, Any]) -> bool:
 
 def check_stochastic(scheduler: Any, call_kwargs: dict[str, Any]) -> None:
     """Warn when resampling would run on a deterministic scheduler (copies would stay identical)."""
-    if not is_stochastic(scheduler, call_kwargs):
-        warnings.warn(
-            f"{type(scheduler).__name__} is deterministic here: resampled particles stay identical copies. Use DDIM "
-            "with eta > 0, DDPM, DPM-Solver with algorithm_type='sde-dpmsolver++', or FlowMatchSDEScheduler.",
-            UserWarning,
-            stacklevel=3,
-        )
+    if is_stochastic(scheduler, call_kwargs):
+        return
+    if is_flow_matching(scheduler):
+        remedy = "Use FlowMatchSDEScheduler.from_config(pipe.scheduler.config)."
+    else:
+        remedy = "Use DDIM with eta > 0, DDPM, or DPM-Solver with algorithm_type='sde-dpmsolver++'."
+    warnings.warn(
+        f"{type(scheduler).__name__} is deterministic here: resampled particles stay identical copies. {remedy}",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def loop_length(pipe: Any) -> int:
+    """The number of iterations of the denoising loop of ``pipe``'s running (or last) call."""
+    return int(getattr(pipe, "_num_timesteps", None) or len(pipe.scheduler.timesteps))
+
+
+class _LoopReached(Exception):
+    """Stops a probing call at its first denoiser call."""
+
+
+# The modules a denoising loop calls first (a ControlNet runs before its UNet).
+_DENOISERS = ("controlnet", "unet", "transformer", "transformer_2")
+
+
+def count_loop_steps(pipe: Any, call_kwargs: dict[str, Any]) -> int:
+    """How many steps the loop of ``pipe(**call_kwargs)`` runs: the call runs up to its first denoiser
+    call (prompt encoding and image preparation, no denoising) and is stopped there. This counts what
+    the pipeline executes, e.g. ``int(strength * num_inference_steps)`` for img2img; 0 if the call
+    never reaches a denoiser.
+
+    Example:
+        >>> from diffaccel.testing import tiny_call_inputs, tiny_pipeline
+        >>> pipe = tiny_pipeline("sd-img2img")
+        >>> count_loop_steps(pipe, dict(prompt="a red circle", num_inference_steps=10, strength=0.5,
+        ...                             **tiny_call_inputs("sd-img2img")))
+        5
+    """
+    reached = []
+
+    def stop(module: torch.nn.Module, args: Any) -> None:
+        reached.append(loop_length(pipe))
+        raise _LoopReached
+
+    modules = [getattr(pipe, name, None) for name in _DENOISERS]
+    handles = [module.register_forward_pre_hook(stop) for module in modules if isinstance(module, torch.nn.Module)]
+    try:
+        pipe(**call_kwargs)
+    except _LoopReached:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return reached[0] if reached else 0
 
 
 @dataclass
@@ -276,7 +325,7 @@ class ParticleSession:
         sample = bound.arguments["sample"]
         if index == 0:
             pipe = self.pipe
-            self._num_steps = int(getattr(pipe, "_num_timesteps", None) or len(pipe.scheduler.timesteps))
+            self._num_steps = loop_length(pipe)
             self._scoring = set(self.scoring_steps_fn(self._num_steps))
             self.stats.num_steps = self._num_steps
             sigma = float(getattr(pipe.scheduler, "init_noise_sigma", 1.0))
