@@ -3,8 +3,11 @@
 (random images, a random-weight generator's samples, other scenes' captions), plus its throughput.
 
 "Accuracy" is the fraction of (image, own caption) pairs that pass every criterion; for the
-negative controls it is the fraction that (wrongly) pass. Writes
-``bench/results/verifier_validation.json``.
+negative controls it is the fraction that (wrongly) pass. ``*_without_no_extra_objects`` is the
+same ignoring that criterion (what the verifier measured before it had one). The renders with an
+extra object (``stills_extra_object``, ``clips_extra_object``: each scene plus one object of any
+color and shape that its caption does not name, placed clear of its objects) must all fail.
+Writes ``bench/results/verifier_validation.json``.
 
     python bench/verifier_validation.py --n 400 --clips 100
 """
@@ -28,6 +31,7 @@ from diffaccel.shapeworld import (
     ShapeWorldClips,
     Verifier,
     render,
+    sample_extra,
     sample_scene,
 )
 
@@ -83,6 +87,18 @@ def still_set(n: int, size: int, seed: int):
     return scenes, [render(s, size) for s in scenes]
 
 
+def with_extra_objects(scenes, size: int, seed: int, frames: int = 1) -> list:
+    """Each scene rendered with one extra object beside its own (every frame, for ``frames`` > 1)."""
+    rng = np.random.default_rng(seed)
+    extras = [(sample_extra(rng, scene),) for scene in scenes]
+    if frames == 1:
+        return [render(scene, size, extra=extra) for scene, extra in zip(scenes, extras)]
+    return [
+        [render(scene, size, t, frames, extra) for t in range(frames)]
+        for scene, extra in zip(scenes, extras)
+    ]
+
+
 def random_weight_images(prompts: list[str]) -> torch.Tensor:
     """What a random-weight generator draws: the tiny offline SD pipeline, 2 steps, 64x64."""
     from diffaccel.testing import tiny_call_inputs, tiny_pipeline
@@ -103,12 +119,18 @@ def random_weight_images(prompts: list[str]) -> torch.Tensor:
     )
 
 
-def summarize(results, kinds) -> dict:
-    out = {"accuracy": float(np.mean([r.passed for r in results]))}
+def _passed_without_extras(result) -> bool:
+    return all(ok for name, ok in result.criteria.items() if name != "no_extra_objects")
+
+
+def summarize(results, kinds, name: str = "accuracy") -> dict:
+    """``name`` (the fraction passing), per kind, without ``no_extra_objects``, and per criterion."""
+    out = {name: float(np.mean([r.passed for r in results]))}
     for kind in sorted(set(kinds)):
-        out[f"accuracy_{kind}"] = float(
+        out[f"{name}_{kind}"] = float(
             np.mean([r.passed for r, k in zip(results, kinds) if k == kind])
         )
+    out[f"{name}_without_no_extra_objects"] = float(np.mean([_passed_without_extras(r) for r in results]))
     criteria = {}
     for r in results:
         for name, ok in r.criteria.items():
@@ -128,6 +150,7 @@ def main() -> None:
     args = parser.parse_args()
     verifier = Verifier()
     rng = np.random.default_rng(args.seed + 1)
+    extra_rng = np.random.default_rng(args.seed + 4)  # corrupts the extra-object renders
     scenes, images = still_set(args.n, args.size, args.seed)
     prompts, kinds = [s.caption for s in scenes], [s.kind for s in scenes]
     report: dict = {
@@ -138,30 +161,38 @@ def main() -> None:
         "stills": {},
     }
 
+    extra_images = with_extra_objects(scenes, args.size, args.seed + 2)
+    report["stills_extra_object"] = {}
     for name, how in tqdm(CORRUPTIONS.items(), desc="corruptions"):
         corrupted = [corrupt(im, how, rng) for im in images]
         report["stills"][name] = summarize(verifier.verify(corrupted, prompts), kinds)
+        corrupted = [corrupt(im, how, extra_rng) for im in extra_images]
+        report["stills_extra_object"][name] = summarize(
+            verifier.verify(corrupted, prompts), kinds, "pass_rate"
+        )
 
     clips = ShapeWorldClips("heldout", args.size, args.frames, args.clips, seed=args.seed)
     clip_data = [clips[i] for i in range(len(clips))]
     clip_prompts = [c for _, c in clip_data]
-    report["clips"] = {}
-    for name in ("clean", "blur_sigma_1.5", "noise_std_0.1", "blur_1.0+noise_0.1"):
-        frames = [
-            [
-                corrupt(
-                    Image.fromarray(
-                        ((f.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
-                    ),
-                    CORRUPTIONS[name],
-                    rng,
-                )
-                for f in clip
-            ]
-            for clip, _ in clip_data
+    clip_frames = [
+        [
+            Image.fromarray(((f.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8))
+            for f in clip
         ]
-        report["clips"][name] = summarize(
-            verifier.verify_clips(frames, clip_prompts), ["motion"] * len(frames)
+        for clip, _ in clip_data
+    ]
+    extra_clips = with_extra_objects(
+        [clips.scene(i) for i in range(len(clips))], args.size, args.seed + 3, args.frames
+    )
+    report["clips"], report["clips_extra_object"] = {}, {}
+    motion = ["motion"] * len(clip_frames)
+    for name in ("clean", "blur_sigma_1.5", "noise_std_0.1", "blur_1.0+noise_0.1"):
+        how = CORRUPTIONS[name]
+        frames = [[corrupt(f, how, rng) for f in clip] for clip in clip_frames]
+        report["clips"][name] = summarize(verifier.verify_clips(frames, clip_prompts), motion)
+        frames = [[corrupt(f, how, extra_rng) for f in clip] for clip in extra_clips]
+        report["clips_extra_object"][name] = summarize(
+            verifier.verify_clips(frames, clip_prompts), motion, "pass_rate"
         )
 
     # negative controls: what must fail
@@ -211,8 +242,16 @@ def main() -> None:
             f"{name:<22} {s['accuracy']:6.3f} "
             + " ".join(f"{s['accuracy_' + k]:9.3f}" for k in STILL_KINDS)
         )
+    print("with an extra object (must fail): pass rate, without no_extra_objects")
+    for name, s in report["stills_extra_object"].items():
+        print(f"{name:<22} {s['pass_rate']:6.3f} {s['pass_rate_without_no_extra_objects']:6.3f}")
     for name, s in report["clips"].items():
         print(f"clips {name:<16} {s['accuracy']:6.3f}  motion {s['criteria']['motion']:.3f}")
+    for name, s in report["clips_extra_object"].items():
+        print(
+            f"clips + extra {name:<16} pass rate {s['pass_rate']:6.3f} "
+            f"(without no_extra_objects {s['pass_rate_without_no_extra_objects']:.3f})"
+        )
     for name, r in report["negatives"].items():
         print(
             f"negative {name:<20} pass rate {r['pass_rate']:.3f}  mean score {r['mean_score']:.3f}"

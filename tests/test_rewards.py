@@ -174,8 +174,9 @@ def test_shapeworld_layout_reward_forgives_wrong_shapes_only():
     prompts = ["a red triangle to the left of a blue triangle", "a red circle to the right of a blue square"]
     layout = ShapeWorldReward(shapes=False)
     assert layout.name == "shapeworld-layout"
-    assert layout([image] * 2, prompts).tolist() == pytest.approx([1.0, 2 / 3])
-    assert ShapeWorldReward()([image] * 2, prompts).tolist() == pytest.approx([0.4, 0.8])
+    # criteria: colors, (shapes,) relation and no_extra_objects (nothing beyond the two objects here)
+    assert layout([image] * 2, prompts).tolist() == pytest.approx([1.0, 3 / 4])
+    assert ShapeWorldReward()([image] * 2, prompts).tolist() == pytest.approx([3 / 6, 5 / 6])
 
 
 def test_shapeworld_reward_checks_the_motion_of_clips():

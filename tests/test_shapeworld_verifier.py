@@ -59,7 +59,10 @@ def test_exact_on_ground_truth_clips():
     _, clips, prompts = _clips(24)
     results = VERIFIER.verify_clips(clips, prompts)
     assert all(r.passed for r in results), [(r.prompt, r.criteria) for r in results if not r.passed]
-    assert all(set(r.criteria) == {"object_0_color", "object_0_shape", "motion"} for r in results)
+    assert all(
+        set(r.criteria) == {"object_0_color", "object_0_shape", "no_extra_objects", "motion"}
+        for r in results
+    )
 
 
 def _jpeg(image: Image.Image, quality: int) -> Image.Image:
@@ -124,8 +127,9 @@ def test_every_criterion_can_fail():
             "relation",
         },
         "a red circle to the left of a blue triangle": {"object_1_shape", "relation"},
-        "two red circles": {"count"},
-        "a purple triangle": {"object_0_color", "object_0_shape"},
+        "two red circles": {"count"},  # the blue square is the attempt at the second one
+        "a purple triangle": {"object_0_color", "object_0_shape", "no_extra_objects"},
+        "a red circle": {"no_extra_objects"},  # the blue square was not asked for
     }
     results = VERIFIER.verify([pair] * len(cases), list(cases))
     for (prompt, failing), result in zip(cases.items(), results):
@@ -150,6 +154,7 @@ def test_layout_mode_ignores_shapes_but_not_colors_positions_or_motion():
         "a red square to the right of a blue square": {"relation"},
         "a green circle to the left of a blue square": {"object_0_color", "relation"},
         "two red squares": {"count"},
+        "a red triangle": {"no_extra_objects"},
     }
     results = VERIFIER.verify([pair] * len(cases), list(cases), shapes=False)
     for (prompt, failing), result in zip(cases.items(), results):

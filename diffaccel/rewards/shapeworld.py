@@ -3,8 +3,11 @@
 Clips go to the verifier's own clip check (motion included), not to sampled frames.
 
 Example:
-    >>> reward = ShapeWorldReward()  # doctest: +SKIP
-    >>> reward(images, ["a red circle to the left of a blue square"] * len(images))  # doctest: +SKIP
+    >>> from diffaccel.shapeworld import Scene, ShapeObject, render
+    >>> scene = Scene((ShapeObject("circle", "red", 0.3, 0.5, 0.25),))
+    >>> extra = ShapeObject("circle", "green", 0.7, 0.5, 0.25)  # not asked for
+    >>> ShapeWorldReward()([render(scene), render(scene, extra=(extra,))], scene.caption).tolist()
+    [1.0, 0.6666666...]
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ from .base import Reward
 
 
 class ShapeWorldReward(Reward):
-    """``Verification.score`` of :class:`diffaccel.shapeworld.Verifier` (in [0, 1]; 0 is the worst).
+    """``Verification.score`` of :class:`diffaccel.shapeworld.Verifier` (in [0, 1]; 0 is the worst):
+    the fraction of the prompt's criteria met, ``no_extra_objects`` among them, so steering and
+    search cannot raise the reward by drawing objects the prompt did not ask for.
 
-    ``shapes=False`` scores the layout only (colors, counts, relations and motion of objects matched
-    by color, whatever their shapes; named ``shapeworld-layout``): an intermediate reward that
-    blurry early x0 predictions can already satisfy.
+    ``shapes=False`` scores the layout only (colors, counts, relations, motion and extra objects,
+    matched by color whatever their shapes; named ``shapeworld-layout``): an intermediate reward
+    that blurry early x0 predictions can already satisfy.
     """
 
     name = "shapeworld"

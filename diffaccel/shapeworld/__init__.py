@@ -2,8 +2,9 @@
 models offline and scoring what they draw.
 
 - :mod:`.scenes`: vocabulary (``SHAPES``, ``COLORS``, ``RELATIONS``, ``MOTIONS``), the held-out
-  color-shape pairs, :class:`Scene` and :func:`sample_scene`.
-- :mod:`.render`: :func:`render` a scene (or one frame of a moving scene) with PIL.
+  color-shape pairs, :class:`Scene`, :func:`sample_scene` and :func:`sample_extra` (an object a
+  scene's caption does not name).
+- :mod:`.render`: :func:`render` a scene (or one frame of a moving scene), extra objects besides.
 - :mod:`.datasets`: :class:`ShapeWorldImages`, :class:`ShapeWorldClips`, :func:`eval_prompts`.
 - :mod:`.prompts`: :func:`parse_prompt` reads a prompt back into a :class:`PromptSpec`.
 - :mod:`.detect`: finds colored shapes in images (color segmentation, shape templates).
@@ -31,6 +32,7 @@ from .scenes import (
     SHAPES,
     Scene,
     ShapeObject,
+    sample_extra,
     sample_scene,
 )
 from .verifier import Verification, Verifier
@@ -54,5 +56,6 @@ __all__ = [
     "eval_prompts",
     "parse_prompt",
     "render",
+    "sample_extra",
     "sample_scene",
 ]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .scenes import BACKGROUNDS, COLORS, MOTION_DISTANCE, Scene
+from .scenes import BACKGROUNDS, COLORS, MOTION_DISTANCE, Scene, ShapeObject
 
 _SUPERSAMPLE = 4
 _MOTION_STEP = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
@@ -43,16 +43,33 @@ def _draw(
         draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], fill=fill)
 
 
-def render(scene: Scene, size: int = 64, frame: int | None = None, frames: int = 1) -> Image.Image:
+def render(
+    scene: Scene,
+    size: int = 64,
+    frame: int | None = None,
+    frames: int = 1,
+    extra: tuple[ShapeObject, ...] = (),
+) -> Image.Image:
     """Draw ``scene`` as a ``size`` x ``size`` RGB image.
 
     For a moving scene, ``frame`` (default 0) of ``frames`` is drawn: every object travels
     ``MOTION_DISTANCE`` of the image from the first frame to the last, at constant speed.
+    ``extra`` objects are drawn too (and move with the scene) though its caption does not name
+    them: images a verifier must reject.
+
+    Example:
+        >>> from diffaccel.shapeworld import Scene, ShapeObject
+        >>> scene = Scene((ShapeObject("circle", "red", 0.3, 0.5, 0.25),))
+        >>> image = render(scene, extra=(ShapeObject("circle", "green", 0.7, 0.5, 0.25),))
+        >>> image.getpixel((19, 32)), image.getpixel((45, 32))
+        ((220, 35, 35), (30, 160, 55))
     """
     if size < 16:
         raise ValueError(f"size must be >= 16, got {size}")
     if frames < 1:
         raise ValueError(f"frames must be >= 1, got {frames}")
+    if not all(isinstance(obj, ShapeObject) for obj in extra):
+        raise TypeError("extra must hold ShapeObject instances")
     frame = 0 if frame is None else frame
     if not 0 <= frame < frames:
         raise ValueError(f"frame must be in [0, {frames - 1}], got {frame}")
@@ -63,7 +80,7 @@ def render(scene: Scene, size: int = 64, frame: int | None = None, frames: int =
     big = size * _SUPERSAMPLE
     layer = Image.new("RGBA", (big, big), (0, 0, 0, 0))
     draw = ImageDraw.Draw(layer)
-    for obj in scene.objects:
+    for obj in scene.objects + tuple(extra):
         cx, cy, half = (obj.x + dx) * big, (obj.y + dy) * big, obj.size * big / 2
         _draw(
             draw,

@@ -76,6 +76,13 @@ _TEMPLATES = {
     "relation": _RELATION_TEMPLATES,
     "motion": _MOTION_TEMPLATES,
 }
+_MOTION_BOUNDS = {  # motion -> the (x, y) ranges a moving object's first-frame box stays in
+    None: ((0.0, 1.0), (0.0, 1.0)),
+    "left": ((MOTION_DISTANCE, 1.0), (0.0, 1.0)),
+    "right": ((0.0, 1 - MOTION_DISTANCE), (0.0, 1.0)),
+    "up": ((0.0, 1.0), (MOTION_DISTANCE, 1.0)),
+    "down": ((0.0, 1.0), (0.0, 1 - MOTION_DISTANCE)),
+}
 _EDGE = 0.04  # minimum distance from an object's bounding box to the image border
 _GAP = 0.08  # minimum gap between two objects' bounding boxes
 
@@ -222,15 +229,40 @@ def _place_relation(rng: np.random.Generator, relation: str) -> list[tuple[float
 def _place_motion(rng: np.random.Generator, motion: str) -> tuple[float, float, float]:
     size = float(rng.uniform(0.22, 0.3))
     x, y = _center(rng, size), _center(rng, size)
-    if motion == "left":
-        x = _center(rng, size, lo=MOTION_DISTANCE)
-    elif motion == "right":
-        x = _center(rng, size, hi=1 - MOTION_DISTANCE)
-    elif motion == "up":
-        y = _center(rng, size, lo=MOTION_DISTANCE)
+    (x_lo, x_hi), (y_lo, y_hi) = _MOTION_BOUNDS[motion]
+    if motion in ("left", "right"):
+        x = _center(rng, size, x_lo, x_hi)
     else:
-        y = _center(rng, size, hi=1 - MOTION_DISTANCE)
+        y = _center(rng, size, y_lo, y_hi)
     return x, y, size
+
+
+def sample_extra(rng: np.random.Generator, scene: Scene, tries: int = 1000) -> ShapeObject:
+    """An object that ``scene``'s caption does not name: any color and shape, as large as the
+    scene's objects, ``_GAP`` clear of them and (if the scene moves) inside the image all clip
+    long. Drawn with ``render(scene, extra=(obj,))``: an image a verifier must reject.
+    Raises ``ValueError`` if ``tries`` placements all collide.
+
+    Example:
+        >>> import numpy as np
+        >>> rng = np.random.default_rng(0)
+        >>> scene = sample_scene(rng, kind="relation")
+        >>> extra = sample_extra(rng, scene)
+        >>> from diffaccel.shapeworld import Verifier, render
+        >>> verifier = Verifier()
+        >>> verifier.verify([render(scene), render(scene, extra=(extra,))], scene.caption)[1].criteria
+        {'object_0_color': True, 'object_0_shape': True, 'object_1_color': True, 'object_1_shape': True,
+         'relation': True, 'no_extra_objects': False}
+    """
+    (x_lo, x_hi), (y_lo, y_hi) = _MOTION_BOUNDS[scene.motion]
+    boxes = [(o.x, o.y, o.size) for o in scene.objects]
+    color, shape = tuple(COLORS)[rng.integers(len(COLORS))], SHAPES[rng.integers(len(SHAPES))]
+    for _ in range(tries):
+        size = float(rng.uniform(0.2, 0.3))
+        box = (_center(rng, size, x_lo, x_hi), _center(rng, size, y_lo, y_hi), size)
+        if all(_separated(box, other) for other in boxes):
+            return ShapeObject(shape, color, *box)
+    raise ValueError(f"no room for an extra object in {scene.caption!r} after {tries} tries")
 
 
 def sample_scene(rng: np.random.Generator, split: str = "train", kind: str | None = None) -> Scene:

@@ -10,6 +10,13 @@ Criteria (all booleans; ``score`` is the fraction met, ``passed`` all of them):
 - ``relation``: an object matching object 0 and a different one matching object 1 whose centroids
   differ along the relation's axis by more than ``relation_margin`` of the image, and by more
   than half their offset along the other axis;
+- ``no_extra_objects``: no object beyond those the prompt asks for. Each requested object takes
+  one detected object (one of its color and shape if there is one, else of its color, else any);
+  none may be left over. An extra object beside the requested ones fails it; a wrong object in
+  place of a requested one fails only that object's criteria, and an empty image has none extra.
+  For count prompts every object of the counted kind goes to ``count`` (which judges how many),
+  so only objects of other kinds can be extra. Extras are detections like any other: components
+  of a palette color above ``min_area``, whatever their shape;
 - ``motion`` (clips): the least-squares track of object 0's centroid travels more than
   ``min_travel`` of the image in the named direction, and more along it than across it.
 
@@ -19,6 +26,8 @@ frames; object 0 must be found in at least half the frames for the motion to be 
 ``shapes=False`` judges the layout only: objects are matched by color alone, so the shape criteria
 drop out and count, relation and motion hold whatever the objects' shapes. Blurry predictions of
 early sampling steps already show colored blobs and where they sit, long before their shapes.
+Extra objects count there too (by color for the counted kind): a blob too many is the wrong
+layout, and a layout reward that forgave it would steer towards images the full check rejects.
 
 Example:
     >>> from diffaccel.shapeworld import Scene, ShapeObject, Verifier, render
@@ -29,11 +38,14 @@ Example:
     >>> result.passed, result.score
     (True, 1.0)
     >>> Verifier().verify([image], ["a blue square to the left of a red circle"])[0].criteria
-    {'object_0_color': True, 'object_0_shape': True, 'object_1_color': True, 'object_1_shape': True, 'relation': False}
+    {'object_0_color': True, 'object_0_shape': True, 'object_1_color': True, 'object_1_shape': True,
+     'relation': False, 'no_extra_objects': True}
     >>> Verifier().verify([image], ["two purple triangles"])[0].score
-    0.0
+    0.25
     >>> Verifier().verify([image], ["a red square to the left of a blue circle"], shapes=False)[0].criteria
-    {'object_0_color': True, 'object_1_color': True, 'relation': True}
+    {'object_0_color': True, 'object_1_color': True, 'relation': True, 'no_extra_objects': True}
+    >>> Verifier().verify([image], ["a red circle"])[0].criteria  # the blue square was not asked for
+    {'object_0_color': True, 'object_0_shape': True, 'no_extra_objects': False}
 """
 
 from __future__ import annotations
@@ -80,6 +92,14 @@ class Verification:
 def _matches(detections: list[Detection], pair: tuple[str, str], shapes: bool = True) -> list[Detection]:
     """The detections of ``pair``'s color and shape (its color alone without ``shapes``)."""
     return [d for d in detections if d.color == pair[0] and (not shapes or d.shape == pair[1])]
+
+
+def _extras(spec: PromptSpec, detections: list[Detection], shapes: bool = True) -> int:
+    """How many detections are left over once every object the prompt asks for has taken one
+    (which one it takes does not change how many are left); the objects of a counted kind are
+    all taken by ``count``."""
+    counted = len(_matches(detections, spec.objects[0], shapes)) if spec.count > 1 else 0
+    return max(0, len(detections) - max(spec.count * len(spec.objects), counted))
 
 
 @dataclass(frozen=True)
@@ -200,6 +220,7 @@ class Verifier:
                 for b in _matches(detections, spec.objects[1], shapes)
                 if a is not b
             )
+        criteria["no_extra_objects"] = not _extras(spec, detections, shapes)
         return criteria
 
     def _related(self, a: Detection, b: Detection, axis: int, sign: int) -> bool:
