@@ -23,10 +23,9 @@ from typing import Any, Callable
 import torch
 
 import diffaccel
-from diffaccel.cli import DEFAULT_MODEL, load_pipeline
+from diffaccel.cli.models import DEFAULT_MODEL, MICRO_VIDEO, RANDOM_VIDEO_MODEL, load_pipeline, load_video_pipeline
 from diffaccel.micro_models import models_dir
-from diffaccel.shapeworld import Verification, Verifier, parse_prompt
-from diffaccel.video_cli import MICRO_VIDEO, RANDOM_VIDEO_MODEL, load_video_pipeline
+from diffaccel.shapeworld import Verifier, parse_prompt
 
 SCHEDULES = ("faster-diffusion", "uniform:2", "uniform:3", "uniform:5")
 #: Weight formats the accelerated side can use (``"none"``: the pipeline's own weights).
@@ -113,11 +112,6 @@ def video_config(prompt: str, threshold: float, weights: str = "none") -> Any:
     return diffaccel.DeltaCacheConfig(threshold=float(threshold))
 
 
-def _describe(result: Verification) -> str:
-    failed = [name for name, ok in result.criteria.items() if not ok]
-    return f"score {result.score:.2f} " + (f"(failed: {', '.join(failed)})" if failed else "(all criteria met)")
-
-
 def verdicts(base: Any, fast: Any, prompt: str, *, clip: bool = False) -> str:
     """The ShapeWorld verifier's verdict on both sides (PIL images, or lists of PIL frames with
     ``clip=True``), on one line; it says so when the accelerated side's verdict differs.
@@ -139,7 +133,7 @@ def verdicts(base: Any, fast: Any, prompt: str, *, clip: bool = False) -> str:
     judge = verifier.verify_clips if clip else verifier.verify
     untouched, accelerated = judge([base, fast], [prompt, prompt])
     changed = "" if untouched.criteria == accelerated.criteria else " -- the verdict changed"
-    return f"ShapeWorld verifier: untouched {_describe(untouched)}; diffaccel {_describe(accelerated)}{changed}"
+    return f"ShapeWorld verifier: untouched {untouched.summary()}; diffaccel {accelerated.summary()}{changed}"
 
 
 def compare(
@@ -165,14 +159,11 @@ def compare(
     reuse = stats.features["encoder_reuse"]
     summary = (
         f"baseline: {base_seconds:.2f} s; encoder reuse: {stats.seconds:.2f} s "
-        f"({base_seconds / stats.seconds:.2f}x)\n"
-        f"key steps {list(reuse.key_steps)}; encoder evaluations: {reuse.encoder_evaluations}/{reuse.num_steps}; "
-        f"decoder evaluations {reuse.decoder_evaluations} in {reuse.batched_decoder_calls} calls"
+        f"({base_seconds / stats.seconds:.2f}x)\n{reuse.summary()}"
     )
     if weights != "none":
         report = diffaccel.memory_report(_quantized_copy(pipe.unet, weights))
-        summary += (f"\n{weights} weights: UNet {report.nbytes / 1e6:.2f} MB vs {report.bf16_nbytes / 1e6:.2f} MB "
-                    f"in bf16 ({report.bits_per_weight:.2f} bits per weight)")
+        summary += f"\n{weights} weights: UNet {report.summary()}"
     summary += "\n" + verdicts(base_image, fast_image, prompt)
     return base_image, fast_image, summary
 
@@ -208,8 +199,7 @@ def compare_video(
                f"{cache.blocks_skipped}/{cache.blocks_skipped + cache.blocks_computed} blocks skipped")
     if weights != "none":
         report = diffaccel.memory_report(_quantized_copy(pipe.transformer, weights))
-        summary += (f"\n{weights} weights: transformer {report.nbytes / 1e6:.2f} MB vs {report.bf16_nbytes / 1e6:.2f} MB "
-                    f"in bf16")
+        summary += f"\n{weights} weights: transformer {report.summary()}"
     summary += "\n" + verdicts(base_frames, fast_frames, prompt, clip=True)
     return base_frames, fast_frames, summary
 
@@ -348,7 +338,7 @@ def _prompt_row(gr: Any, prompt: str, steps: int) -> tuple[Any, Any, Any]:
 def load_models(model: str = DEFAULT_MODEL, video_model: str | None = None, device: str | None = None
                 ) -> tuple[Any, str, tuple[Any, str, dict[str, Any]]]:
     """The arguments of :func:`build_demo` for ``model`` and ``video_model`` (None: the bundled
-    micro-video when exported, else :data:`~diffaccel.video_cli.RANDOM_VIDEO_MODEL`), as ``main`` loads them."""
+    micro-video when exported, else :data:`~diffaccel.cli.models.RANDOM_VIDEO_MODEL`), as ``main`` loads them."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(model, device, torch.float16 if device == "cuda" else torch.float32)
     if video_model is None:

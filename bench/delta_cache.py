@@ -6,7 +6,7 @@ in interleaved rounds (machine noise hits all variants alike). Times are medians
 seeds of the whole pipeline call (text encoding, denoising, VAE decoding); fidelity is the PSNR of
 the decoded output against the untouched pipeline's (median over seeds); ``delta_cache`` holds the
 first seed's statistics. Diffusers' First Block Cache keeps no statistics: a PSNR of inf there
-means it skipped nothing. Results go to ``bench/results/`` as JSON.
+means it skipped nothing. Results go to ``bench/results/delta_cache/`` as JSON.
 
     python bench/delta_cache.py            # CPU, widened tiny Wan and Flux, random weights (~4 min)
     python bench/delta_cache.py --quick    # smoke run: narrow models, few steps, 1 round
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 5, --quick 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (see the module docs)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny models, 6 steps, 1 seed, 1 round")
-    parser.add_argument("--out", default=None, help="JSON path (default bench/results/delta_cache_cpu[_quick].json)")
+    parser.add_argument("--out", default=None, help="JSON path (default bench/results/delta_cache/delta_cache_cpu[_quick].json)")
     args = parser.parse_args(argv)
     args.steps = args.steps or (6 if args.quick else 20)
     args.rounds = args.rounds or (1 if args.quick else 5)
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"{'-' if skipped is None else f'{skipped:.2f}':>8s} {row['psnr_vs_baseline_db'] or float('inf'):8.2f}"
             )
     suffix = "_quick" if args.quick else ""
-    results_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    results_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "delta_cache")
     out = args.out or os.path.join(results_dir, f"delta_cache_cpu{suffix}.json")
     write_report(report, out)
     return report

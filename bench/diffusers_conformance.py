@@ -3,7 +3,7 @@
 Usage::
 
     python bench/diffusers_conformance.py /path/to/diffusers-checkout [--variants stock,none,all,uniform:2]
-                                          [-k EXPR] [--json bench/results/diffusers_conformance.json]
+                                          [-k EXPR] [--json bench/results/conformance/diffusers_conformance.json]
 
 The checkout needs diffusers' ``tests/`` folder (``git archive <commit> tests`` of the commit that
 matches the installed diffusers, or the closest one); the installed diffusers is what runs. Each

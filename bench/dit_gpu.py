@@ -17,7 +17,7 @@ Each reports the median seconds of a pipeline call over ``--rounds`` timed round
 call, rounds interleaved across variants), the speedup, the peak CUDA memory of the call, the
 transformer's weight bytes (``memory_report``) and the relative L2 error and cosine similarity of the
 final latents against the baseline's. A variant that fails records its error and the run goes on.
-Writes ``bench/results/dit_gpu_<device>.json``.
+Writes ``bench/results/dit_gpu/dit_gpu_<device>.json``.
 
     python bench/dit_gpu.py                               # GPU: 480x832, 33 frames, 20 steps (~6 min on H100)
     python bench/dit_gpu.py --frames 81 --steps 50        # the paper's setting, much longer
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   f"weights {row['weight_gb']:.3f} GB ({1 / row['weights_vs_bf16']:.2f}x smaller than bf16)  "
                   f"rel. L2 {row['relative_l2_error']:.4f}")
     tag = "quick" if args.quick else re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
-    out = args.out or REPO / "bench" / "results" / f"dit_gpu_{tag}.json"
+    out = args.out or REPO / "bench" / "results" / "dit_gpu" / f"dit_gpu_{tag}.json"
     write_report(report, out)
     return report
 

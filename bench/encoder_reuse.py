@@ -2,7 +2,7 @@
 
 Every variant runs on the same pipeline object, the same prompts and seeds, in interleaved
 rounds (so machine noise hits all variants alike); times are medians over rounds, fidelity is
-PSNR against the baseline image of the same seed. Results go to ``bench/results/`` as JSON.
+PSNR against the baseline image of the same seed. Results go to ``bench/results/encoder_reuse/`` as JSON.
 
     python bench/encoder_reuse.py                      # CPU: SD1.5 layout, reduced width, random weights
     python bench/encoder_reuse.py --device cuda        # GPU: full SD1.5 architecture, fp16, 512x512
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per variant and seed")
     parser.add_argument("--no-deepcache", action="store_true")
-    parser.add_argument("--out", default=None, help="JSON path (default bench/results/encoder_reuse_<device>.json)")
+    parser.add_argument("--out", default=None, help="JSON path (default bench/results/encoder_reuse/encoder_reuse_<device>.json)")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if report["sequential_cost_model"]:
         share = report["sequential_cost_model"]["decoder_share"]
         print(f"decoder share of a full UNet step (fitted): {share:.2f}")
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"encoder_reuse_{args.device}.json")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "encoder_reuse",
+                                    f"encoder_reuse_{args.device}.json")
     write_report(report, out)
     return report
 

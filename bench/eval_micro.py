@@ -1,4 +1,4 @@
-"""Evaluate the micro models on held-out ShapeWorld prompts; writes bench/results/eval_micro_<device>.json.
+"""Evaluate the micro models on held-out ShapeWorld prompts; writes bench/results/micro_models/eval_micro_<device>.json.
 
 micro-SD: the verifier's accuracy (all criteria met), mean score and the share meeting each
 criterion per prompt kind (held-out prompts, or ``--split train``), at 25-50 DDIM
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"micro-video skipped: {missing}", flush=True)
         else:
             report["micro_video"] = evaluate_video(args)
-    out = args.out or REPO / "bench" / "results" / f"eval_micro_{args.device.split(':')[0]}.json"
+    out = args.out or REPO / "bench" / "results" / "micro_models" / f"eval_micro_{args.device.split(':')[0]}.json"
     write_report(report, out)
     return report
 

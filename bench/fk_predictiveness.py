@@ -19,7 +19,7 @@ Usage:
     python bench/fk_predictiveness.py --split heldout --prompts 64 --guides shapeworld,layout,clip
     python bench/fk_predictiveness.py --quick      # tiny random SD: smoke test, numbers meaningless
 
-Writes ``bench/results/fk_predictiveness_<tag>.json``.
+Writes ``bench/results/steering/fk_predictiveness_<tag>.json``.
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = os.path.basename(args.image_model).replace("-", "_")
     tag = args.tag or ("quick" if args.quick else f"{model}_{args.split}_{args.device.split(':')[0]}")
     write_report(report, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
-                                      "results", f"fk_predictiveness_{tag}.json"))
+                                      "results", "steering", f"fk_predictiveness_{tag}.json"))
     return report
 
 

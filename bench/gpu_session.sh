@@ -3,7 +3,7 @@
 # device tool): the kernel tests compiled on the GPU (against their plain-torch references), then
 # bench/kernel_speed.py (the full shape list) and bench/dit_gpu.py (a short Wan 1.3B-shaped run).
 # Each step has a time limit, so the call fits a 15-minute device budget; JSON results and logs
-# land in $OUT (commit the JSON under bench/results/ afterwards).
+# land in $OUT (commit kernels.json under bench/results/kernels/ and dit.json under bench/results/dit_gpu/ afterwards).
 # Prepare here (the machine has torch/triton/transformers, not diffusers): `echo /.whl/ >> .git/info/exclude`,
 # then download diffusers==0.42.1 and importlib_metadata into .whl/ as the device README shows. Carry: .whl.
 # Usage there: bash bench/gpu_session.sh      (about 8 minutes with the defaults)
@@ -11,7 +11,7 @@
 #   (PY=/path/to/venv/bin/python picks another Python; train/device_env.sh installs diffaccel into it)
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-DEVICE=${DEVICE:-cuda} OUT=${OUT:-bench/results/gpu-session}
+DEVICE=${DEVICE:-cuda} OUT=${OUT:-out/gpu-session}
 TESTS_S=${TESTS_S:-150} KERNELS_S=${KERNELS_S:-200} DIT_S=${DIT_S:-180}
 DIT_FRAMES=${DIT_FRAMES:-17} DIT_STEPS=${DIT_STEPS:-10}
 mkdir -p "$OUT"

@@ -5,7 +5,7 @@ the NVFP4-weight GEMM (W4A16), on GPUs with FP4 tensor cores (Blackwell) also th
 GEMM (W4A4, activations quantized in the call), and ``torch.matmul`` in bf16; quantized attention and every SDPA
 backend that runs on the GPU (flash, memory-efficient, cuDNN; the fastest is the baseline).
 Times are medians of ``triton.testing.do_bench``; throughput counts ``2*M*N*K`` (GEMM) and
-``4*B*H*Sq*Skv*D`` (attention) operations. Results go to ``bench/results/kernels_<device>.json``.
+``4*B*H*Sq*Skv*D`` (attention) operations. Results go to ``bench/results/kernels/kernels_<device>.json``.
 
     python bench/kernel_speed.py             # a CUDA GPU: the full shape list (FLUX, Wan 1.3B, SD1.5, M = 1..16)
     python bench/kernel_speed.py --quick     # smoke test, CPU too: tiny shapes, reference paths off-GPU
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         "--reps", type=int, default=5, help="timed repetitions off-GPU (do_bench decides on GPU)"
     )
     parser.add_argument(
-        "--out", default=None, help="JSON path (default bench/results/kernels_<device>.json)"
+        "--out", default=None, help="JSON path (default bench/results/kernels/kernels_<device>.json)"
     )
     args = parser.parse_args(argv)
     if args.device == "cpu" and not args.quick:
@@ -308,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or os.path.join(
         os.path.dirname(os.path.abspath(__file__)),
         "results",
+        "kernels",
         f"kernels_{device}{'_quick' if args.quick else ''}.json",
     )
     os.makedirs(os.path.dirname(out), exist_ok=True)

@@ -7,7 +7,7 @@ Diffusion's schedule), the temporal delta cache at several thresholds, DeepCache
 verifier's accuracy (all criteria met) and mean score, and PSNR against the untouched images;
 speed is the median wall time of a batched call over interleaved rounds (one torch thread: on the
 shared 2-core CPU a second thread makes timings swing), and the speedup against the untouched
-pipeline. Writes ``bench/results/micro_sd_acceleration_cpu.json``.
+pipeline. Writes ``bench/results/micro_sd_acceleration/micro_sd_acceleration_cpu.json``.
 
     python bench/micro_sd_acceleration.py               # 32 prompts, 25 DDIM steps, 3 rounds (~8 min)
     python bench/micro_sd_acceleration.py --quick       # smoke run
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = {"device": f"cpu ({platform.machine()}, {args.threads} torch threads)", "model": "micro-sd",
               "args": {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in vars(args).items()},
               "prompts": prompts, "variants": rows}
-    out = args.out or REPO / "bench" / "results" / ("micro_sd_acceleration_quick.json" if args.quick
+    out = args.out or REPO / "bench" / "results" / "micro_sd_acceleration" / ("micro_sd_acceleration_quick.json" if args.quick
                                                     else "micro_sd_acceleration_cpu.json")
     write_report(report, out)
     return report

@@ -11,7 +11,7 @@ micro-SD, the ShapeWorld verifier's accuracy on held-out prompts. The calibratio
 the training split, never the evaluated ones) and the fitted predictor are reported too, with
 two controls for the static allocation (as many INT8 blocks ranked by measured error, and drawn
 at random), the delta cache and its composition with quantization, quantized attention and (on
-micro-SD) encoder reuse. Writes ``bench/results/mixed_precision_<device>.json``.
+micro-SD) encoder reuse. Writes ``bench/results/quantization/mixed_precision_<device>.json``.
 
     python bench/mixed_precision.py                    # micro-SD and Wan, CPU: ~10 minutes
     python bench/mixed_precision.py --quick            # smoke run on tiny pipelines
@@ -268,7 +268,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report["full_size_memory"] = full_size_memory()
     report["micro_sd"] = micro_sd(args)
     report["wan"] = wan(args, args.quick)
-    out = args.out or REPO / "bench" / "results" / ("mixed_precision_quick.json" if args.quick else "mixed_precision_cpu.json")
+    out = args.out or REPO / "bench" / "results" / "quantization" / (
+        "mixed_precision_quick.json" if args.quick else "mixed_precision_cpu.json")
     write_report(report, out, default=float)
     return report
 

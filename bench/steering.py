@@ -14,7 +14,7 @@ Usage:
     python bench/steering.py --image-model micro-sd --video-model micro-video   # micro models, micro-CLIP check
     python bench/steering.py --quick    # tiny random pipelines: smoke test only, numbers meaningless
 
-Writes ``bench/results/steering_<tag>.json`` and ``steering_<tag>_curves.png``.
+Writes ``bench/results/steering/steering_<tag>.json`` and ``steering_<tag>_curves.png``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import diffaccel
 from diffaccel.rewards import CLIPScoreReward, Reward, ShapeWorldReward
 from diffaccel.shapeworld import eval_prompts
 from diffaccel.steering import FKSteeringConfig, NoiseSearchConfig, search, steer
-from diffaccel.steering.cli_options import stochastic_call
+from diffaccel.steering.stochastic import stochastic_call
 
 METHODS = ("random", "zero-order", "paths", "rbf", "fk")
 
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             entry["accelerated_vs_plain"] = accelerated_vs_plain(bench, "shapeworld", ks[-1])
         results[label] = entry
     tag = args.tag or ("quick" if args.quick else args.device.split(":")[0])
-    out_dir = os.path.join(ROOT, "bench", "results")
+    out_dir = os.path.join(ROOT, "bench", "results", "steering")
     os.makedirs(out_dir, exist_ok=True)
     json_path = os.path.join(out_dir, f"steering_{tag}.json")
     with open(json_path, "w", encoding="utf-8") as handle:

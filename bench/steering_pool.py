@@ -7,8 +7,9 @@ same order for every method of a run. Pooling the runs pairs FK k and best-of-k 
 (resampling (seed, prompt) pairs).
 
 Usage:
-    python bench/steering_pool.py bench/results/steering_micro_sd_cpu_64_fk_ess.json \\
-        bench/results/steering_micro_sd_cpu_64_fk_ess_seed1.json --out bench/results/steering_micro_sd_pooled.json
+    python bench/steering_pool.py bench/results/steering/steering_micro_sd_cpu_64_fk_ess.json \\
+        bench/results/steering/steering_micro_sd_cpu_64_fk_ess_seed1.json \\
+        --out bench/results/steering/steering_micro_sd_pooled.json
 """
 
 from __future__ import annotations

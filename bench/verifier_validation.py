@@ -7,7 +7,7 @@ negative controls it is the fraction that (wrongly) pass. ``*_without_no_extra_o
 same ignoring that criterion (what the verifier measured before it had one). The renders with an
 extra object (``stills_extra_object``, ``clips_extra_object``: each scene plus one object of any
 color and shape that its caption does not name, placed clear of its objects) must all fail.
-Writes ``bench/results/verifier_validation.json``.
+Writes ``bench/results/verifier/verifier_validation.json``.
 
     python bench/verifier_validation.py --n 400 --clips 100
 """
@@ -146,7 +146,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=9)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="bench/results/verifier_validation.json")
+    parser.add_argument("--out", default="bench/results/verifier/verifier_validation.json")
     args = parser.parse_args()
     verifier = Verifier()
     rng = np.random.default_rng(args.seed + 1)

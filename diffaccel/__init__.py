@@ -38,7 +38,7 @@ _LAZY_NAMES: dict[str, str] = {
     **dict.fromkeys(("FKSteeringConfig", "FlowMatchSDEScheduler", "NoiseSearchConfig", "search", "steer"), ".steering"),
     **dict.fromkeys(
         ("QuantizedAttention", "QuantizedAttentionConfig", "remove_quantized_attention", "use_quantized_attention"),
-        ".attention",
+        ".features.quantized_attention",
     ),
     "quantized_sdpa": ".kernels.quantized_attention",
 }

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import time
 import warnings
@@ -52,22 +53,16 @@ from typing import Any, Callable, Sequence, Union
 
 import torch
 
-from .attention import QuantizedAttentionConfig
+# The built-in feature configs register themselves (``attach_order``, see
+# :mod:`diffaccel.features.base`) when their modules load: importing them here makes
+# :data:`FEATURE_CONFIGS` (read by :func:`load_acceleration_config` and :func:`accelerate`) know them all.
+from .attention import QuantizedAttentionConfig  # noqa: F401  (attach_order 50)
 from .errors import DiffaccelError
-from .features.base import AttachedFeature, FeatureConfig
-from .features.delta_cache import DeltaCacheConfig
-from .features.encoder_reuse import EncoderReuseConfig
-from .quantization.allocation import DynamicPrecisionConfig
-from .quantization.config import QuantizationConfig
-
-#: Feature configs by their ``name``, for reading saved configurations back, in the order they
-#: attach (quantization before the dynamic precision that switches its layers; the delta cache's
-#: denoiser hook after, so outside, encoder reuse's, so that it sees one call per step).
-FEATURE_CONFIGS: dict[str, type[FeatureConfig]] = {
-    config.name: config
-    for config in (QuantizationConfig, DynamicPrecisionConfig, EncoderReuseConfig, DeltaCacheConfig,
-                   QuantizedAttentionConfig)
-}
+from .features.base import FEATURE_CONFIGS, AttachedFeature, FeatureConfig
+from .features.delta_cache import DeltaCacheConfig  # noqa: F401  (attach_order 40)
+from .features.encoder_reuse import EncoderReuseConfig  # noqa: F401  (attach_order 30)
+from .quantization.allocation import DynamicPrecisionConfig  # noqa: F401  (attach_order 20)
+from .quantization.config import QuantizationConfig  # noqa: F401  (attach_order 10)
 
 #: File that ``save_pretrained`` writes beside ``model_index.json``.
 ACCELERATION_CONFIG_NAME = "diffaccel_config.json"
@@ -92,6 +87,19 @@ class AccelerationStats:
             "seconds": self.seconds,
             "features": {k: v.to_dict() if hasattr(v, "to_dict") else v for k, v in self.features.items()},
         }
+
+    def summary(self) -> str:
+        """The call's seconds, then one summary per feature whose statistics have one, in attach order.
+
+        Example:
+            >>> from diffaccel.features.delta_cache import DeltaCacheStats
+            >>> print(AccelerationStats(1.5, {"delta_cache": DeltaCacheStats(blocks_computed=3, blocks_skipped=1)}).summary())
+            seconds: 1.500
+            delta cache: 1/4 block evaluations skipped
+        """
+        lines = [f"seconds: {self.seconds:.3f}"]
+        lines += [stats.summary() for stats in self.features.values() if hasattr(stats, "summary")]
+        return "\n".join(lines)
 
 
 class AcceleratedPipelineMixin:
@@ -299,8 +307,9 @@ def accelerate(pipe: Any, *configs: FeatureConfig) -> Any:
     and every call records ``pipe.acceleration_stats``. Calling it again replaces the features.
     Features of another pipeline that shares a module with ``pipe`` (``from_pipe``) are detached
     from it; that pipeline attaches them again at its next call.
-    Features attach in :data:`FEATURE_CONFIGS` order whatever order they are given in
-    (quantization first, then the dynamic precision that switches its layers).
+    Features attach in increasing ``attach_order`` (:data:`FEATURE_CONFIGS` order) whatever order
+    they are given in (quantization first, then the dynamic precision that switches its layers);
+    configs of unregistered classes attach last.
 
     Args:
         pipe: a diffusers pipeline.
@@ -314,9 +323,7 @@ def accelerate(pipe: Any, *configs: FeatureConfig) -> Any:
         (EncoderReuseConfig(schedule=FasterDiffusionSchedule(), parallel=None, max_parallel_steps=None,
                             noise_injection=0.0, noise_injection_below=0.5),)
     """
-    order = list(FEATURE_CONFIGS)
-    configs = tuple(sorted(_as_configs(list(configs)),
-                           key=lambda c: order.index(c.name) if c.name in order else len(order)))
+    configs = tuple(sorted(_as_configs(list(configs)), key=lambda c: getattr(c, "attach_order", math.inf)))
     names = [config.name for config in configs]
     if len(set(names)) != len(names):
         raise ValueError(f"each feature may be given once, got {names}")

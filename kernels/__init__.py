@@ -11,7 +11,11 @@ optional (pyproject installs it on Linux only): without it every op runs its ref
   Blackwell's FP4 tensor cores (``native_fp4_supported``).
 * :mod:`~diffaccel.kernels.int8_quant`: INT8 per-channel weights, per-token activations.
 * :mod:`~diffaccel.kernels.int8_gemm`: ``y = x @ W^T + b`` in W8A8 with INT32 accumulation.
+* :mod:`~diffaccel.kernels.int8_blocks`: per-block INT8 of attention's Q and smoothed K.
 * :mod:`~diffaccel.kernels.quantized_attention`: ``quantized_sdpa``, SageAttention-style.
+
+The GEMM kernels share their tile plumbing (grouped program order, the bias-and-store epilogue,
+the grid) from ``_tiles``; the JIT/interpreter choice and the ``impl`` rule are in ``_triton``.
 """
 
 from .int8_gemm import int8_linear

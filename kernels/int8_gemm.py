@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import check_float, interpreting, jit, resolve_impl, tl, triton
+from ._tiles import GROUP_M, gemm_grid, grouped_tile, store_tile, tile_config
+from ._triton import check_float, jit, resolve_impl, tl
 from .int8_quant import int8_quantize_per_token
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -71,16 +72,7 @@ def _int8_gemm_kernel(
     GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * num_n)
-    first_m = group * GROUP_M
-    group_size = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
-    pid_n = (pid % (GROUP_M * num_n)) // group_size
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm, rn = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rk = tl.arange(0, BLOCK_K)
     # Rows and columns past the edge re-read valid ones (their results are not stored), so the
     # main loop needs no masks unless K has a tail.
@@ -100,21 +92,20 @@ def _int8_gemm_kernel(
     sa = tl.load(sa_ptr + rm, mask=rm < M, other=0.0)
     sb = tl.load(sb_ptr + rn, mask=rn < N, other=0.0)
     y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + rm[:, None].to(tl.int64) * stride_cm + rn[None, :] * stride_cn
-    tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+    store_tile(c_ptr, y, bias_ptr, rm, rn, M, N, stride_cm, stride_cn, HAS_BIAS)
+
+
+# Tiles by row count (see _tiles.tile_config). The last was chosen so that ptxas reports no register
+# spills on sm_90 (checked without a GPU); not timed.
+_TILES = (
+    (16, {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4}),
+    (64, {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4}),
+    (None, {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4}),
+)
 
 
 def _gemm_config(m: int) -> dict[str, int]:
-    if interpreting():
-        return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4}
-    if m <= 16:
-        return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4}
-    if m <= 64:
-        return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4}
-    # Chosen so that ptxas reports no register spills on sm_90 (checked without a GPU); not timed.
-    return {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4}
+    return tile_config(m, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4}, _TILES)
 
 
 def int8_gemm_triton(
@@ -130,8 +121,7 @@ def int8_gemm_triton(
     n = qw.shape[0]
     out = torch.empty(m, n, dtype=out_dtype, device=qx.device)
     cfg = _gemm_config(m)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-    _int8_gemm_kernel[grid](
+    _int8_gemm_kernel[gemm_grid(m, n, cfg)](
         qx,
         qw,
         x_scale,
@@ -148,7 +138,7 @@ def int8_gemm_triton(
         out.stride(0),
         out.stride(1),
         HAS_BIAS=bias is not None,
-        GROUP_M=8,
+        GROUP_M=GROUP_M,
         EVEN_K=k % cfg["BLOCK_K"] == 0,
         **cfg,
     )

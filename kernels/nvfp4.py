@@ -224,6 +224,29 @@ def nvfp4_quantize(x: torch.Tensor, *, impl: str = "auto") -> NVFP4Tensor:
     return NVFP4Tensor(packed.reshape(*lead, -1), scale.reshape(*lead, -1), tensor_scale, shape)
 
 
+def check_linear_operands(x: torch.Tensor, w: NVFP4Tensor, bias: torch.Tensor | None) -> int:
+    """Validate the operands of an NVFP4 linear ``x @ W^T + bias``; returns ``out_features``.
+
+    Example:
+        >>> import torch
+        >>> check_linear_operands(torch.zeros(3, 16), nvfp4_quantize(torch.ones(8, 16)), None)
+        8
+    """
+    check_float("x", x, _FLOATS)
+    if not isinstance(w, NVFP4Tensor) or len(w.shape) != 2:
+        raise ValueError(
+            "w must be a 2-D NVFP4Tensor (out_features, in_features) from nvfp4_quantize"
+        )
+    n, k = w.shape
+    if x.shape[-1] != k:
+        raise ValueError(
+            f"x's last dimension ({x.shape[-1]}) must equal the weight's in_features ({k})"
+        )
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    return n
+
+
 def nvfp4_dequantize_reference(
     packed: torch.Tensor, block_scale: torch.Tensor, tensor_scale: torch.Tensor
 ) -> torch.Tensor:

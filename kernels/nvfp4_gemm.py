@@ -25,10 +25,9 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import check_float, interpreting, jit, resolve_impl, tl, triton
-from .nvfp4 import NVFP4Tensor, e2m1_to_f32, e4m3_to_f32, nvfp4_dequantize_reference
-
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+from ._tiles import GROUP_M, gemm_grid, grouped_tile, store_tile, tile_config
+from ._triton import interpreting, jit, resolve_impl, tl
+from .nvfp4 import NVFP4Tensor, check_linear_operands, e2m1_to_f32, e4m3_to_f32, nvfp4_dequantize_reference
 
 
 def nvfp4_linear_reference(
@@ -69,16 +68,7 @@ def _w4a16_kernel(
     GROUP_M: tl.constexpr,
     DOT_F32: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * num_n)
-    first_m = group * GROUP_M
-    group_size = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
-    pid_n = (pid % (GROUP_M * num_n)) // group_size
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm, rn = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     j = tl.arange(0, BLOCK_K // 2)  # packed byte index within the K tile
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
@@ -115,21 +105,20 @@ def _w4a16_kernel(
                 wt = wt.to(tl.float32)
             acc = tl.dot(xt, wt, acc)
     y = acc * tl.load(ts_ptr)
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + rm[:, None].to(tl.int64) * stride_cm + rn[None, :] * stride_cn
-    tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & n_mask)
+    store_tile(c_ptr, y, bias_ptr, rm, rn, M, N, stride_cm, stride_cn, HAS_BIAS)
+
+
+# Tiles by row count (see _tiles.tile_config), chosen so that ptxas reports no register spills on sm_90
+# (checked without a GPU); not timed.
+_TILES = (
+    (16, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}),
+    (64, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4}),
+    (None, {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4}),
+)
 
 
 def _config(m: int) -> dict[str, int]:
-    if interpreting():
-        return {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4}
-    # Chosen so that ptxas reports no register spills on sm_90 (checked without a GPU); not timed.
-    if m <= 16:
-        return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
-    if m <= 64:
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4}
-    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4}
+    return tile_config(m, {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4}, _TILES)
 
 
 def nvfp4_linear_triton(
@@ -141,10 +130,9 @@ def nvfp4_linear_triton(
     n = w.packed.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     cfg = _config(m)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     packed = w.packed.contiguous()  # the kernel walks K with unit stride (a no-op normally)
     scale = w.block_scale.contiguous().view(torch.uint8)
-    _w4a16_kernel[grid](
+    _w4a16_kernel[gemm_grid(m, n, cfg)](
         x2,
         packed,
         scale,
@@ -161,7 +149,7 @@ def nvfp4_linear_triton(
         out.stride(0),
         out.stride(1),
         HAS_BIAS=bias is not None,
-        GROUP_M=8,
+        GROUP_M=GROUP_M,
         DOT_F32=interpreting(),
         **cfg,
     )
@@ -175,18 +163,7 @@ def nvfp4_linear(
 
     Non-finite activations propagate through the product to their own rows (no special casing).
     """
-    check_float("x", x, _FLOATS)
-    if not isinstance(w, NVFP4Tensor) or len(w.shape) != 2:
-        raise ValueError(
-            "w must be a 2-D NVFP4Tensor (out_features, in_features) from nvfp4_quantize"
-        )
-    n, k = w.shape
-    if x.shape[-1] != k:
-        raise ValueError(
-            f"x's last dimension ({x.shape[-1]}) must equal the weight's in_features ({k})"
-        )
-    if bias is not None and bias.shape != (n,):
-        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    n = check_linear_operands(x, w, bias)
     if x.numel() == 0:
         return x.new_empty(*x.shape[:-1], n)
     if resolve_impl(impl, x, w.packed) == "triton":

@@ -34,18 +34,19 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import check_float, interpreted_e4m3_scales, interpreting, jit, resolve_impl, tl, triton
+from ._tiles import GROUP_M, gemm_grid, grouped_tile, store_tile, tile_config
+from ._triton import interpreted_e4m3_scales, interpreting, jit, resolve_impl, tl
 from .nvfp4 import (
     BLOCK_SIZE,
     E2M1_MAX,
     E4M3_MAX,
     NVFP4Tensor,
+    check_linear_operands,
     nvfp4_dequantize_reference,
     nvfp4_quantize_reference,
     nvfp4_quantize_triton,
 )
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 #: Compute-capability majors with block-scaled FP4 tensor cores that Triton targets.
 NATIVE_FP4_MAJORS = (10, 12)
 
@@ -117,16 +118,7 @@ def _w4a4_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * num_n)
-    first_m = group * GROUP_M
-    group_size = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
-    pid_n = (pid % (GROUP_M * num_n)) // group_size
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm, rn = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     jb = tl.arange(0, BLOCK_K // 2)  # packed bytes of a K tile
     js = tl.arange(0, BLOCK_K // 16)  # its E4M3 block scales
     m_mask = (rm < M)[:, None]
@@ -146,19 +138,19 @@ def _w4a4_kernel(
         sb = tl.load(sb_rows + ks, mask=n_mask & (ks < KP // 16), other=0.0)
         acc = tl.dot_scaled(a, sa, "e2m1", b.T, sb, "e2m1", acc)
     y = acc * (tl.load(tsa_ptr) * tl.load(tsb_ptr))
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + rm[:, None].to(tl.int64) * stride_cm + rn[None, :] * stride_cn
-    tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=m_mask & (rn[None, :] < N))
+    store_tile(c_ptr, y, bias_ptr, rm, rn, M, N, stride_cm, stride_cn, HAS_BIAS)
+
+
+# Tiles by row count (see _tiles.tile_config). BLOCK_K = 128 elements: one block-scaled MMA K step takes
+# 64 FP4 elements; not timed yet.
+_TILES = (
+    (64, {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}),
+    (None, {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}),
+)
 
 
 def _config(m: int) -> dict[str, int]:
-    if interpreting():
-        return {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64, "num_warps": 4}
-    # BLOCK_K = 128 elements: one block-scaled MMA K step takes 64 FP4 elements; not timed yet.
-    if m <= 64:
-        return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
-    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
+    return tile_config(m, {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64, "num_warps": 4}, _TILES)
 
 
 def nvfp4_w4a4_linear_triton(
@@ -171,10 +163,9 @@ def nvfp4_w4a4_linear_triton(
     kp = w.packed.shape[1] * 2
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     cfg = _config(m)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     packed, scale = w.packed.contiguous(), w.block_scale.contiguous()
     with interpreted_e4m3_scales():
-        _w4a4_kernel[grid](
+        _w4a4_kernel[gemm_grid(m, n, cfg)](
             qx.packed,
             qx.block_scale,
             packed,
@@ -193,7 +184,7 @@ def nvfp4_w4a4_linear_triton(
             out.stride(0),
             out.stride(1),
             HAS_BIAS=bias is not None,
-            GROUP_M=8,
+            GROUP_M=GROUP_M,
             **cfg,
         )
     return out.reshape(*x.shape[:-1], n)
@@ -207,18 +198,7 @@ def nvfp4_w4a4_linear(
     ``impl="auto"`` runs the Triton kernel on GPUs with FP4 tensor cores
     (:func:`native_fp4_supported`) or under ``TRITON_INTERPRET=1``, the reference elsewhere.
     """
-    check_float("x", x, _FLOATS)
-    if not isinstance(w, NVFP4Tensor) or len(w.shape) != 2:
-        raise ValueError(
-            "w must be a 2-D NVFP4Tensor (out_features, in_features) from nvfp4_quantize"
-        )
-    n, k = w.shape
-    if x.shape[-1] != k:
-        raise ValueError(
-            f"x's last dimension ({x.shape[-1]}) must equal the weight's in_features ({k})"
-        )
-    if bias is not None and bias.shape != (n,):
-        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    n = check_linear_operands(x, w, bias)
     if x.numel() == 0:
         return x.new_empty(*x.shape[:-1], n)
     resolved = resolve_impl(impl, x, w.packed)

@@ -7,6 +7,7 @@ Algorithm, for each (batch, head):
    quantize disappear.
 2. **INT8 Q and K per block** of :data:`Q_BLOCK` queries / :data:`K_BLOCK` keys (symmetric,
    ``amax / 127``, round to nearest even); ``softmax_scale * log2(e)`` is folded into Q's scale.
+   This op is :mod:`~diffaccel.kernels.int8_blocks`; this module holds the attention op over its output.
 3. ``Q . K^T`` in INT8 with INT32 accumulation, dequantized by the two block scales.
 4. Online softmax in FP32 with ``exp2``; ``P`` is rounded to FP16 and ``P . V`` runs in FP16 with
    FP32 accumulation (``V`` is converted to FP16).
@@ -41,6 +42,7 @@ import math
 import torch
 
 from ._triton import check_float, interpreting, jit, resolve_impl, tl, triton
+from .int8_blocks import head_dim_block, program_batch_head, quantize_blocks_reference, quantize_blocks_triton
 
 #: Queries per INT8 block (one scale each) and per kernel program.
 Q_BLOCK = 128
@@ -50,116 +52,6 @@ MAX_HEAD_DIM = 256
 LAYOUTS = ("HND", "NHD")
 LOG2E = 1.4426950408889634
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-
-
-# ----------------------------------------------------------------------------------------------
-# Per-block INT8 quantization of Q and (smoothed) K
-# ----------------------------------------------------------------------------------------------
-
-
-def quantize_blocks_reference(
-    x: torch.Tensor, block: int, mean: torch.Tensor | None = None, extra_scale: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-block INT8 of ``x (B, H, S, D)`` (any strides): ``(int8 (B, H, S, D), fp32 (B, H, nblocks))``.
-
-    ``mean`` (``(B, H, 1, D)``) is subtracted first; the stored scale is ``amax / 127 * extra_scale``.
-    A block holding NaN or inf gets zeros and a NaN scale.
-    """
-    b, h, s, d = x.shape
-    xf = x.float() if mean is None else x.float() - mean
-    nb = -(-s // block)
-    padded = torch.nn.functional.pad(xf, (0, 0, 0, nb * block - s)).reshape(b, h, nb, block * d)
-    finite = torch.isfinite(padded).all(dim=-1)
-    amax = padded.abs().amax(dim=-1)
-    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    v = torch.clamp(padded / scale[..., None], -127.0, 127.0)
-    q = torch.where(finite[..., None], torch.round(v), torch.zeros_like(v)).to(torch.int8)
-    q = q.reshape(b, h, nb * block, d)[:, :, :s]
-    return q, torch.where(finite, scale * extra_scale, torch.full_like(scale, float("nan")))
-
-
-@jit
-def _quant_blocks_kernel(
-    x_ptr,
-    mean_ptr,
-    q_ptr,
-    s_ptr,
-    S,
-    D,
-    H,
-    extra_scale,
-    sxb,
-    sxh,
-    sxs,
-    sxd,
-    smb,
-    smh,
-    nblocks,
-    HAS_MEAN: tl.constexpr,
-    BLOCK: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    blk = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    rs = blk * BLOCK + tl.arange(0, BLOCK)
-    rd = tl.arange(0, BLOCK_D)
-    mask = (rs[:, None] < S) & (rd[None, :] < D)
-    base = b.to(tl.int64) * sxb + h.to(tl.int64) * sxh
-    x = tl.load(
-        x_ptr + base + rs[:, None].to(tl.int64) * sxs + rd[None, :] * sxd, mask=mask, other=0.0
-    )
-    x = x.to(tl.float32)
-    if HAS_MEAN:
-        mu = tl.load(mean_ptr + b * smb + h * smh + rd, mask=rd < D, other=0.0)
-        x = tl.where(mask, x - mu[None, :], 0.0)
-    amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
-    bad = tl.sum(
-        tl.sum(1 - (tl.abs(x) <= 3.4028234663852886e38).to(tl.int32), axis=1), axis=0
-    )  # NaN, inf
-    scale = tl.where(amax > 0, tl.div_rn(amax, 127.0), 1.0)
-    v = tl.minimum(tl.maximum(tl.div_rn(x, scale), -127.0), 127.0)
-    v = (v + 12582912.0) - 12582912.0  # round half to even (exact for |v| < 2**22)
-    v = tl.where(bad == 0, v, 0.0)
-    out = q_ptr + bh.to(tl.int64) * S * D + rs[:, None].to(tl.int64) * D + rd[None, :]
-    tl.store(out, v.to(tl.int8), mask=mask)
-    tl.store(s_ptr + bh * nblocks + blk, tl.where(bad == 0, scale * extra_scale, float("nan")))
-
-
-def quantize_blocks_triton(
-    x: torch.Tensor, block: int, mean: torch.Tensor | None = None, extra_scale: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Triton version of :func:`quantize_blocks_reference` (same contract, same codes)."""
-    b, h, s, d = x.shape
-    nb = triton.cdiv(s, block)
-    q = torch.empty(b, h, s, d, dtype=torch.int8, device=x.device)
-    scale = torch.empty(b, h, nb, dtype=torch.float32, device=x.device)
-    m = mean if mean is not None else scale
-    smb, smh = (mean.stride(0), mean.stride(1)) if mean is not None else (0, 0)
-    _quant_blocks_kernel[(nb, b * h)](
-        x,
-        m,
-        q,
-        scale,
-        s,
-        d,
-        h,
-        extra_scale,
-        *x.stride(),
-        smb,
-        smh,
-        nb,
-        HAS_MEAN=mean is not None,
-        BLOCK=block,
-        BLOCK_D=_block_d(d),
-        num_warps=4,
-    )
-    return q, scale
-
-
-def _block_d(d: int) -> int:
-    return max(32, triton.next_power_of_2(d))  # int8 tensor-core dots need K >= 32
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,9 +133,7 @@ def _attention_kernel(
     DOT_F32: tl.constexpr,
 ):
     mb = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    bh, b, h = program_batch_head(H)
     hk = h // (H // HK)
     bhk = b * HK + hk
     rm = mb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -347,8 +237,8 @@ def attention_triton(
         QB=Q_BLOCK,
         BLOCK_M=block_m,
         BLOCK_N=K_BLOCK,
-        BLOCK_D=_block_d(d),
-        BLOCK_DV=_block_d(dv),
+        BLOCK_D=head_dim_block(d),
+        BLOCK_DV=head_dim_block(dv),
         DOT_F32=interpreting(),
         num_warps=8 if d > 64 else 4,
         num_stages=3,

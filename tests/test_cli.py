@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from diffaccel.cli import RANDOM_MODEL, main
+from diffaccel.cli import main
+from diffaccel.cli.models import RANDOM_MODEL
 from diffaccel.quantization import QuantizedLinear
 from diffaccel.testing import tiny_pipeline
 
@@ -41,7 +42,8 @@ def test_default_model_draws_the_prompt(tmp_path, capsys):
     printed = capsys.readouterr()
     assert "model: micro-sd" in printed.err and Image.open(out).size == (64, 64)
     verdict = json.loads(stats_path.read_text())["verifier"]
-    assert verdict["criteria"] == {"object_0_color": True, "object_0_shape": True, "no_extra_objects": True} and verdict["score"] == 1.0
+    assert verdict["criteria"] == {"object_0_color": True, "object_0_shape": True, "no_extra_objects": True}
+    assert verdict["score"] == 1.0
     assert "verifier: score 1.00 (all criteria met)" in printed.out
 
 
@@ -127,7 +129,7 @@ def test_delta_cache_on_a_transformer_pipeline(tmp_path, capsys):
 
 
 def test_generate_video_writes_a_gif_with_the_features(tmp_path, capsys):
-    from diffaccel.video_cli import RANDOM_VIDEO_MODEL
+    from diffaccel.cli.models import RANDOM_VIDEO_MODEL
 
     out, stats_path = tmp_path / "clip.gif", tmp_path / "stats.json"
     main(["generate-video", "a red circle moving to the left", "--model", RANDOM_VIDEO_MODEL, "--steps", "4",

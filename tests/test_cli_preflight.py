@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from diffaccel import cli, video_cli
-from diffaccel.cli import RANDOM_MODEL, RANDOM_MODEL_INFO, main
-from diffaccel.cli_types import ModelInfo, describe_model
-from diffaccel.video_cli import RANDOM_VIDEO_INFO, RANDOM_VIDEO_MODEL
+from diffaccel.cli import build_parser, image, main, models, report, steering
+from diffaccel.cli.checks import ModelInfo, describe_model
+from diffaccel.cli.models import RANDOM_MODEL, RANDOM_MODEL_INFO, RANDOM_VIDEO_INFO, RANDOM_VIDEO_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a red circle"
@@ -27,8 +26,8 @@ def no_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(cli, "load_pipeline", refuse)
-    monkeypatch.setattr(video_cli, "load_video_pipeline", refuse)
+    monkeypatch.setattr(models, "load_pipeline", refuse)
+    monkeypatch.setattr(models, "load_video_pipeline", refuse)
 
 
 def _error(argv: list[str], capsys) -> str:
@@ -100,7 +99,7 @@ def test_the_out_folder_is_made_before_the_model_loads(tmp_path, monkeypatch):
     def loaded(*args, **kwargs):
         raise RuntimeError("stop here")
 
-    monkeypatch.setattr(cli, "load_pipeline", loaded)
+    monkeypatch.setattr(models, "load_pipeline", loaded)
     with pytest.raises(RuntimeError, match="stop here"):
         main(["generate", PROMPT, "--out", str(tmp_path / "new" / "deeper" / "x.png")])
     assert (tmp_path / "new" / "deeper").is_dir()
@@ -134,8 +133,8 @@ def test_options_that_do_nothing_warn(tmp_path, capsys, no_loading):
 
 
 def test_steering_options_keep_their_defaults_when_not_given():
-    args = cli.build_parser().parse_args(["generate", PROMPT, "--out", "x.png", "--particles", "2"])
-    cli.preflight(args)
+    args = build_parser().parse_args(["generate", PROMPT, "--out", "x.png", "--particles", "2"])
+    image.preflight(args)
     assert (args.reward, args.potential, args.lmbda, args.resample_every, args.resample_start) == (
         "shapeworld", "max", 10.0, 5, 0)
 
@@ -234,7 +233,7 @@ def test_the_lazy_package_keeps_every_public_name():
     for name in diffaccel.__all__:
         assert getattr(diffaccel, name) is getattr(__import__("diffaccel", fromlist=[name]), name)
     assert set(diffaccel.__all__) <= set(dir(diffaccel))
-    assert diffaccel.steering.SEARCH_METHODS == cli.SEARCH_METHODS  # the parser's copy stays in step
+    assert diffaccel.steering.SEARCH_METHODS == steering.SEARCH_METHODS  # the parser's copy stays in step
     with pytest.raises(AttributeError, match="no attribute 'nosuch'"):
         diffaccel.nosuch  # noqa: B018
 
@@ -259,7 +258,7 @@ def test_a_saved_folder_reads_as_its_loaded_pipeline(tmp_path, name, flow, multi
 
 
 def test_a_resized_output_is_reported(capsys):
-    cli.warn_if_resized(argparse.Namespace(width=100, height=None), 96, 64)
+    report.warn_if_resized(argparse.Namespace(width=100, height=None), 96, 64)
     assert "diffaccel: warning: the pipeline drew 96x64, not the 100x64 asked for" in capsys.readouterr().err
-    cli.warn_if_resized(argparse.Namespace(width=None, height=None), 96, 64)
+    report.warn_if_resized(argparse.Namespace(width=None, height=None), 96, 64)
     assert capsys.readouterr().err == ""

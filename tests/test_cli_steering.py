@@ -7,7 +7,8 @@ import json
 import pytest
 from PIL import Image
 
-from diffaccel.cli import RANDOM_MODEL, main
+from diffaccel.cli import main
+from diffaccel.cli.models import RANDOM_MODEL
 
 PROMPT = "a red circle to the left of a blue square"  # a ShapeWorld caption: the default reward parses it
 
@@ -57,8 +58,8 @@ def test_bad_steering_flags(tmp_path, capsys, argv, message):
 
 def test_bundled_clip_reward_by_name_from_any_folder(tmp_path, capsys, monkeypatch):
     """``transformers-clip:micro-clip`` needs no repository-relative path."""
+    from diffaccel.cli.steering import make_reward
     from diffaccel.rewards import CLIPScoreReward
-    from diffaccel.steering.cli_options import make_reward
 
     monkeypatch.chdir(tmp_path)
     assert CLIPScoreReward.from_transformers("micro-clip").image_size == 64

@@ -8,8 +8,8 @@ import diffaccel
 from diffaccel.rewards import FunctionReward
 from diffaccel.steering import FKSteeringConfig, FlowMatchSDEScheduler, steer
 from diffaccel.steering import session as session_module
-from diffaccel.steering.cli_options import stochastic_call
 from diffaccel.steering.resampling import resample_indices
+from diffaccel.steering.stochastic import stochastic_call
 from diffaccel.testing import TINY_CALL_KWARGS, tiny_pipeline
 
 PROMPT = "a red circle"

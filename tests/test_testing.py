@@ -8,6 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import doctest  # noqa: E402
 import functools  # noqa: E402
+import importlib  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -29,6 +30,8 @@ from diffaccel.testing import (  # noqa: E402
 from diffaccel.tokenizers import clip_tokenizer, t5_tokenizer  # noqa: E402
 
 PROMPT = "a red circle"
+#: The modules of diffaccel.testing besides components: the registry, the call inputs, one per family.
+FAMILY_MODULES = ("pipelines", "call_inputs", "sd", "sdxl", "sd15_layout", "pixart", "sd3", "flux", "cogvideox", "wan", "ltx")
 
 
 @functools.lru_cache(maxsize=None)
@@ -384,7 +387,11 @@ def test_sd15_layout_full_width_config_without_building(monkeypatch):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("module", [dtok, dt_components], ids=lambda m: m.__name__)
+@pytest.mark.parametrize(
+    "module",
+    [dtok, dt_components, *(importlib.import_module(f"diffaccel.testing.{name}") for name in FAMILY_MODULES)],
+    ids=lambda m: m.__name__,
+)
 def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0

@@ -81,8 +81,9 @@ from diffusers.hooks.hooks import CacheContext, StateManager
 from diffusers.utils.torch_utils import unwrap_module
 
 from ..errors import UnsupportedCombinationError, UnsupportedPipelineError
+from ..seams import BLOCK_LIST_NAMES, add_hook, block_lists, block_metadata, denoisers, loop_length, remove_hook
 from .base import AttachedFeature, FeatureConfig, reindex_batch
-from .encoder_reuse import _remove_hook
+from .checks import check_int
 
 DENOISER_HOOK = "diffaccel.delta_cache.denoiser"
 BLOCK_HOOK = "diffaccel.delta_cache.block"
@@ -90,54 +91,14 @@ BLOCK_HOOK = "diffaccel.delta_cache.block"
 #: Branch name used when the pipeline sets no cache context (CFG batched, or no CFG).
 DEFAULT_BRANCH = "default"
 
-#: Pipeline attributes that may hold a denoiser with transformer blocks.
-DENOISER_ATTRIBUTES = ("transformer", "transformer_2", "unet")
-
-#: Names of the ``ModuleList`` attributes that hold a denoiser's transformer blocks.
-BLOCK_LIST_NAMES = (
-    "transformer_blocks",
-    "single_transformer_blocks",
-    "blocks",
-    "layers",
-    "temporal_transformer_blocks",
-)
-
 _SUPPORTED = (
     "PixArt-Alpha/Sigma, SD3, Flux, CogVideoX, Wan, LTX-Video and other transformer denoisers whose "
     "blocks diffusers' TransformerBlockRegistry describes, and UNets' transformer blocks (SD, SDXL)"
 )
 
 
-def _block_metadata(block: torch.nn.Module) -> Any:
-    """diffusers' description of a transformer block class (which outputs are which), or None."""
-    from diffusers.hooks._helpers import TransformerBlockRegistry
-
-    try:
-        return TransformerBlockRegistry.get(type(unwrap_module(block)))
-    except ValueError:
-        return None
-
-
-def _described(blocks: Any) -> bool:
-    return isinstance(blocks, torch.nn.ModuleList) and len(blocks) > 0 and all(_block_metadata(b) for b in blocks)
-
-
-def _block_lists(denoiser: torch.nn.Module) -> dict[str, torch.nn.ModuleList]:
-    """The denoiser's block lists whose every block diffusers' registry describes.
-
-    A transformer's lists are its own attributes (``transformer_blocks``, ...); a UNet's are the
-    ``transformer_blocks`` of the ``Transformer2DModel`` in each cross-attention block, by qualified
-    name (``down_blocks.0.attentions.0.transformer_blocks``).
-    """
-    lists = {name: getattr(denoiser, name) for name in BLOCK_LIST_NAMES if _described(getattr(denoiser, name, None))}
-    if not lists:
-        lists = {name: module for name, module in denoiser.named_modules()
-                 if name.endswith(".transformer_blocks") and _described(module)}
-    return lists
-
-
 @dataclass(frozen=True)
-class DeltaCacheConfig(FeatureConfig):
+class DeltaCacheConfig(FeatureConfig, attach_order=40):
     """Configuration of the temporal delta cache (the rule is in the module docs).
 
     Args:
@@ -175,9 +136,7 @@ class DeltaCacheConfig(FeatureConfig):
             raise ValueError(f"DeltaCacheConfig.threshold must be a number in [0, inf], got {threshold!r}")
         object.__setattr__(self, "threshold", float(threshold))
         for name, minimum in (("max_consecutive_skips", 1), ("first_steps", 0), ("last_steps", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"DeltaCacheConfig.{name} must be an int >= {minimum}, got {value!r}")
+            check_int("DeltaCacheConfig", name, getattr(self, name), minimum)
         if self.blocks is not None:
             blocks = (self.blocks,) if isinstance(self.blocks, str) else self.blocks
             if (
@@ -196,20 +155,6 @@ class DeltaCacheConfig(FeatureConfig):
         """Install the delta cache on ``pipe``'s transformer blocks."""
         return DeltaCache(self, pipe)
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable fields, read back by :meth:`from_dict`."""
-        return {
-            "threshold": self.threshold,
-            "max_consecutive_skips": self.max_consecutive_skips,
-            "first_steps": self.first_steps,
-            "last_steps": self.last_steps,
-            "blocks": list(self.blocks) if self.blocks is not None else None,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "DeltaCacheConfig":
-        """Rebuild a config from :meth:`to_dict`'s output."""
-        return cls(**data)
 
 
 @dataclass
@@ -233,6 +178,15 @@ class DeltaCacheStats:
         """Skipped block evaluations over all block evaluations (0 when none ran)."""
         total = self.blocks_computed + self.blocks_skipped
         return self.blocks_skipped / total if total else 0.0
+
+    def summary(self) -> str:
+        """The skipped block evaluations, as the ``diffaccel`` commands print them.
+
+        Example:
+            >>> DeltaCacheStats(num_steps=2, blocks=2, blocks_computed=3, blocks_skipped=1).summary()
+            'delta cache: 1/4 block evaluations skipped'
+        """
+        return f"delta cache: {self.blocks_skipped}/{self.blocks_computed + self.blocks_skipped} block evaluations skipped"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form, for JSON reports."""
@@ -340,8 +294,7 @@ class _Runtime:
         if context is not None and context.num_inference_steps is not None:
             return int(context.num_inference_steps)
         if self.loop_length is None:
-            length = getattr(self.pipe, "_num_timesteps", None)
-            self.loop_length = int(length) if length else len(self.pipe.scheduler.timesteps)
+            self.loop_length = loop_length(self.pipe)
         return self.loop_length
 
     def record(self, step: int | None, skipped: bool) -> None:
@@ -473,7 +426,12 @@ class _BlockHook(ModelHook):
 
 
 class DeltaCache(AttachedFeature):
-    """The temporal delta cache installed on a pipeline's transformer blocks; see the module docs."""
+    """The temporal delta cache installed on a pipeline's transformer blocks; see the module docs.
+
+    Each chunk of a chunked batch would count as a step and meet the other chunks' caches, so it
+    does not support chunked batches."""
+
+    supports_chunked_batches = False
 
     def __init__(self, config: DeltaCacheConfig, pipe: Any) -> None:
         self.config = config
@@ -489,7 +447,7 @@ class DeltaCache(AttachedFeature):
                 detach_from_modules(denoiser)
                 for list_name, blocks in lists.items():
                     for index, block in enumerate(blocks):
-                        hook = _BlockHook(self.runtime, f"{list_name}.{index}", _block_metadata(block))
+                        hook = _BlockHook(self.runtime, f"{list_name}.{index}", block_metadata(block))
                         self._hook(block, hook, BLOCK_HOOK)
                 hook = _DenoiserHook(self.runtime)
                 self._hook(denoiser, hook, DENOISER_HOOK)
@@ -502,7 +460,7 @@ class DeltaCache(AttachedFeature):
 
     def _chosen_blocks(self, attribute: str, denoiser: torch.nn.Module) -> dict[str, torch.nn.ModuleList]:
         """The block lists to hook on one denoiser (all, or those ``config.blocks`` names)."""
-        lists = _block_lists(denoiser)
+        lists = block_lists(denoiser)
         if self.config.blocks is None:
             return lists
         missing = [name for name in self.config.blocks if name not in lists]
@@ -514,21 +472,11 @@ class DeltaCache(AttachedFeature):
         return {name: lists[name] for name in self.config.blocks}
 
     def _hook(self, module: torch.nn.Module, hook: ModelHook, name: str) -> None:
-        HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
+        add_hook(module, hook, name)
         self._modules.append((module, name))
 
     def begin_call(self, pipe: Any, call_kwargs: Mapping[str, Any]) -> None:
         """Reset every branch's caches and the statistics."""
-        from ..steering.session import CHUNK_HOOK  # here: the steering package is not needed to import this one
-
-        for denoiser in self.denoisers.values():
-            registry = getattr(denoiser, "_diffusers_hook", None)
-            if registry is not None and CHUNK_HOOK in registry.hooks:
-                raise UnsupportedCombinationError(
-                    "FK steering's max_batch smaller than the number of particles cannot be combined with the "
-                    "delta cache (each chunk would count as a step and meet the other chunks' caches); "
-                    "raise max_batch or drop one of them"
-                )
         for hook in self._denoiser_hooks:
             hook.states.reset()
         self.runtime.start(pipe, self.num_blocks)
@@ -551,7 +499,7 @@ class DeltaCache(AttachedFeature):
     def detach(self, pipe: Any) -> None:
         """Remove every hook this feature installed."""
         for module, name in reversed(self._modules):
-            _remove_hook(module, name)
+            remove_hook(module, name)
         for denoiser in self.denoisers.values():
             registry = getattr(denoiser, "_diffusers_hook", None)
             if registry is not None:
@@ -561,19 +509,12 @@ class DeltaCache(AttachedFeature):
 
 def _denoisers(pipe: Any) -> dict[str, torch.nn.Module]:
     """The pipeline's transformer denoisers that have supported blocks, by attribute name."""
-    found = {}
-    for attribute in DENOISER_ATTRIBUTES:
-        module = getattr(pipe, attribute, None)
-        if isinstance(module, torch.nn.Module) and _block_lists(module):
-            found[attribute] = module
+    every = denoisers(pipe)
+    found = {name: module for name, module in every.items() if block_lists(module)}
     if not found:
-        denoiser = getattr(pipe, "transformer", None)
-        if denoiser is None:
-            denoiser = getattr(pipe, "unet", None)
-        described = type(denoiser).__name__ if denoiser is not None else "no transformer"
         raise UnsupportedPipelineError(
             f"the delta cache needs a transformer denoiser with supported blocks ({_SUPPORTED}); "
-            f"{type(pipe).__name__} has {described}"
+            f"{type(pipe).__name__} has {type(next(iter(every.values()))).__name__}"
         )
     return found
 
@@ -584,5 +525,5 @@ def detach_from_modules(denoiser: torch.nn.Module) -> None:
         registry = getattr(module, "_diffusers_hook", None)
         for name in (DENOISER_HOOK, BLOCK_HOOK):
             if registry is not None and name in registry.hooks:
-                _remove_hook(module, name)
+                remove_hook(module, name)
                 registry = getattr(module, "_diffusers_hook", None)

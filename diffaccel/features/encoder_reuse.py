@@ -29,18 +29,22 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping
 
 import torch
 from diffusers import UNet2DConditionModel
-from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks import ModelHook
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from ..errors import UnsupportedCombinationError, UnsupportedPipelineError
-from .base import AttachedFeature, FeatureConfig, reindex_batch
+from ..seams import add_hook, loop_length, remove_hook, same_tree, tree_map_tensors
+from .base import AttachedFeature, FeatureConfig, json_field, reindex_batch
+from .checks import check_bool, check_fraction, check_int
 from .key_steps import ScheduleLike, parse_schedule
+from .noise_injection import prior_noise_injection
 
 UNET_HOOK = "diffaccel.encoder_reuse"
 FEATURE_HOOK = "diffaccel.encoder_reuse.feature"
@@ -59,7 +63,7 @@ _UNSUPPORTED_PIPELINES = {
 
 
 @dataclass(frozen=True)
-class EncoderReuseConfig(FeatureConfig):
+class EncoderReuseConfig(FeatureConfig, attach_order=30):
     """Configuration of UNet encoder propagation.
 
     Args:
@@ -85,7 +89,7 @@ class EncoderReuseConfig(FeatureConfig):
 
     name = "encoder_reuse"
 
-    schedule: ScheduleLike = "faster-diffusion"
+    schedule: ScheduleLike = json_field("faster-diffusion", to_json=lambda schedule: schedule.describe())
     parallel: bool | None = None
     max_parallel_steps: int | None = None
     noise_injection: float = 0.0
@@ -93,33 +97,14 @@ class EncoderReuseConfig(FeatureConfig):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "schedule", parse_schedule(self.schedule))
-        if self.parallel is not None and not isinstance(self.parallel, bool):
-            raise ValueError(f"EncoderReuseConfig.parallel must be True, False or None, got {self.parallel!r}")
-        steps = self.max_parallel_steps
-        if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
-            raise ValueError(f"EncoderReuseConfig.max_parallel_steps must be None or an int >= 1, got {steps!r}")
-        if not isinstance(self.noise_injection, (int, float)) or not 0.0 <= self.noise_injection <= 1.0:
-            raise ValueError(f"EncoderReuseConfig.noise_injection must be in [0, 1], got {self.noise_injection!r}")
-        if not isinstance(self.noise_injection_below, (int, float)) or not 0.0 < self.noise_injection_below <= 1.0:
-            raise ValueError(
-                f"EncoderReuseConfig.noise_injection_below must be in (0, 1], got {self.noise_injection_below!r}"
-            )
+        check_bool("EncoderReuseConfig", "parallel", self.parallel, optional=True)
+        check_int("EncoderReuseConfig", "max_parallel_steps", self.max_parallel_steps, optional=True)
+        check_fraction("EncoderReuseConfig", "noise_injection", self.noise_injection)
+        check_fraction("EncoderReuseConfig", "noise_injection_below", self.noise_injection_below, include_zero=False)
 
     def attach(self, pipe: Any) -> "EncoderReuse":
         return EncoderReuse(self, pipe)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "schedule": self.schedule.describe(),
-            "parallel": self.parallel,
-            "max_parallel_steps": self.max_parallel_steps,
-            "noise_injection": self.noise_injection,
-            "noise_injection_below": self.noise_injection_below,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "EncoderReuseConfig":
-        return cls(**data)
 
 
 @dataclass
@@ -146,6 +131,19 @@ class EncoderReuseStats:
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form, for JSON reports."""
         return asdict(self)
+
+    def summary(self) -> str:
+        """The key steps and the UNet passes, as ``diffaccel generate`` prints them.
+
+        Example:
+            >>> print(EncoderReuseStats(4, (0, 2), True, 2, 4, 2, noise_injections=0).summary())
+            key steps: [0, 2]
+            UNet encoder evaluations: 2/4, decoder evaluations: 4 in 2 calls (parallel)
+        """
+        return (f"key steps: {list(self.key_steps)}\n"
+                f"UNet encoder evaluations: {self.encoder_evaluations}/{self.num_steps}, "
+                f"decoder evaluations: {self.decoder_evaluations} in {self.batched_decoder_calls} calls"
+                f"{' (parallel)' if self.parallel else ''}")
 
 
 @dataclass
@@ -195,23 +193,13 @@ class _ReuseState:
         """Fix the loop length and key steps at the first hooked call of a pipeline call."""
         if self.num_steps is not None:
             return
-        num_steps = getattr(self.pipe, "_num_timesteps", None) or len(self.pipe.scheduler.timesteps)
+        num_steps = loop_length(self.pipe)
         key_steps = self.config.schedule.key_steps(int(num_steps))
         self.num_steps, self.key_steps = int(num_steps), frozenset(key_steps)
         self.stats.num_steps, self.stats.key_steps = int(num_steps), tuple(key_steps)
 
     def is_key(self, step: int) -> bool:
         return step in self.key_steps
-
-
-def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, dict):
-        return {k: _map_tensors(v, fn) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_map_tensors(v, fn) for v in obj)
-    return obj
 
 
 def _repeat_batch(obj: Any, batch: int, times: int) -> Any:
@@ -224,27 +212,12 @@ def _repeat_batch(obj: Any, batch: int, times: int) -> Any:
             return t
         return t.repeat(times, *([1] * (t.ndim - 1)))
 
-    return _map_tensors(obj, repeat)
+    return tree_map_tensors(repeat, obj)
 
 
 def _take_batch(obj: Any, total: int, keep: int) -> Any:
     """Keep the first ``keep`` rows of every tensor whose first dimension is ``total``."""
-    return _map_tensors(obj, lambda t: t[:keep] if t.ndim > 0 and t.shape[0] == total else t)
-
-
-def _same_inputs(a: Any, b: Any) -> bool:
-    """Whether two nested UNet inputs are equal (identity first, then values)."""
-    if a is b:
-        return True
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same_inputs(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same_inputs(x, y) for x, y in zip(a, b))
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return False
-    return a == b
+    return tree_map_tensors(lambda t: t[:keep] if t.ndim > 0 and t.shape[0] == total else t, obj)
 
 
 def _same_timestep(a: Any, b: torch.Tensor) -> bool:
@@ -399,7 +372,7 @@ class _UNetHook(ModelHook):
         ready = state.precomputed.pop(state.step, None)
         if ready is not None:
             rest = {k: v for k, v in inputs.items() if k not in ("sample", "timestep")}
-            if _same_timestep(inputs["timestep"], ready.timestep) and _same_inputs(rest, ready.inputs):
+            if _same_timestep(inputs["timestep"], ready.timestep) and same_tree(rest, ready.inputs):
                 return ready.output
             # The step's conditioning differs from the call that precomputed it: decode it (and the
             # steps after it) again from this step's inputs.
@@ -437,61 +410,12 @@ class _UNetHook(ModelHook):
         return outputs[0]
 
 
-def _wrap_scheduler_step(state: _ReuseState, scheduler: Any) -> Callable[[], None]:
-    """Prior noise injection at the scheduler seam; returns the function that unwraps it."""
-    config = state.config
-    threshold = config.noise_injection_below * scheduler.config.num_train_timesteps
-    sigma = float(getattr(scheduler, "init_noise_sigma", 1.0))
-    step_fn = scheduler.step
-
-    def step(model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        index = state.scheduler_steps
-        state.scheduler_steps += 1
-        if index == 0:
-            state.initial_noise = sample.detach().clone() / sigma
-        result = step_fn(model_output, timestep, sample, *args, **kwargs)
-        if state.loop_timesteps is None:
-            raise UnsupportedCombinationError(
-                "prior noise injection could not locate the denoising loop's timesteps in the scheduler"
-            )
-        if index + 1 >= len(state.loop_timesteps) or float(state.loop_timesteps[index + 1]) >= threshold:
-            return result
-        state.stats.noise_injections += 1
-        added = config.noise_injection * state.initial_noise
-        if isinstance(result, tuple):
-            return (result[0] + added.to(result[0].dtype), *result[1:])
-        result.prev_sample = result.prev_sample + added.to(result.prev_sample.dtype)
-        return result
-
-    scheduler.step = step
-
-    def unwrap() -> None:
-        if scheduler.__dict__.get("step") is step:
-            del scheduler.step
-
-    return unwrap
-
-
-def _registry(module: torch.nn.Module) -> HookRegistry:
-    return HookRegistry.check_if_exists_or_initialize(module)
-
-
-def _remove_hook(module: torch.nn.Module, name: str) -> None:
-    registry = getattr(module, "_diffusers_hook", None)
-    if registry is None:
-        return
-    registry.remove_hook(name, recurse=False)
-    if not registry.hooks:
-        # Leave the module as it was: no registry, and no instance-level forward unless someone
-        # else (e.g. accelerate's offload hooks) had put one there.
-        del module._diffusers_hook
-        forward = module.__dict__.get("forward")
-        if getattr(forward, "__self__", None) is module and getattr(forward, "__func__", None) is type(module).forward:
-            del module.forward
-
-
 class EncoderReuse(AttachedFeature):
-    """Encoder propagation installed on a pipeline's UNet (and ControlNet); see the module docs."""
+    """Encoder propagation installed on a pipeline's UNet (and ControlNet); see the module docs.
+
+    Its cached encoder features span the whole batch, so it does not support chunked batches."""
+
+    supports_chunked_batches = False
 
     def __init__(self, config: EncoderReuseConfig, pipe: Any) -> None:
         unet = getattr(pipe, "unet", None)
@@ -509,7 +433,7 @@ class EncoderReuse(AttachedFeature):
         self.unet = unet
         self.controlnet = getattr(pipe, "controlnet", None)
         self.state = _ReuseState(config)
-        self._unwrap_scheduler: Callable[[], None] | None = None
+        self._scheduler_wrap = contextlib.ExitStack()
         self._modules: list[tuple[torch.nn.Module, str]] = []
         detach_from_modules(unet, self.controlnet)
         self._hook(unet.conv_in, _FeatureHook(self.state, "conv_in"), FEATURE_HOOK)
@@ -523,7 +447,7 @@ class EncoderReuse(AttachedFeature):
         self._hook(unet, _UNetHook(self.state), UNET_HOOK)
 
     def _hook(self, module: torch.nn.Module, hook: ModelHook, name: str) -> None:
-        _registry(module).register_hook(hook, name)
+        add_hook(module, hook, name)
         self._modules.append((module, name))
 
     def begin_call(self, pipe: Any, call_kwargs: Mapping[str, Any]) -> None:
@@ -535,12 +459,13 @@ class EncoderReuse(AttachedFeature):
             parallel = self.unet.device.type == "cuda"
         self.state.start(pipe, parallel)
         if self.config.noise_injection > 0:
-            self._unwrap_scheduler = _wrap_scheduler_step(self.state, pipe.scheduler)
+            config = self.config
+            self._scheduler_wrap.enter_context(
+                prior_noise_injection(self.state, pipe.scheduler, config.noise_injection, config.noise_injection_below)
+            )
 
     def end_call(self) -> EncoderReuseStats:
-        if self._unwrap_scheduler is not None:
-            self._unwrap_scheduler()
-            self._unwrap_scheduler = None
+        self._scheduler_wrap.close()
         return self.state.finish()
 
     def reindex(self, indices: torch.Tensor) -> None:
@@ -559,7 +484,7 @@ class EncoderReuse(AttachedFeature):
 
     def detach(self, pipe: Any) -> None:
         for module, name in reversed(self._modules):
-            _remove_hook(module, name)
+            remove_hook(module, name)
         self._modules = []
 
 
@@ -572,4 +497,4 @@ def detach_from_modules(unet: torch.nn.Module, controlnet: Any = None) -> None:
         for name in (UNET_HOOK, FEATURE_HOOK, CONTROLNET_HOOK):
             registry = getattr(module, "_diffusers_hook", None)
             if registry is not None and name in registry.hooks:
-                _remove_hook(module, name)
+                remove_hook(module, name)

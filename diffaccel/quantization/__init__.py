@@ -38,7 +38,8 @@ from .calibration import CalibrationData, PrecisionPredictor, calibrate, calibra
 from .config import CONFIG_PRECISIONS, DEFAULT_EXCLUDE, EMBEDDING_EXCLUDE, FALLBACKS, QuantizationConfig
 from .feature import QuantizationFeature, QuantizationStats
 from .linear import PRECISIONS, QuantizedLinear
-from .quantize import SUPPORTED_MODELS, is_quantized, quantization_plan, quantize_, quantized_layers
+from .plan import SUPPORTED_MODELS, is_quantized, quantized_layers
+from .quantize import quantization_plan, quantize_
 from .report import LayerMemory, MemoryReport, memory_report, planned_memory
 from .serialization import QUANTIZATION_FILE, QuantizationFileError, load_quantized
 

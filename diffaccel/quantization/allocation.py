@@ -36,10 +36,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks import ModelHook
 
 from ..errors import UnsupportedCombinationError
-from ..features.base import AttachedFeature, FeatureConfig
+from ..features.base import AttachedFeature, FeatureConfig, json_field
+from ..seams import add_hook, loop_length, remove_hook
 from .calibration import (
     CalibrationData,
     PrecisionPredictor,
@@ -139,7 +140,7 @@ def allocate_static(
 
 
 @dataclass(frozen=True)
-class DynamicPrecisionConfig(FeatureConfig):
+class DynamicPrecisionConfig(FeatureConfig, attach_order=20):
     """Switch the nested residual of NVFP4 layers on per block and timestep band.
 
     Args:
@@ -163,8 +164,8 @@ class DynamicPrecisionConfig(FeatureConfig):
 
     name = "dynamic_precision"
 
-    schedule: Any = ()
-    predictor: PrecisionPredictor | None = None
+    schedule: Any = json_field((), to_json=lambda schedule: {block: list(bands) for block, bands in schedule})
+    predictor: PrecisionPredictor | None = json_field(None, from_json=PrecisionPredictor.from_dict)
     online_threshold: float | None = None
 
     def __post_init__(self) -> None:
@@ -216,17 +217,6 @@ class DynamicPrecisionConfig(FeatureConfig):
     def attach(self, pipe: Any) -> "DynamicPrecision":
         return DynamicPrecision(self, pipe)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"schedule": {block: list(bands) for block, bands in self.schedule},
-                "predictor": None if self.predictor is None else self.predictor.to_dict(),
-                "online_threshold": self.online_threshold}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "DynamicPrecisionConfig":
-        predictor = data.get("predictor")
-        return cls(schedule=data.get("schedule", ()),
-                   predictor=None if predictor is None else PrecisionPredictor.from_dict(predictor),
-                   online_threshold=data.get("online_threshold"))
 
 
 def allocate_dynamic(
@@ -358,10 +348,10 @@ class DynamicPrecision(AttachedFeature):
             self.layers[block] = [layer for layer in layers if layer.has_residual]
         self.at_rest = [(layer, layer.refine) for layers in self.layers.values() for layer in layers]
         self.switch = _BandSwitch(self)
-        HookRegistry.check_if_exists_or_initialize(self.model).register_hook(self.switch, _DYNAMIC_HOOK)
+        add_hook(self.model, self.switch, _DYNAMIC_HOOK)
         self.probed = [blocks[block] for block, _ in config.schedule] if config.online_threshold is not None else []
         for (block, _), module in zip(config.schedule, self.probed):
-            HookRegistry.check_if_exists_or_initialize(module).register_hook(_DifferenceProbe(block, self), _PROBE_HOOK)
+            add_hook(module, _DifferenceProbe(block, self), _PROBE_HOOK)
         self.current: dict[str, list[float]] = {}
         self.num_steps: int | None = None
         self.stats = DynamicPrecisionStats()
@@ -374,7 +364,7 @@ class DynamicPrecision(AttachedFeature):
     def enter_step(self, step: int) -> None:
         """Set every scheduled block's ``refine`` flags for ``step``'s band and record the bits in use."""
         if self.num_steps is None:
-            self.num_steps = max(int(getattr(self.pipe, "_num_timesteps", 0) or len(self.pipe.scheduler.timesteps)), 1)
+            self.num_steps = max(loop_length(self.pipe), 1)
         band = min(step * self.config.num_bands // self.num_steps, self.config.num_bands - 1)
         previous, self.current = self.current, {}
         for block, bands in self.config.schedule:
@@ -402,9 +392,9 @@ class DynamicPrecision(AttachedFeature):
 
     def detach(self, pipe: Any) -> None:
         self._restore()
-        HookRegistry.check_if_exists_or_initialize(self.model).remove_hook(_DYNAMIC_HOOK, recurse=False)
+        remove_hook(self.model, _DYNAMIC_HOOK)
         for module in self.probed:
-            HookRegistry.check_if_exists_or_initialize(module).remove_hook(_PROBE_HOOK, recurse=False)
+            remove_hook(module, _PROBE_HOOK)
 
 
 def _bits_in_use(layer: QuantizedLinear) -> float:

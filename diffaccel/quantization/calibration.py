@@ -43,10 +43,11 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks import ModelHook
 from tqdm.auto import tqdm
 
 from ..errors import UnsupportedPipelineError
+from ..seams import DENOISER_ATTRIBUTES, add_hook, block_registry, remove_hook, transformer_blocks
 from .config import QuantizationConfig
 from .quantize import quantization_plan
 from .safety import check_weights, quantize_layer
@@ -58,38 +59,12 @@ _STEP_HOOK = "diffaccel.calibration.step"
 _BLOCK_HOOK = "diffaccel.calibration.block"
 
 
-def _block_registry() -> Any:
-    from diffusers.hooks._helpers import TransformerBlockRegistry
-
-    TransformerBlockRegistry._register()
-    return TransformerBlockRegistry
-
-
-def transformer_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """The transformer blocks of a denoiser, as ``(qualified name, module)`` in forward order.
-
-    A block is a module whose class diffusers registers in its ``TransformerBlockRegistry``
-    (the registry its own caches use); blocks nested inside other blocks are not listed twice.
-
-    Example:
-        >>> from diffaccel.testing import tiny_pipeline
-        >>> [name for name, _ in transformer_blocks(tiny_pipeline("flux").transformer)]
-        ['transformer_blocks.0', 'single_transformer_blocks.0']
-    """
-    registered = tuple(_block_registry()._registry)
-    blocks: list[tuple[str, torch.nn.Module]] = []
-    for name, module in model.named_modules():
-        if isinstance(module, registered) and not any(name.startswith(b + ".") for b, _ in blocks):
-            blocks.append((name, module))
-    return blocks
-
-
 def denoiser_of(pipe: Any) -> torch.nn.Module:
     """The pipeline's denoiser (``pipe.transformer`` or ``pipe.unet``) that has transformer blocks.
 
     Raises :class:`~diffaccel.errors.UnsupportedPipelineError` when there is none.
     """
-    for attr in ("transformer", "unet"):
+    for attr in DENOISER_ATTRIBUTES:
         model = getattr(pipe, attr, None)
         if isinstance(model, torch.nn.Module) and transformer_blocks(model):
             return model
@@ -136,7 +111,7 @@ class StepCounter(ModelHook):
 
 def block_hidden_states(block: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> tuple[Any, Any]:
     """A block's hidden-states input and output, read with diffusers' block metadata."""
-    metadata = _block_registry().get(type(block))
+    metadata = block_registry().get(type(block))
     hidden_in = metadata._get_parameter_from_args_kwargs(metadata.hidden_states_argument_name, args, kwargs)
     hidden_out = output[metadata.return_hidden_states_index] if isinstance(output, (tuple, list)) else output
     return hidden_in, hidden_out
@@ -306,16 +281,15 @@ def calibrate(
     check_weights(model, quantized)
     names = [name for name, _ in blocks]
     counter = StepCounter()
-    HookRegistry.check_if_exists_or_initialize(model).register_hook(counter, _STEP_HOOK)
-    registries = []
+    add_hook(model, counter, _STEP_HOOK)
+    hooked = []
     differences, errors = [], []
     recorder = _Recorder(names)
     try:
         for name, block in blocks:
-            registry = HookRegistry.check_if_exists_or_initialize(block)
             linears = {layer: model.get_submodule(layer) for layer in quantized if layer.startswith(name + ".")}
-            registry.register_hook(_BlockHook(name, linears, counter, recorder, config), _BLOCK_HOOK)
-            registries.append(registry)
+            add_hook(block, _BlockHook(name, linears, counter, recorder, config), _BLOCK_HOOK)
+            hooked.append(block)
         for index, prompt in enumerate(tqdm(prompts, desc="calibration", disable=not progress)):
             counter.reset()
             recorder.rows = {}
@@ -327,9 +301,9 @@ def calibrate(
             differences.append(diff)
             errors.append(err)
     finally:
-        for registry in registries:
-            registry.remove_hook(_BLOCK_HOOK, recurse=False)
-        HookRegistry.check_if_exists_or_initialize(model).remove_hook(_STEP_HOOK, recurse=False)
+        for block in hooked:
+            remove_hook(block, _BLOCK_HOOK)
+        remove_hook(model, _STEP_HOOK)
     return CalibrationData(tuple(names), tuple(prompts), np.stack(differences), np.stack(errors))
 
 

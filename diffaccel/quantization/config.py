@@ -53,9 +53,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Any, Union
+from typing import Union
 
 from ..features.base import FeatureConfig
+from ..features.checks import check_bool, check_choice, check_int
 from ..kernels._triton import IMPLS
 
 #: Values of ``QuantizationConfig.precision`` and of its ``overrides``.
@@ -80,11 +81,13 @@ OverridesLike = Union[Mapping[str, str], Iterable[tuple[str, str]]]
 
 
 @dataclass(frozen=True)
-class QuantizationConfig(FeatureConfig):
+class QuantizationConfig(FeatureConfig, attach_order=10):
     """How :func:`~diffaccel.quantization.quantize_` quantizes a denoiser's Linear layers.
 
     Also a :func:`diffaccel.accelerate` feature (``name = "quantization"``) that quantizes the
-    pipeline's ``transformer`` or ``unet``; see :mod:`diffaccel.quantization.feature`.
+    pipeline's ``transformer`` or ``unet``; see :mod:`diffaccel.quantization.feature`, whose
+    :class:`~diffaccel.quantization.QuantizationFeature` attaches it (and loads a saved quantized
+    denoiser back for ``from_pretrained``). Saved as JSON with ``overrides`` as a list of pairs.
 
     Args:
         precision: format of the eligible layers no override names: ``"nvfp4"``, ``"nvfp4+residual"``,
@@ -128,10 +131,7 @@ class QuantizationConfig(FeatureConfig):
     fallback: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.precision not in CONFIG_PRECISIONS:
-            raise ValueError(
-                f"QuantizationConfig.precision must be one of {CONFIG_PRECISIONS}, got {self.precision!r}"
-            )
+        check_choice("QuantizationConfig", "precision", self.precision, CONFIG_PRECISIONS)
         pairs = tuple(self.overrides.items()) if isinstance(self.overrides, Mapping) else self.overrides
         try:
             pairs = tuple((pattern, value) for pattern, value in pairs)
@@ -154,18 +154,11 @@ class QuantizationConfig(FeatureConfig):
         if not all(isinstance(p, str) and p for p in exclude):
             raise ValueError(f"QuantizationConfig.exclude must hold non-empty strings, got {exclude!r}")
         object.__setattr__(self, "exclude", exclude)
-        if isinstance(self.min_weight_numel, bool) or not isinstance(self.min_weight_numel, int) or self.min_weight_numel < 0:
-            raise ValueError(f"QuantizationConfig.min_weight_numel must be an int >= 0, got {self.min_weight_numel!r}")
-        if not isinstance(self.residual, bool):
-            raise ValueError(f"QuantizationConfig.residual must be True or False, got {self.residual!r}")
-        if not isinstance(self.fp4_activations, bool):
-            raise ValueError(f"QuantizationConfig.fp4_activations must be True or False, got {self.fp4_activations!r}")
-        if self.impl not in IMPLS:
-            raise ValueError(f"QuantizationConfig.impl must be one of {IMPLS}, got {self.impl!r}")
-        if not isinstance(self.refine, bool):
-            raise ValueError(f"QuantizationConfig.refine must be True or False, got {self.refine!r}")
-        if self.fallback not in FALLBACKS:
-            raise ValueError(f"QuantizationConfig.fallback must be one of {FALLBACKS}, got {self.fallback!r}")
+        check_int("QuantizationConfig", "min_weight_numel", self.min_weight_numel, minimum=0)
+        for name in ("residual", "fp4_activations", "refine"):
+            check_bool("QuantizationConfig", name, getattr(self, name))
+        check_choice("QuantizationConfig", "impl", self.impl, IMPLS)
+        check_choice("QuantizationConfig", "fallback", self.fallback, FALLBACKS)
 
     @property
     def quantizes_anything(self) -> bool:
@@ -207,44 +200,3 @@ class QuantizationConfig(FeatureConfig):
             return "bf16"
         precision = next((value for pattern, value in self.overrides if fnmatchcase(name, pattern)), self.precision)
         return "nvfp4+residual" if precision == "nvfp4" and self.residual else precision
-
-    def attach(self, pipe: Any) -> Any:
-        """Quantize ``pipe``'s denoiser (see :class:`~diffaccel.quantization.feature.QuantizationFeature`)."""
-        from .feature import QuantizationFeature
-
-        return QuantizationFeature.attach(self, pipe)
-
-    def pretrained_components(self, path: str, load_kwargs: Mapping[str, Any]) -> dict[str, Any]:
-        """Components ``from_pretrained(path)`` should take as saved: the quantized denoiser, if any.
-
-        Called by :meth:`diffaccel.acceleration.AcceleratedPipelineMixin.from_pretrained`, so a saved
-        quantized denoiser is loaded back without re-quantizing (see
-        :func:`~diffaccel.quantization.feature.load_quantized_components`).
-        """
-        from .feature import load_quantized_components
-
-        return load_quantized_components(path, load_kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (overrides as a list of pairs, in order)."""
-        return {
-            "precision": self.precision,
-            "overrides": [list(pair) for pair in self.overrides],
-            "exclude": list(self.exclude),
-            "min_weight_numel": self.min_weight_numel,
-            "residual": self.residual,
-            "impl": self.impl,
-            "fp4_activations": self.fp4_activations,
-            "refine": self.refine,
-            "fallback": self.fallback,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> QuantizationConfig:
-        """Rebuild from :meth:`to_dict`'s output."""
-        values = dict(data)
-        if "overrides" in values and not isinstance(values["overrides"], Mapping):
-            values["overrides"] = tuple(tuple(pair) for pair in values["overrides"])
-        if "exclude" in values:
-            values["exclude"] = tuple(values["exclude"])
-        return cls(**values)

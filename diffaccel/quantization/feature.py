@@ -37,13 +37,15 @@ from torch import nn
 
 from ..errors import UnsupportedPipelineError
 from ..features.base import AttachedFeature
+from ..seams import DENOISER_ATTRIBUTES, denoiser
 from .config import QuantizationConfig
-from .quantize import is_quantized, plan_of, quantize_, quantized_layers
+from .plan import is_quantized, plan_of, quantized_layers
+from .quantize import quantize_
 from .report import memory_report
 from .serialization import load_quantized, saved_plan
 
 #: Pipeline attributes that hold the denoiser, in the order they are looked up.
-DENOISER_ATTRS: tuple[str, ...] = ("transformer", "unet")
+DENOISER_ATTRS: tuple[str, ...] = DENOISER_ATTRIBUTES
 
 
 @dataclass(frozen=True)
@@ -73,19 +75,20 @@ class QuantizationStats:
         """Plain-dict form, for JSON reports."""
         return asdict(self)
 
+    def summary(self) -> str:
+        """The weight storage against bf16 and the layers per precision, as the ``diffaccel`` commands
+        print it.
 
-def _denoiser(pipe: Any) -> tuple[str, nn.Module]:
-    for attr in DENOISER_ATTRS:
-        model = getattr(pipe, attr, None)
-        if model is not None:
-            return attr, model
-    raise UnsupportedPipelineError(
-        f"{type(pipe).__name__} has no transformer or unet; quantization needs a diffusers pipeline whose "
-        "denoiser is one of them"
-    )
+        Example:
+            >>> QuantizationStats(1_000_000, 3_000_000, 1 / 3, 5.33, {"nvfp4": 4, "bf16": 1}).summary()
+            'quantized weights: 1.00 MB vs 3.00 MB in bf16 (5.33 bits per weight; Linear layers: 1 bf16, 4 nvfp4)'
+        """
+        layers = ", ".join(f"{count} {precision}" for precision, count in sorted(self.layers.items()))
+        return (f"quantized weights: {self.nbytes / 1e6:.2f} MB vs {self.bf16_nbytes / 1e6:.2f} MB in bf16 "
+                f"({self.bits_per_weight:.2f} bits per weight; Linear layers: {layers})")
 
 
-class QuantizationFeature(AttachedFeature):
+class QuantizationFeature(AttachedFeature, config=QuantizationConfig):
     """The attached quantization feature: reports storage per call; detaching leaves the denoiser quantized.
 
     Example:
@@ -103,7 +106,7 @@ class QuantizationFeature(AttachedFeature):
     @classmethod
     def attach(cls, config: QuantizationConfig, pipe: Any) -> QuantizationFeature:
         """Quantize ``pipe``'s denoiser per ``config`` (or adopt it if already quantized with ``config``)."""
-        _, model = _denoiser(pipe)
+        model = denoiser(pipe)
         if is_quantized(model):
             existing = plan_of(model)["config"]
             if existing != config:
@@ -114,6 +117,14 @@ class QuantizationFeature(AttachedFeature):
         else:
             quantize_(model, config)
         return cls(config, model)
+
+    @classmethod
+    def pretrained_components(
+        cls, config: QuantizationConfig, path: str, load_kwargs: Mapping[str, Any]
+    ) -> dict[str, nn.Module]:
+        """The saved quantized denoiser of ``path``, if any (:func:`load_quantized_components`):
+        ``from_pretrained`` loads it back without re-quantizing."""
+        return load_quantized_components(path, load_kwargs)
 
     def end_call(self) -> QuantizationStats:
         """What the denoiser stores now."""

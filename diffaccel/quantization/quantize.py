@@ -7,7 +7,7 @@ model as ``model._diffaccel_quantization = {"config": QuantizationConfig, "layer
 layout}, "fallbacks": {name: precision}}`` and ``model.save_pretrained`` then also writes it (see
 :mod:`diffaccel.quantization.serialization`).
 
-Supported models (:data:`SUPPORTED_MODELS`): the transformers of Flux, SD3, PixArt, Wan,
+Supported models (:data:`~diffaccel.quantization.plan.SUPPORTED_MODELS`): the transformers of Flux, SD3, PixArt, Wan,
 CogVideoX and LTX (every ``nn.Linear`` is in scope) and ``UNet2DConditionModel`` (only the Linear
 layers inside its ``attentions`` transformer blocks).
 
@@ -28,45 +28,17 @@ Example:
 from __future__ import annotations
 
 import warnings
-from typing import Any, Mapping, TypeVar
+from typing import TypeVar
 
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import UnsupportedPipelineError
 from .config import QuantizationConfig
-from .linear import QuantizedLinear
-
-#: Model classes :func:`quantize_` accepts (diffusers class names), and their Linear scope.
-SUPPORTED_MODELS: dict[str, str] = {
-    "FluxTransformer2DModel": "every Linear",
-    "SD3Transformer2DModel": "every Linear",
-    "PixArtTransformer2DModel": "every Linear",
-    "WanTransformer3DModel": "every Linear",
-    "CogVideoXTransformer3DModel": "every Linear",
-    "LTXVideoTransformer3DModel": "every Linear",
-    "UNet2DConditionModel": "Linear layers inside the attentions' transformer blocks",
-}
-
-#: Attribute of a quantized model holding its plan.
-PLAN_ATTR = "_diffaccel_quantization"
+from .plan import in_scope, is_quantized, supported_class
+from .safety import check_weights, coverage_warning, fallback_warning, quantize_layer
+from .serialization import record_plan
 
 M = TypeVar("M", bound=nn.Module)
-
-
-def _supported_class(model: nn.Module) -> str:
-    import diffusers
-
-    for name in SUPPORTED_MODELS:
-        if isinstance(model, getattr(diffusers, name)):
-            return name
-    raise UnsupportedPipelineError(
-        f"quantize_ does not support {type(model).__name__}; supported models: {', '.join(SUPPORTED_MODELS)}"
-    )
-
-
-def _in_scope(model_class: str, name: str) -> bool:
-    return model_class != "UNet2DConditionModel" or "attentions" in name.split(".")
 
 
 def quantization_plan(model: nn.Module, config: QuantizationConfig) -> dict[str, str]:
@@ -83,56 +55,12 @@ def quantization_plan(model: nn.Module, config: QuantizationConfig) -> dict[str,
     """
     if not isinstance(config, QuantizationConfig):
         raise TypeError(f"config must be a QuantizationConfig, got {type(config).__name__}")
-    model_class = _supported_class(model)
+    model_class = supported_class(model)
     return {
         name: config.precision_for(name, module.weight.numel())
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and _in_scope(model_class, name)
+        if isinstance(module, nn.Linear) and in_scope(model_class, name)
     }
-
-
-def quantized_layers(model: nn.Module) -> dict[str, QuantizedLinear]:
-    """The model's :class:`QuantizedLinear` modules by qualified name.
-
-    Example:
-        >>> from diffaccel.testing import tiny_pipeline
-        >>> quantized_layers(tiny_pipeline("wan").transformer)
-        {}
-    """
-    return {name: module for name, module in model.named_modules() if isinstance(module, QuantizedLinear)}
-
-
-def is_quantized(model: nn.Module) -> bool:
-    """Whether :func:`quantize_` (or :func:`~diffaccel.quantization.load_quantized`) made ``model``.
-
-    Example:
-        >>> from diffaccel.testing import tiny_pipeline
-        >>> is_quantized(tiny_pipeline("wan").transformer)
-        False
-    """
-    return getattr(model, PLAN_ATTR, None) is not None or bool(quantized_layers(model))
-
-
-def record_plan(model: nn.Module, config: QuantizationConfig, fallbacks: Mapping[str, str] | None = None) -> None:
-    """Record ``config`` and the model's quantized layers on it and make ``save_pretrained`` keep them.
-
-    ``fallbacks`` maps the layers kept in a higher precision than planned to that precision (see
-    :mod:`~diffaccel.quantization.safety`). :func:`quantize_` calls it; call it yourself after
-    swapping in :class:`QuantizedLinear` layers by hand.
-
-    Example:
-        >>> from diffaccel.testing import tiny_pipeline
-        >>> model = tiny_pipeline("wan").transformer
-        >>> model.blocks[0].ffn.net[2] = QuantizedLinear.from_linear(model.blocks[0].ffn.net[2], "int8")
-        >>> record_plan(model, QuantizationConfig("int8"))
-        >>> list(plan_of(model)["layers"]), plan_of(model)["fallbacks"]
-        (['blocks.0.ffn.net.2'], {})
-    """
-    from .serialization import install_save_pretrained
-
-    layers = {name: module.layout() for name, module in quantized_layers(model).items()}
-    setattr(model, PLAN_ATTR, {"config": config, "layers": layers, "fallbacks": dict(fallbacks or {})})
-    install_save_pretrained(model)
 
 
 def quantize_(model: M, config: QuantizationConfig | None = None) -> M:
@@ -154,8 +82,6 @@ def quantize_(model: M, config: QuantizationConfig | None = None) -> M:
         >>> len(unet._diffaccel_quantization["layers"])
         70
     """
-    from .safety import check_weights, coverage_warning, fallback_warning, quantize_layer
-
     config = QuantizationConfig() if config is None else config
     plan = quantization_plan(model, config)
     if is_quantized(model):
@@ -177,19 +103,3 @@ def quantize_(model: M, config: QuantizationConfig | None = None) -> M:
         warnings.warn(fallback_warning(fallbacks, config), UserWarning, stacklevel=2)
     record_plan(model, config, {f.name: f.precision for f in fallbacks})
     return model
-
-
-def plan_of(model: nn.Module) -> dict[str, Any]:
-    """The recorded plan ``{"config": QuantizationConfig, "layers": {...}}`` of a quantized model.
-
-    Example:
-        >>> from diffaccel.testing import tiny_pipeline
-        >>> plan_of(tiny_pipeline("wan").transformer)
-        Traceback (most recent call last):
-        ...
-        ValueError: this WanTransformer3DModel has no quantize_ plan recorded (quantize it with quantize_)
-    """
-    plan = getattr(model, PLAN_ATTR, None)
-    if plan is None:
-        raise ValueError(f"this {type(model).__name__} has no quantize_ plan recorded (quantize it with quantize_)")
-    return plan

@@ -31,6 +31,7 @@ from torch import nn
 
 from .config import QuantizationConfig
 from .linear import QuantizedLinear
+from .quantize import quantization_plan
 
 _BF16_BYTES = 2
 
@@ -84,6 +85,16 @@ class MemoryReport:
         """The quantized layers' share of all Linear weights (0.0 to 1.0; 0.0 without Linear layers)."""
         total = sum(layer.numel for layer in self.layers)
         return sum(layer.numel for layer in self.layers if layer.precision != "bf16") / total if total else 0.0
+
+    def summary(self) -> str:
+        """The storage against bf16 on one line.
+
+        Example:
+            >>> MemoryReport((), nbytes=1_500_000, bf16_nbytes=6_000_000, numel=3_000_000).summary()
+            '1.50 MB vs 6.00 MB in bf16 (4.00 bits per weight)'
+        """
+        return (f"{self.nbytes / 1e6:.2f} MB vs {self.bf16_nbytes / 1e6:.2f} MB in bf16 "
+                f"({self.bits_per_weight:.2f} bits per weight)")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form, for JSON reports."""
@@ -183,8 +194,6 @@ def planned_memory(model: nn.Module, config: QuantizationConfig | None = None) -
         >>> planned.nbytes == memory_report(quantize_(model, config)).nbytes
         True
     """
-    from .quantize import quantization_plan
-
     config = QuantizationConfig() if config is None else config
     plan = quantization_plan(model, config)
     layers: list[LayerMemory] = []

@@ -48,7 +48,7 @@ from torch import nn
 from ..errors import DiffaccelError
 from .config import QuantizationConfig
 from .linear import QuantizedLinear
-from .quantize import _supported_class, plan_of, quantized_layers, record_plan
+from .plan import PLAN_ATTR, plan_of, quantized_layers, supported_class
 
 #: The plan file written beside a quantized model's ``config.json``.
 QUANTIZATION_FILE = "diffaccel_quantization.json"
@@ -117,6 +117,28 @@ def _add_quantization_config(directory: str, model: nn.Module) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(config, handle, indent=2, sort_keys=True)
         handle.write("\n")
+
+
+def record_plan(model: nn.Module, config: QuantizationConfig, fallbacks: Mapping[str, str] | None = None) -> None:
+    """Record ``config`` and the model's quantized layers on it and make ``save_pretrained`` keep them.
+
+    ``fallbacks`` maps the layers kept in a higher precision than planned to that precision (see
+    :mod:`~diffaccel.quantization.safety`). :func:`~diffaccel.quantization.quantize_` calls it;
+    call it yourself after swapping in :class:`QuantizedLinear` layers by hand.
+
+    Example:
+        >>> from diffaccel.testing import tiny_pipeline
+        >>> from diffaccel.quantization import QuantizationConfig, QuantizedLinear
+        >>> from diffaccel.quantization.plan import plan_of
+        >>> model = tiny_pipeline("wan").transformer
+        >>> model.blocks[0].ffn.net[2] = QuantizedLinear.from_linear(model.blocks[0].ffn.net[2], "int8")
+        >>> record_plan(model, QuantizationConfig("int8"))
+        >>> list(plan_of(model)["layers"]), plan_of(model)["fallbacks"]
+        (['blocks.0.ffn.net.2'], {})
+    """
+    layers = {name: module.layout() for name, module in quantized_layers(model).items()}
+    setattr(model, PLAN_ATTR, {"config": config, "layers": layers, "fallbacks": dict(fallbacks or {})})
+    install_save_pretrained(model)
 
 
 def install_save_pretrained(model: nn.Module) -> None:
@@ -306,7 +328,7 @@ def load_quantized(
         config = {key: value for key, value in config.items() if key != "quantization_config"}  # save writes it anew
     with init_empty_weights():  # parameters on the meta device; buffers (e.g. rotary tables) real
         model = model_cls.from_config(config)
-    _supported_class(model)
+    supported_class(model)
     for name, layout in plan["layers"].items():
         linear = model.get_submodule(name)
         if not isinstance(linear, nn.Linear):

@@ -88,6 +88,18 @@ class Verification:
     def passed(self) -> bool:
         return all(self.criteria.values())
 
+    def summary(self) -> str:
+        """The score and the criteria that failed, as the CLI and the demo print them.
+
+        Example:
+            >>> Verification("a red circle", {"count": True, "color": False}).summary()
+            'score 0.50 (failed: color)'
+            >>> Verification("a red circle", {"count": True}).summary()
+            'score 1.00 (all criteria met)'
+        """
+        failed = [name for name, ok in self.criteria.items() if not ok]
+        return f"score {self.score:.2f} " + (f"(failed: {', '.join(failed)})" if failed else "(all criteria met)")
+
 
 def _matches(detections: list[Detection], pair: tuple[str, str], shapes: bool = True) -> list[Detection]:
     """The detections of ``pair``'s color and shape (its color alone without ``shapes``)."""

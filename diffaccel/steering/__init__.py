@@ -7,14 +7,9 @@ Example:
 """
 
 from .fk import FKSteering, FKSteeringConfig, SteeringOutput, SteeringStats, steer
-from .noise_search import (
-    SEARCH_METHODS,
-    NoiseSearchConfig,
-    SearchCandidate,
-    SearchOutput,
-    search,
-)
+from .noise_search import NoiseSearchConfig, SearchCandidate, SearchOutput, search
 from .sde import FlowMatchSDEScheduler
+from .searcher import SEARCH_METHODS
 
 __all__ = [
     "SEARCH_METHODS",

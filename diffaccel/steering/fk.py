@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..features.checks import check_bool, check_choice, check_int
 from ..rewards.base import Reward, check_scores, nan_to_worst
 from .inputs import particle_kwargs
 from .latents import call_default
@@ -34,14 +35,8 @@ from .resampling import (
     effective_sample_size,
     resample_indices,
 )
+from .sde import seed_sde_noise
 from .session import ParticleSession, SessionStats, check_stochastic
-
-
-def _positive_int(owner: str, name: str, value: Any, minimum: int = 1, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{owner}.{name} must be an int >= {minimum}{' or None' if optional else ''}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -92,28 +87,25 @@ class FKSteeringConfig:
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
-        _positive_int(owner, "num_particles", self.num_particles)
-        if self.potential not in POTENTIALS:
-            raise ValueError(f"{owner}.potential must be one of {POTENTIALS}, got {self.potential!r}")
+        check_int(owner, "num_particles", self.num_particles)
+        check_choice(owner, "potential", self.potential, POTENTIALS)
         if not isinstance(self.lmbda, (int, float)) or not self.lmbda >= 0 or self.lmbda == float("inf"):
             raise ValueError(f"{owner}.lmbda must be a finite number >= 0, got {self.lmbda!r}")
-        _positive_int(owner, "resample_every", self.resample_every, minimum=0)
-        _positive_int(owner, "resample_start", self.resample_start, minimum=0)
-        _positive_int(owner, "resample_end", self.resample_end, minimum=0, optional=True)
+        check_int(owner, "resample_every", self.resample_every, minimum=0)
+        check_int(owner, "resample_start", self.resample_start, minimum=0)
+        check_int(owner, "resample_end", self.resample_end, minimum=0, optional=True)
         if self.resample_end is not None and self.resample_start > self.resample_end:
             raise ValueError(
                 f"{owner}.resample_start ({self.resample_start}) must not be after resample_end ({self.resample_end})"
             )
-        if self.resampling not in RESAMPLING_METHODS:
-            raise ValueError(f"{owner}.resampling must be one of {RESAMPLING_METHODS}, got {self.resampling!r}")
+        check_choice(owner, "resampling", self.resampling, RESAMPLING_METHODS)
         if self.ess_threshold is not None and not (
             isinstance(self.ess_threshold, (int, float)) and 0 < self.ess_threshold <= 1
         ):
             raise ValueError(f"{owner}.ess_threshold must be None or in (0, 1], got {self.ess_threshold!r}")
-        if self.final_correction not in (True, False):
-            raise ValueError(f"{owner}.final_correction must be True or False, got {self.final_correction!r}")
-        _positive_int(owner, "max_batch", self.max_batch, optional=True)
-        _positive_int(owner, "seed", self.seed, minimum=0)
+        check_bool(owner, "final_correction", self.final_correction)
+        check_int(owner, "max_batch", self.max_batch, optional=True)
+        check_int(owner, "seed", self.seed, minimum=0)
 
     def scoring_steps(self, num_steps: int) -> set[int]:
         """The intermediate steps (0-based) at which particles are scored and may be resampled."""
@@ -134,6 +126,18 @@ class SteeringStats(SessionStats):
     num_prompts: int = 0
     ess: list[float] = field(default_factory=list)
     seconds: float = 0.0
+
+    def summary(self) -> str:
+        """The particles per prompt, the resampling steps and the NFE (and the NaN rewards, if any), as
+        ``diffaccel generate --particles`` prints them.
+
+        Example:
+            >>> print(SteeringStats(num_particles=4, nfe=10, resampled_steps=[0, 5], num_prompts=1).summary())
+            FK steering: 4 particles, resampled at steps [0, 5], NFE 10
+        """
+        text = (f"FK steering: {self.num_particles // max(self.num_prompts, 1)} particles, "
+                f"resampled at steps {self.resampled_steps}, NFE {self.nfe}")
+        return text + (f"\nNaN rewards (counted as the worst): {self.nan_scores}" if self.nan_scores else "")
 
 
 @dataclass
@@ -252,7 +256,7 @@ class FKSteering:
             score_last=config.final_correction,
         )
         begin = time.perf_counter()
-        restore_noise = _seed_sde_noise(pipe.scheduler, config.seed)
+        restore_noise = seed_sde_noise(pipe.scheduler, config.seed)
         try:
             output = session.run(pipe, particle_kwargs(kwargs, particle_prompts, k, pipe))
         finally:
@@ -276,14 +280,6 @@ def final_rewards(
     stats.nan_scores += nan_count
     stats.reward_evaluations += len(prompts)
     return scores
-
-
-def _seed_sde_noise(scheduler: Any, seed: int) -> Any:
-    """Seed :class:`FlowMatchSDEScheduler`'s step noise for the call (unless the user set a generator)."""
-    if not hasattr(scheduler, "set_noise_generator") or scheduler.noise_generator is not None:
-        return lambda: None
-    scheduler.set_noise_generator(torch.Generator().manual_seed(seed))
-    return lambda: scheduler.set_noise_generator(None)
 
 
 def steer(pipe: Any, config: FKSteeringConfig, reward: Reward) -> FKSteering:

@@ -15,7 +15,7 @@ The budget counts function evaluations (NFE) as denoising steps times samples (a
 once); a method never spends more than ``budget_nfe``; random, zero-order and paths spend
 ``(budget_nfe // steps) * steps``, RBF the loop's steps plus the look-ahead calls it needed.
 ``steps`` is what the pipeline's loop executes (measured before sampling, see
-:func:`~diffaccel.steering.session.count_loop_steps`): img2img and inpainting run
+:func:`~diffaccel.seams.count_loop_steps`): img2img and inpainting run
 ``int(strength * num_inference_steps)`` steps, so at ``strength=0.5`` a budget buys twice the samples.
 
 Example:
@@ -39,70 +39,14 @@ from typing import Any
 import torch
 
 from ..rewards.base import Reward
-from .fk import _positive_int, _seed_sde_noise, call_sizes, final_rewards, probe_reward
+from ..seams import count_loop_steps
+from .fk import final_rewards, probe_reward
 from .inputs import particle_kwargs
 from .media import check_output_type, convert_media, pipeline_media
 from .rbf import check_rbf_pipeline, rollover_budget_forcing
-from .session import ParticleSession, SessionStats, check_stochastic, count_loop_steps
-
-SEARCH_METHODS = ("random", "zero-order", "paths", "rbf")
-
-
-@dataclass(frozen=True)
-class NoiseSearchConfig:
-    """Configuration of a noise search.
-
-    Args:
-        method: ``"random"``, ``"zero-order"``, ``"paths"`` or ``"rbf"`` (see the module docs).
-        budget_nfe: function evaluations to spend (denoising steps x samples), >= the number of steps.
-        batch_size: samples per pipeline call (random search, zero-order neighbours per round; the
-            chunk size of the paths call; RBF look-ahead candidates per denoiser call).
-        step_size: zero-order: neighbour distance relative to the noise sphere's radius, in (0, 2].
-        num_paths: paths: how many particles survive each branching step.
-        branch_every: paths: steps between branchings.
-        seed: zero-order neighbour directions and the step noise of :class:`FlowMatchSDEScheduler`
-            (the initial noise comes from the call's ``generator``).
-
-    Example:
-        >>> NoiseSearchConfig("random", budget_nfe=100).batch_size
-        4
-        >>> NoiseSearchConfig("grid")
-        Traceback (most recent call last):
-        ...
-        ValueError: NoiseSearchConfig.method must be one of ('random', 'zero-order', 'paths', 'rbf'), got 'grid'
-    """
-
-    method: str = "random"
-    budget_nfe: int = 200
-    batch_size: int = 4
-    step_size: float = 0.5
-    num_paths: int = 2
-    branch_every: int = 1
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        owner = type(self).__name__
-        if self.method not in SEARCH_METHODS:
-            raise ValueError(f"{owner}.method must be one of {SEARCH_METHODS}, got {self.method!r}")
-        for name in ("budget_nfe", "batch_size", "num_paths", "branch_every"):
-            _positive_int(owner, name, getattr(self, name))
-        _positive_int(owner, "seed", self.seed, minimum=0)
-        if not isinstance(self.step_size, (int, float)) or not 0 < self.step_size <= 2:
-            raise ValueError(f"{owner}.step_size must be in (0, 2], got {self.step_size!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class SearchCandidate:
-    """One scored sample: the search ``round`` (the branching step for paths), its ``reward``, the NFE
-    spent when it was scored, and whether it became the pivot / survived (``accepted``)."""
-
-    round: int
-    reward: float
-    nfe: int
-    accepted: bool = False
+from .sde import seed_sde_noise
+from .searcher import NoiseSearchConfig, SearchCandidate, Searcher
+from .session import ParticleSession, SessionStats, check_stochastic
 
 
 @dataclass
@@ -131,6 +75,16 @@ class SearchOutput:
         """Alias of ``sample`` for video pipelines."""
         return self.sample
 
+    def summary(self, method: str, budget_nfe: int) -> str:
+        """The candidates scored and the NFE spent of ``budget_nfe``, as ``diffaccel generate --search``
+        prints them.
+
+        Example:
+            >>> SearchOutput(None, 0.5, None, [SearchCandidate(0, 0.5, 4)], nfe=4).summary("random", 8)
+            'random search: 1 candidates scored, NFE 4/8'
+        """
+        return f"{method} search: {len(self.trace)} candidates scored, NFE {self.nfe}/{budget_nfe}"
+
     def to_dict(self) -> dict[str, Any]:
         """The trace and totals, for JSON reports."""
         return {
@@ -143,40 +97,7 @@ class SearchOutput:
         }
 
 
-class _Searcher:
-    def __init__(
-        self, pipe: Any, prompt: str, config: NoiseSearchConfig, reward: Reward, kwargs: dict[str, Any], steps: int
-    ):
-        self.pipe, self.prompt, self.config, self.reward, self.kwargs = pipe, prompt, config, reward, kwargs
-        self.steps = steps  # the loop's executed steps
-        self.sizes = call_sizes(pipe, kwargs)
-        self.nfe, self.evaluations, self.nan_scores = 0, 0, 0
-        self.trace: list[SearchCandidate] = []
-        self.sessions: list[SessionStats] = []
-
-    def run_batch(self, count: int, latents: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``count`` full samples (from ``latents`` if given): (media, rewards, initial latents)."""
-        session = ParticleSession(self.pipe, self.reward, [self.prompt] * count, lambda n: set(), lambda *a: None, self.sizes)
-        call = particle_kwargs(self.kwargs, [self.prompt] * count, count, self.pipe)
-        if latents is not None:
-            call["latents"] = latents
-        restore = _seed_sde_noise(self.pipe.scheduler, self.config.seed * 100_003 + len(self.sessions))
-        try:
-            media = pipeline_media(session.run(self.pipe, call))
-        finally:
-            restore()
-        rewards = final_rewards(self.reward, media, [self.prompt] * count, None, session.stats)
-        self._account(session.stats)
-        return media, rewards, session.initial_latents
-
-    def _account(self, stats: SessionStats) -> None:
-        self.nfe += stats.nfe
-        self.evaluations += stats.reward_evaluations
-        self.nan_scores += stats.nan_scores
-        self.sessions.append(stats)
-
-
-def _random(searcher: _Searcher, total: int) -> tuple[torch.Tensor, float, torch.Tensor | None]:
+def _random(searcher: Searcher, total: int) -> tuple[torch.Tensor, float, torch.Tensor | None]:
     best: tuple[torch.Tensor, float, torch.Tensor | None] | None = None
     done, round_index = 0, 0
     while done < total:
@@ -202,7 +123,7 @@ def _neighbours(pivot: torch.Tensor, count: int, step_size: float, generator: to
     return (moved / moved.flatten(1).norm(dim=1).view(-1, *[1] * (pivot.ndim - 1)) * radius).to(pivot)
 
 
-def _zero_order(searcher: _Searcher, total: int) -> tuple[torch.Tensor, float, torch.Tensor | None]:
+def _zero_order(searcher: Searcher, total: int) -> tuple[torch.Tensor, float, torch.Tensor | None]:
     media, rewards, latents = searcher.run_batch(1)
     pivot = (media[0], float(rewards[0]), latents[:1])
     searcher.trace.append(SearchCandidate(0, pivot[1], searcher.nfe, accepted=True))
@@ -222,7 +143,7 @@ def _zero_order(searcher: _Searcher, total: int) -> tuple[torch.Tensor, float, t
     return pivot
 
 
-def _paths(searcher: _Searcher, total: int) -> tuple[torch.Tensor, float, torch.Tensor | None]:
+def _paths(searcher: Searcher, total: int) -> tuple[torch.Tensor, float, torch.Tensor | None]:
     config, pipe = searcher.config, searcher.pipe
     if total < 2:
         raise ValueError("NoiseSearchConfig(method='paths') needs a budget of at least 2 samples (2 x steps NFE)")
@@ -243,7 +164,7 @@ def _paths(searcher: _Searcher, total: int) -> tuple[torch.Tensor, float, torch.
     session = ParticleSession(
         pipe, searcher.reward, [searcher.prompt] * total, scoring_steps, policy, searcher.sizes, config.batch_size
     )
-    restore = _seed_sde_noise(pipe.scheduler, config.seed)
+    restore = seed_sde_noise(pipe.scheduler, config.seed)
     try:
         output = session.run(pipe, particle_kwargs(searcher.kwargs, [searcher.prompt] * total, total, pipe))
     finally:
@@ -258,7 +179,7 @@ def _paths(searcher: _Searcher, total: int) -> tuple[torch.Tensor, float, torch.
     return media[top], float(rewards[top]), None
 
 
-def _rbf(searcher: _Searcher, total: int) -> tuple[torch.Tensor, float, torch.Tensor | None]:
+def _rbf(searcher: Searcher, total: int) -> tuple[torch.Tensor, float, torch.Tensor | None]:
     return rollover_budget_forcing(searcher)
 
 
@@ -303,7 +224,7 @@ def search(pipe: Any, prompt: str, config: NoiseSearchConfig, reward: Reward, **
             f"NoiseSearchConfig.budget_nfe ({config.budget_nfe}) is smaller than one sample's {steps} denoising steps"
         )
     total = config.budget_nfe // steps
-    searcher = _Searcher(pipe, prompt, config, reward, kwargs, steps)
+    searcher = Searcher(pipe, prompt, config, reward, kwargs, steps)
     media, best_reward, latents = _METHODS[config.method](searcher, total)
     return SearchOutput(
         sample=convert_media(media.unsqueeze(0), output_type)[0],

@@ -15,19 +15,16 @@ Supported: Flux (without true CFG), SD3, LTX and Wan 2.1; other loops are refuse
 
 from __future__ import annotations
 
-import functools
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks import ModelHook
 
 from ..errors import UnsupportedCombinationError, UnsupportedPipelineError
-from ..features.encoder_reuse import _remove_hook
+from ..seams import add_hook, remove_hook, wrapped_scheduler_step
 from .latents import decode_latents
 from .sde import FlowMatchSDEScheduler, is_flow_matching
-
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    from .noise_search import _Searcher
+from .searcher import SearchCandidate, Searcher
 
 CAPTURE_HOOK = "diffaccel.steering.rbf"
 
@@ -110,11 +107,9 @@ def check_rbf_pipeline(pipe: Any) -> None:
         raise UnsupportedCombinationError("Rollover Budget Forcing's look-ahead calls cannot run on an accelerated pipeline")
 
 
-def rollover_budget_forcing(searcher: _Searcher) -> tuple[torch.Tensor, float, None]:
+def rollover_budget_forcing(searcher: Searcher) -> tuple[torch.Tensor, float, None]:
     """Run RBF within ``searcher``'s budget (see the module docs; :func:`check_rbf_pipeline` has
     accepted the pipeline); returns (media, reward, None)."""
-    from .noise_search import SearchCandidate
-
     pipe, config = searcher.pipe, searcher.config
     scheduler = pipe.scheduler
     denoiser = pipe.transformer
@@ -135,10 +130,10 @@ def rollover_budget_forcing(searcher: _Searcher) -> tuple[torch.Tensor, float, N
         searcher.evaluations += latents.shape[0]
         return torch.nan_to_num(rewards, nan=float("-inf"))
 
-    original_step = scheduler.step
-
-    @functools.wraps(original_step)
-    def step(model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    def step(
+        original_step: Callable[..., Any], model_output: torch.Tensor, timestep: Any, sample: torch.Tensor,
+        *args: Any, **kwargs: Any,
+    ) -> Any:
         index = scheduler.step_index if scheduler.step_index is not None else scheduler.index_for_timestep(timestep)
         sigma, sigma_next = float(scheduler.sigmas[index]), float(scheduler.sigmas[index + 1])
         output = original_step(model_output, timestep, sample, *args, **kwargs)
@@ -179,14 +174,12 @@ def rollover_budget_forcing(searcher: _Searcher) -> tuple[torch.Tensor, float, N
         capture.calls = []
         return output
 
-    HookRegistry.check_if_exists_or_initialize(denoiser).register_hook(capture, CAPTURE_HOOK)
-    scheduler.step = step
+    add_hook(denoiser, capture, CAPTURE_HOOK)
     try:
-        media, rewards, _ = searcher.run_batch(1)
+        with wrapped_scheduler_step(scheduler, step):
+            media, rewards, _ = searcher.run_batch(1)
     finally:
-        if scheduler.__dict__.get("step") is step:
-            del scheduler.step
-        _remove_hook(denoiser, CAPTURE_HOOK)
+        remove_hook(denoiser, CAPTURE_HOOK)
     searcher.nfe += state["spent"]
     searcher.trace.append(SearchCandidate(steps - 1, float(rewards[0]), searcher.nfe, accepted=True))
     return media[0], float(rewards[0]), None

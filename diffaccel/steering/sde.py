@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -173,3 +173,22 @@ class FlowMatchSDEScheduler(FlowMatchEulerDiscreteScheduler):
         if not return_dict:
             return (prev_sample, x0)
         return FlowMatchSDESchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+
+
+def seed_sde_noise(scheduler: Any, seed: int) -> Callable[[], None]:
+    """Seed :class:`FlowMatchSDEScheduler`'s step noise for a call (unless the user set a generator,
+    or ``scheduler`` has no step noise to seed); returns the function that undoes it.
+
+    Example:
+        >>> scheduler = FlowMatchSDEScheduler()
+        >>> restore = seed_sde_noise(scheduler, 0)
+        >>> scheduler.noise_generator is not None
+        True
+        >>> restore()
+        >>> scheduler.noise_generator is None
+        True
+    """
+    if not hasattr(scheduler, "set_noise_generator") or scheduler.noise_generator is not None:
+        return lambda: None
+    scheduler.set_noise_generator(torch.Generator().manual_seed(seed))
+    return lambda: scheduler.set_noise_generator(None)

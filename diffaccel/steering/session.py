@@ -17,7 +17,6 @@ The pipeline's own ``__call__`` runs the loop; nothing of it is copied.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import warnings
 from collections.abc import Callable, Sequence
@@ -25,13 +24,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks import ModelHook
 from diffusers.utils import BaseOutput
 
 from ..errors import UnsupportedCombinationError
 from ..features.base import reindex_batch
-from ..features.encoder_reuse import _remove_hook
 from ..rewards.base import Reward, check_scores, nan_to_worst
+from ..seams import CHUNK_HOOK, add_hook, denoiser, loop_length, remove_hook, wrapped_scheduler_step
 from .latents import call_parameters, decode_latents, predicted_x0
 from .sde import is_flow_matching
 
@@ -110,50 +109,6 @@ def check_stochastic(scheduler: Any, call_kwargs: dict[str, Any]) -> None:
     )
 
 
-def loop_length(pipe: Any) -> int:
-    """The number of iterations of the denoising loop of ``pipe``'s running (or last) call."""
-    return int(getattr(pipe, "_num_timesteps", None) or len(pipe.scheduler.timesteps))
-
-
-class _LoopReached(Exception):
-    """Stops a probing call at its first denoiser call."""
-
-
-# The modules a denoising loop calls first (a ControlNet runs before its UNet).
-_DENOISERS = ("controlnet", "unet", "transformer", "transformer_2")
-
-
-def count_loop_steps(pipe: Any, call_kwargs: dict[str, Any]) -> int:
-    """How many steps the loop of ``pipe(**call_kwargs)`` runs: the call runs up to its first denoiser
-    call (prompt encoding and image preparation, no denoising) and is stopped there. This counts what
-    the pipeline executes, e.g. ``int(strength * num_inference_steps)`` for img2img; 0 if the call
-    never reaches a denoiser.
-
-    Example:
-        >>> from diffaccel.testing import tiny_call_inputs, tiny_pipeline
-        >>> pipe = tiny_pipeline("sd-img2img")
-        >>> count_loop_steps(pipe, dict(prompt="a red circle", num_inference_steps=10, strength=0.5,
-        ...                             **tiny_call_inputs("sd-img2img")))
-        5
-    """
-    reached = []
-
-    def stop(module: torch.nn.Module, args: Any) -> None:
-        reached.append(loop_length(pipe))
-        raise _LoopReached
-
-    modules = [getattr(pipe, name, None) for name in _DENOISERS]
-    handles = [module.register_forward_pre_hook(stop) for module in modules if isinstance(module, torch.nn.Module)]
-    try:
-        pipe(**call_kwargs)
-    except _LoopReached:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    return reached[0] if reached else 0
-
-
 @dataclass
 class SessionStats:
     """What one particle call did: scoring and resampling steps, ESS, ancestry, rewards, NFE."""
@@ -216,9 +171,6 @@ class _ChunkHook(ModelHook):
         return _concat(parts)
 
 
-CHUNK_HOOK = "diffaccel.steering.chunk"
-
-
 class ParticleSession:
     """Scoring and reindexing of ``num_particles`` samples during one pipeline call (see module docs).
 
@@ -260,38 +212,29 @@ class ParticleSession:
     def run(self, call: Callable[..., Any], call_kwargs: dict[str, Any]) -> Any:
         """Call ``call(**call_kwargs)`` (the pipeline) with the session installed; uninstall afterwards."""
         pipe, scheduler = self.pipe, self.pipe.scheduler
-        denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
         chunking = self.max_batch is not None and self.max_batch < self.num_particles
-        if chunking and any(f.config.name == "encoder_reuse" for f in getattr(pipe, "_diffaccel_features", ())):
+        unchunkable = [f.config.name for f in getattr(pipe, "_diffaccel_features", ()) if not f.supports_chunked_batches]
+        if chunking and unchunkable:
             raise UnsupportedCombinationError(
-                "max_batch smaller than the number of particles cannot be combined with encoder reuse "
-                "(its cached features span the whole batch); raise max_batch or drop one of them"
+                f"max_batch smaller than the number of particles cannot be combined with {', '.join(unchunkable)} "
+                "(it keeps state across the whole batch of a step); raise max_batch or drop one of them"
             )
-        original_step = scheduler.step
-        signature = inspect.signature(original_step)
+        signature = inspect.signature(scheduler.step)
 
-        @functools.wraps(original_step)
-        def step(*args: Any, **kwargs: Any) -> Any:
-            return self._scheduler_step(original_step, signature, args, kwargs)
+        def step(inner: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+            return self._scheduler_step(inner, signature, args, kwargs)
 
         kwargs = dict(call_kwargs)
         self._install_callback(kwargs)
-        previous = scheduler.__dict__.get("step")
-        scheduler.step = step
-        if chunking:
-            HookRegistry.check_if_exists_or_initialize(denoiser).register_hook(
-                _ChunkHook(self.num_particles, self.max_batch), CHUNK_HOOK
-            )
+        model = denoiser(pipe) if chunking else None
+        if model is not None:
+            add_hook(model, _ChunkHook(self.num_particles, self.max_batch), CHUNK_HOOK)
         try:
-            return call(**kwargs)
+            with wrapped_scheduler_step(scheduler, step):
+                return call(**kwargs)
         finally:
-            if scheduler.__dict__.get("step") is step:
-                if previous is None:
-                    del scheduler.step
-                else:
-                    scheduler.step = previous
-            if chunking:
-                _remove_hook(denoiser, CHUNK_HOOK)
+            if model is not None:
+                remove_hook(model, CHUNK_HOOK)
 
     def _install_callback(self, kwargs: dict[str, Any]) -> None:
         if "callback_on_step_end" not in call_parameters(self.pipe):

@@ -1,4 +1,4 @@
-"""Argument types and pre-flight checks shared by the ``diffaccel`` commands.
+"""Argument value types and pre-flight checks shared by the ``diffaccel`` commands.
 
 Everything here runs before any model work and imports neither torch nor diffusers, so a bad input
 is a one-line error within a second: the argparse value types raise ``argparse.ArgumentTypeError``
@@ -105,7 +105,7 @@ def reward_spec(spec: str) -> str:
             raise argparse.ArgumentTypeError(f"no such weights file: {pretrained}")
         return spec
     if kind == "transformers-clip" and rest:
-        from .micro_models import resolve_folder
+        from ..micro_models import resolve_folder
 
         try:
             folder = resolve_folder(rest)
@@ -119,17 +119,6 @@ def reward_spec(spec: str) -> str:
             raise argparse.ArgumentTypeError(f"no such aesthetic head file: {rest}")
         return spec
     raise argparse.ArgumentTypeError(f"unknown reward {spec!r}; use {REWARD_HELP}")
-
-
-def add_limit_arguments(parser: argparse.ArgumentParser, *, frames: bool = False) -> None:
-    """Add ``--max-steps``, ``--max-size`` (and ``--max-frames``): the caps a user raises on purpose."""
-    parser.add_argument("--max-steps", type=positive_int, default=MAX_STEPS, metavar="N",
-                        help=f"refuse --steps above N (default {MAX_STEPS})")
-    parser.add_argument("--max-size", type=positive_int, default=MAX_SIZE, metavar="PIXELS",
-                        help=f"refuse --height/--width above PIXELS (default {MAX_SIZE})")
-    if frames:
-        parser.add_argument("--max-frames", type=positive_int, default=MAX_FRAMES, metavar="N",
-                            help=f"refuse --frames above N (default {MAX_FRAMES})")
 
 
 def fail(message: str) -> NoReturn:
@@ -297,7 +286,7 @@ def describe_model(model: str, builtin: Mapping[str, ModelInfo], missing_hint: s
         ...
         SystemExit: diffaccel: error: --model ./missing: no such folder (nor a hub id like org/name)
     """
-    from .micro_models import MICRO_MODELS, micro_model_path
+    from ..micro_models import MICRO_MODELS, micro_model_path
 
     if model in builtin:
         return builtin[model]
