@@ -102,8 +102,7 @@ def run_model(
     """Every variant of one model; ``generate(pipe)`` returns images (N, H, W, 3) in [0, 1]."""
     import diffaccel
     from diffaccel.quantization import QuantizationConfig, memory_report, quantize_
-    from diffaccel.quantization.allocation import calibration_prompts
-    from diffaccel.quantization.calibration import PrecisionPredictor, calibrate, denoiser_of
+    from diffaccel.quantization.calibration import PrecisionPredictor, calibrate, calibration_prompts, denoiser_of
 
     pipe = make_pipe()
     reference = generate(pipe)

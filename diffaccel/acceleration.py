@@ -61,8 +61,8 @@ from .errors import DiffaccelError
 from .features.base import FEATURE_CONFIGS, AttachedFeature, FeatureConfig
 from .features.delta_cache import DeltaCacheConfig  # noqa: F401  (attach_order 40)
 from .features.encoder_reuse import EncoderReuseConfig  # noqa: F401  (attach_order 30)
-from .quantization.allocation import DynamicPrecisionConfig  # noqa: F401  (attach_order 20)
 from .quantization.config import QuantizationConfig  # noqa: F401  (attach_order 10)
+from .quantization.dynamic import DynamicPrecisionConfig  # noqa: F401  (attach_order 20)
 
 #: File that ``save_pretrained`` writes beside ``model_index.json``.
 ACCELERATION_CONFIG_NAME = "diffaccel_config.json"

@@ -12,18 +12,15 @@ import diffaccel
 from diffaccel.errors import UnsupportedCombinationError, UnsupportedPipelineError
 from diffaccel.kernels import nvfp4_quantize
 from diffaccel.quantization import QuantizationConfig, QuantizedLinear, quantize_
-from diffaccel.quantization.allocation import (
-    DynamicPrecisionConfig,
-    allocate_dynamic,
-    allocate_static,
-    calibration_prompts,
-)
+from diffaccel.quantization.allocation import allocate_dynamic, allocate_static
 from diffaccel.quantization.calibration import (
     CalibrationData,
     PrecisionPredictor,
     calibrate,
+    calibration_prompts,
     transformer_blocks,
 )
+from diffaccel.quantization.dynamic import DynamicPrecisionConfig
 from diffaccel.testing import tiny_call_inputs, tiny_pipeline
 
 STEPS = 4

@@ -14,7 +14,7 @@
 * :func:`calibrate` / :class:`PrecisionPredictor`: 6Bit-Diffusion's sensitivity predictor;
   :func:`calibrate_activation_scales`: static INT8 activation scales (:mod:`.calibration`).
 * :func:`allocate_static` / :func:`allocate_dynamic`: per-block INT8, or the nested residual per
-  timestep band with :class:`DynamicPrecisionConfig` (:mod:`.allocation`).
+  timestep band with :class:`DynamicPrecisionConfig` (:mod:`.allocation` makes it, :mod:`.dynamic` runs it).
 
 Example:
     >>> import diffaccel, torch
@@ -26,16 +26,10 @@ Example:
     {'int8': 20, 'bf16': 6}
 """
 
-from .allocation import (
-    DynamicPrecisionConfig,
-    DynamicPrecisionStats,
-    StaticAllocation,
-    allocate_dynamic,
-    allocate_static,
-    calibration_prompts,
-)
-from .calibration import CalibrationData, PrecisionPredictor, calibrate, calibrate_activation_scales
+from .allocation import StaticAllocation, allocate_dynamic, allocate_static
+from .calibration import CalibrationData, PrecisionPredictor, calibrate, calibrate_activation_scales, calibration_prompts
 from .config import CONFIG_PRECISIONS, DEFAULT_EXCLUDE, EMBEDDING_EXCLUDE, FALLBACKS, QuantizationConfig
+from .dynamic import DynamicPrecisionConfig, DynamicPrecisionStats
 from .feature import QuantizationFeature, QuantizationStats
 from .linear import PRECISIONS, QuantizedLinear
 from .plan import SUPPORTED_MODELS, is_quantized, quantized_layers

@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 
 from ..errors import UnsupportedPipelineError
 from ..seams import DENOISER_ATTRIBUTES, add_hook, block_registry, remove_hook, transformer_blocks
+from ..shapeworld import sample_scene
 from .config import QuantizationConfig
 from .quantize import quantization_plan
 from .safety import check_weights, quantize_layer
@@ -419,3 +420,15 @@ def calibrate_activation_scales(
         layer.act_scale = scale
         scales[name] = float(scale)
     return scales
+
+
+def calibration_prompts(count: int = 8, seed: int = 0) -> list[str]:
+    """ShapeWorld training captions for calibration runs on the bundled micro models.
+
+    Example:
+        >>> len(calibration_prompts(3))
+        3
+    """
+    rng = np.random.default_rng(seed)
+    kinds: Sequence[str] = ("single", "relation", "count")
+    return [sample_scene(rng, split="train", kind=kinds[i % len(kinds)]).caption for i in range(count)]
