@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from diffusers.hooks import ModelHook
 from diffusers.utils import BaseOutput
 
@@ -127,25 +128,27 @@ class SessionStats:
         return asdict(self)
 
 
-def _split(obj: Any, batch: int, start: int, stop: int) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj[start:stop] if obj.ndim > 0 and obj.shape[0] == batch else obj
-    if isinstance(obj, dict):
-        return {k: v if k in _UNBATCHED_INPUTS else _split(v, batch, start, stop) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_split(v, batch, start, stop) for v in obj)
-    return obj
+def _split(inputs: Any, batch: int, start: int, stop: int) -> Any:
+    """Rows ``start:stop`` of every tensor in ``inputs`` whose first dimension is the batch, except
+    under the keys of :data:`_UNBATCHED_INPUTS` (positional embeddings shared by the batch)."""
+
+    def cut(path: tuple[Any, ...], leaf: Any) -> Any:
+        if not isinstance(leaf, torch.Tensor) or leaf.ndim == 0 or leaf.shape[0] != batch:
+            return leaf
+        if any(getattr(entry, "key", None) in _UNBATCHED_INPUTS for entry in path):
+            return leaf
+        return leaf[start:stop]
+
+    return pytree.tree_map_with_path(cut, inputs)
 
 
 def _concat(parts: list[Any]) -> Any:
-    first = parts[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat(parts) if first.ndim > 0 else first
-    if isinstance(first, BaseOutput):
-        return type(first)(**{k: _concat([p[k] for p in parts]) for k in first})
-    if isinstance(first, (list, tuple)):
-        return type(first)(_concat(list(items)) for items in zip(*parts))
-    return first
+    """The chunks' outputs joined along the batch (tensors of rank 0 and other leaves: the first's)."""
+
+    def join(first: Any, *rest: Any) -> Any:
+        return torch.cat([first, *rest]) if isinstance(first, torch.Tensor) and first.ndim > 0 else first
+
+    return pytree.tree_map(join, parts[0], *parts[1:])
 
 
 class _ChunkHook(ModelHook):
