@@ -47,7 +47,7 @@ from diffusers.hooks import ModelHook
 from tqdm.auto import tqdm
 
 from ..errors import UnsupportedPipelineError
-from ..seams import DENOISER_ATTRIBUTES, add_hook, block_registry, remove_hook, transformer_blocks
+from ..seams import add_hook, block_registry, denoisers, remove_hook, transformer_blocks
 from ..shapeworld import sample_scene
 from .config import QuantizationConfig
 from .quantize import quantization_plan
@@ -65,9 +65,12 @@ def denoiser_of(pipe: Any) -> torch.nn.Module:
 
     Raises :class:`~diffaccel.errors.UnsupportedPipelineError` when there is none.
     """
-    for attr in DENOISER_ATTRIBUTES:
-        model = getattr(pipe, attr, None)
-        if isinstance(model, torch.nn.Module) and transformer_blocks(model):
+    try:
+        found = denoisers(pipe)
+    except UnsupportedPipelineError:
+        found = {}
+    for model in found.values():
+        if transformer_blocks(model):
             return model
     raise UnsupportedPipelineError(
         f"{type(pipe).__name__} has no denoiser with diffusers transformer blocks; supported: pipelines "
