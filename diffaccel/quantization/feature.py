@@ -44,9 +44,6 @@ from .quantize import quantize_
 from .report import memory_report
 from .serialization import load_quantized, saved_plan
 
-#: Pipeline attributes that hold the denoiser, in the order they are looked up.
-DENOISER_ATTRS: tuple[str, ...] = DENOISER_ATTRIBUTES
-
 
 @dataclass(frozen=True)
 class QuantizationStats:
@@ -161,7 +158,7 @@ def load_quantized_components(path: str | os.PathLike, load_kwargs: Mapping[str,
         return {}
     with open(index_path, encoding="utf-8") as handle:
         index = json.load(handle)
-    for attr in DENOISER_ATTRS:
+    for attr in DENOISER_ATTRIBUTES:
         folder = os.path.join(os.fspath(path), attr)
         if attr not in index or attr in load_kwargs or saved_plan(folder) is None:
             continue
