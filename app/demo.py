@@ -23,7 +23,14 @@ from typing import Any, Callable
 import torch
 
 import diffaccel
-from diffaccel.cli.models import DEFAULT_MODEL, MICRO_VIDEO, RANDOM_VIDEO_MODEL, load_pipeline, load_video_pipeline
+from diffaccel.loading import (
+    DEFAULT_MODEL,
+    MICRO_VIDEO,
+    RANDOM_VIDEO_MODEL,
+    ModelLoadError,
+    load_pipeline,
+    load_video_pipeline,
+)
 from diffaccel.micro_models import models_dir
 from diffaccel.shapeworld import Verifier, parse_prompt
 
@@ -338,7 +345,7 @@ def _prompt_row(gr: Any, prompt: str, steps: int) -> tuple[Any, Any, Any]:
 def load_models(model: str = DEFAULT_MODEL, video_model: str | None = None, device: str | None = None
                 ) -> tuple[Any, str, tuple[Any, str, dict[str, Any]]]:
     """The arguments of :func:`build_demo` for ``model`` and ``video_model`` (None: the bundled
-    micro-video when exported, else :data:`~diffaccel.cli.models.RANDOM_VIDEO_MODEL`), as ``main`` loads them."""
+    micro-video when exported, else :data:`~diffaccel.loading.RANDOM_VIDEO_MODEL`), as ``main`` loads them."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(model, device, torch.float16 if device == "cuda" else torch.float32)
     if video_model is None:
@@ -356,7 +363,11 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=7860)
     args = parser.parse_args()
-    build_demo(*load_models(args.model, args.video_model)).launch(server_name=args.host, server_port=args.port)
+    try:
+        models = load_models(args.model, args.video_model)
+    except ModelLoadError as err:
+        parser.error(str(err))
+    build_demo(*models).launch(server_name=args.host, server_port=args.port)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,16 @@
 """Benchmark: the temporal delta cache on Wan and Flux against the untouched pipelines, side by side.
 
-For each model every variant (the untouched pipeline, the delta cache at several thresholds, and
-diffusers' own First Block Cache as the peer) runs on the same pipeline object, prompt and seeds,
-in interleaved rounds (machine noise hits all variants alike). Times are medians over rounds and
-seeds of the whole pipeline call (text encoding, denoising, VAE decoding); fidelity is the PSNR of
-the decoded output against the untouched pipeline's (median over seeds); ``delta_cache`` holds the
-first seed's statistics. Diffusers' First Block Cache keeps no statistics: a PSNR of inf there
-means it skipped nothing. Results go to ``bench/results/delta_cache/`` as JSON.
+For each model ``diffaccel.evaluate`` runs every variant (the untouched pipeline, the delta cache at
+several thresholds, and diffusers' own First Block Cache as the peer) on the same pipeline object,
+prompt and seeds: a warm-up call per variant, then one call per seed and variant, interleaved seed
+by seed (each seed is one timing round; machine noise hits all variants alike). Times are of the
+whole pipeline call (text encoding, denoising, VAE decoding); the speedup is the median over rounds
+of untouched / variant seconds; fidelity is the PSNR of the decoded output against the untouched
+pipeline's of the same seed (mean over seeds, with its interval). ``delta_cache`` and
+``skipped_block_fraction`` are the first seed's statistics (one more call with the cache attached:
+evaluate's records do not keep them). Diffusers' First Block Cache keeps no statistics: a PSNR of
+inf there means it skipped nothing. Results go to ``bench/results/delta_cache/`` as JSON,
+evaluate's run folders (samples, report, plots) to ``out/bench-runs/delta_cache/<model>/``.
 
     python bench/delta_cache.py            # CPU, widened tiny Wan and Flux, random weights (~4 min)
     python bench/delta_cache.py --quick    # smoke run: narrow models, few steps, 1 round
@@ -23,19 +27,17 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
-from typing import Any, Callable
+from typing import Any
 
-import numpy as np
 import torch
 
 import diffaccel
-from benchkit import psnr, write_report
+from benchkit import feature_stats, round_seeds, run_folder, write_report
 from diffaccel.features.delta_cache import DeltaCacheConfig
 from diffaccel.testing import tiny_pipeline
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "a red circle to the left of a blue square"
 
 #: model -> (tiny pipeline name, transformer overrides, call kwargs), full and --quick sizes.
@@ -64,90 +66,47 @@ MODELS: dict[str, dict[bool, tuple[str, dict[str, Any], dict[str, Any]]]] = {
     },
 }
 
-Variant = tuple[Callable[[], None], Callable[[], None]]
-
-
-def make_variants(
-    pipe: Any, thresholds: list[float], max_skips: int, fbc_thresholds: list[float]
-) -> dict[str, Variant]:
-    """name -> (setup, teardown) applied around each timed call."""
-    from diffusers.hooks import FirstBlockCacheConfig
-
-    def delta(threshold: float) -> Variant:
-        config = DeltaCacheConfig(threshold=threshold, max_consecutive_skips=max_skips)
-        return (lambda: diffaccel.accelerate(pipe, config)), (lambda: diffaccel.restore(pipe))
-
-    def first_block_cache(threshold: float) -> Variant:
-        return (
-            lambda: pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold)),
-            lambda: pipe.transformer.disable_cache(),
-        )
-
-    variants: dict[str, Variant] = {"baseline": ((lambda: None), (lambda: None))}
+def make_variants(thresholds: list[float], max_skips: int, fbc_thresholds: list[float]) -> dict[str, Any]:
+    """name -> what ``diffaccel.evaluate`` attaches (a delta cache config, or the peer's spec)."""
+    variants: dict[str, Any] = {}
     for threshold in thresholds:
-        variants[f"delta-cache-{threshold:g}"] = delta(threshold)
+        variants[f"delta-cache-{threshold:g}"] = DeltaCacheConfig(threshold=threshold, max_consecutive_skips=max_skips)
     for threshold in fbc_thresholds:
-        variants[f"diffusers-fbc-{threshold:g}"] = first_block_cache(threshold)
+        variants[f"diffusers-fbc-{threshold:g}"] = f"diffusers-cache:FirstBlockCache:threshold={threshold}"
     return variants
 
 
-def run_once(pipe: Any, call: dict[str, Any], steps: int, seed: int) -> tuple[float, np.ndarray, dict[str, Any] | None]:
-    """One timed call: seconds, the decoded output and the delta cache's stats (if attached)."""
-    start = time.perf_counter()
-    generator = torch.Generator().manual_seed(seed)
-    result = pipe(PROMPT, num_inference_steps=steps, generator=generator, output_type="np", **call)
-    seconds = time.perf_counter() - start
-    output = result.frames if hasattr(result, "frames") else result.images
-    stats = getattr(pipe, "acceleration_stats", None)
-    delta = stats.features.get("delta_cache") if stats is not None else None
-    return seconds, np.asarray(output), delta.to_dict() if delta is not None else None
-
-
 def bench_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Every variant on one model, interleaved over rounds (each round runs every seed)."""
+    """Every variant on one model through ``diffaccel.evaluate`` (each seed one interleaved round)."""
     name, overrides, call = MODELS[model][args.quick]
     pipe = tiny_pipeline(name, **overrides)
-    variants = make_variants(pipe, args.thresholds, args.max_consecutive_skips, args.fbc_thresholds)
-    times: dict[str, list[float]] = {variant: [] for variant in variants}
-    outputs: dict[str, dict[int, np.ndarray]] = {variant: {} for variant in variants}
-    stats: dict[str, dict[int, dict[str, Any] | None]] = {variant: {} for variant in variants}
-    for variant, (setup, teardown) in variants.items():  # warm-up, and the outputs for PSNR
-        setup()
-        try:
-            for seed in args.seeds:
-                _, outputs[variant][seed], stats[variant][seed] = run_once(pipe, call, args.steps, seed)
-        finally:
-            teardown()
-    for round_index in range(args.rounds):
-        for variant, (setup, teardown) in variants.items():
-            setup()
-            try:
-                for seed in args.seeds:
-                    times[variant].append(run_once(pipe, call, args.steps, seed)[0])
-            finally:
-                teardown()
-        print(f"{model}: round {round_index + 1}/{args.rounds} done", file=sys.stderr)
-    base = statistics.median(times["baseline"])
+    variants = make_variants(args.thresholds, args.max_consecutive_skips, args.fbc_thresholds)
+    out_dir = run_folder("delta_cache", f"{model}_quick" if args.quick else model)
+    call = {"num_inference_steps": args.steps, **call}
+    summary = diffaccel.evaluate(pipe, [PROMPT], variants, out_dir=out_dir, seeds=args.seeds, metrics=["psnr"],
+                                 batch_size=1, progress=False, **call)
     results = {}
-    for variant in variants:
-        median = statistics.median(times[variant])
-        seed_stats = [stats[variant][seed] for seed in args.seeds]
-        fidelity = [psnr(outputs[variant][seed], outputs["baseline"][seed]) for seed in args.seeds]
+    for variant, row in summary["variants"].items():
+        config = variants.get(variant)
+        stats = feature_stats(pipe, [config], [PROMPT], args.seeds[0], **call).get("delta_cache") \
+            if isinstance(config, DeltaCacheConfig) else None
         results[variant] = {
-            "median_seconds": median,
-            "speedup_vs_baseline": base / median,
-            "skipped_block_fraction": (
-                statistics.mean(row["skipped_fraction"] for row in seed_stats) if seed_stats[0] else None
-            ),
-            "psnr_vs_baseline_db": None if variant == "baseline" else statistics.median(fidelity),
-            "seconds": times[variant],
-            "delta_cache": seed_stats[0],
+            "spec": row["spec"],
+            "seconds_median": row["seconds_median"],
+            "speedup": row["speedup"],
+            "nfe_mean": row["nfe_mean"],
+            "skipped_block_fraction": stats["skipped_fraction"] if stats else None,
+            "psnr": None if variant == "untouched" else row["metrics"]["psnr"],
+            "delta_cache": stats,
         }
+        print(f"{model}: {variant} done", file=sys.stderr)
     return {
         "pipeline": type(pipe).__name__,
         "transformer_overrides": overrides,
         "call": call,
         "transformer_parameters": sum(p.numel() for p in pipe.transformer.parameters()),
+        "timing": summary["timing"],
+        "run_folder": os.path.relpath(out_dir, REPO),
         "results": results,
     }
 
@@ -163,14 +122,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--fbc-thresholds", type=float, nargs="*", default=[0.05, 0.2], help="diffusers First Block Cache (the peer)"
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 (--quick: 0)")
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 5, --quick 1)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="timing rounds (default 5, --quick 1): --seeds is extended with the next seeds to this "
+                             "many; each seed is one interleaved round")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (see the module docs)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny models, 6 steps, 1 seed, 1 round")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/delta_cache/delta_cache_cpu[_quick].json)")
     args = parser.parse_args(argv)
     args.steps = args.steps or (6 if args.quick else 20)
     args.rounds = args.rounds or (1 if args.quick else 5)
-    args.seeds = args.seeds or ([0] if args.quick else [0, 1])
+    args.seeds = round_seeds(args.seeds or ([0] if args.quick else [0, 1]), args.rounds)
     torch.set_num_threads(args.threads)
 
     models = {model: bench_model(model, args) for model in args.models}
@@ -182,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "weights": "random (diffaccel.testing tiny pipelines, widened)",
         "steps": args.steps,
         "seeds": args.seeds,
-        "rounds": args.rounds,
+        "rounds": len(args.seeds),
         "max_consecutive_skips": args.max_consecutive_skips,
         "first_steps": DeltaCacheConfig().first_steps,
         "last_steps": DeltaCacheConfig().last_steps,
@@ -194,8 +155,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for variant, row in entry["results"].items():
             skipped = row["skipped_block_fraction"]
             print(
-                f"{model:6s} {variant:22s} {row['median_seconds']:9.3f} {row['speedup_vs_baseline']:7.2f}x "
-                f"{'-' if skipped is None else f'{skipped:.2f}':>8s} {row['psnr_vs_baseline_db'] or float('inf'):8.2f}"
+                f"{model:6s} {variant:22s} {row['seconds_median']:9.3f} {row['speedup']:7.2f}x "
+                f"{'-' if skipped is None else f'{skipped:.2f}':>8s} {row['psnr']['mean'] if row['psnr'] else float('inf'):8.2f}"
             )
     suffix = "_quick" if args.quick else ""
     results_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "delta_cache")

@@ -1,12 +1,15 @@
 """Benchmark: UNet encoder reuse against the untouched pipeline and DeepCache, side by side.
 
-Every variant runs on the same pipeline object, the same prompts and seeds, in interleaved
-rounds (so machine noise hits all variants alike); times are medians over rounds, fidelity is
-PSNR against the baseline image of the same seed. Results go to ``bench/results/encoder_reuse/`` as JSON.
+``diffaccel.evaluate`` runs every variant on the same pipeline object, prompts and seeds: a warm-up
+call per variant, then one call per seed and variant, interleaved seed by seed (each seed is one
+timing round, so machine noise hits all variants alike); the speedup is the median over rounds of
+untouched / variant seconds, fidelity is PSNR against the untouched image of the same seed. Results
+go to ``bench/results/encoder_reuse/`` as JSON, evaluate's run folder to ``out/bench-runs/encoder_reuse/``.
 
     python bench/encoder_reuse.py                      # CPU: SD1.5 layout, reduced width, random weights
     python bench/encoder_reuse.py --device cuda        # GPU: full SD1.5 architecture, fp16, 512x512
     python bench/encoder_reuse.py --model PATH         # a trained diffusers folder (PSNR is meaningful)
+    python bench/encoder_reuse.py --quick              # smoke run: narrow UNet, 128x128, 6 steps, 1 seed
 
 On random weights PSNR says little about picture quality (every variant draws noise); use a
 trained model for fidelity claims and say which model a figure comes from.
@@ -15,18 +18,17 @@ trained model for fidelity claims and say which model a figure comes from.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
-import statistics
 import sys
-import time
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 import diffaccel
-from benchkit import psnr, write_report
+from benchkit import feature_stats, round_seeds, run_folder, write_report
 from diffaccel import EncoderReuseConfig
 
 PROMPTS = ["a red circle to the left of a blue square", "two green triangles", "a yellow square above a purple circle"]
@@ -53,49 +55,16 @@ def build_pipeline(args: argparse.Namespace) -> tuple[Any, str]:
     return pipe, description
 
 
-def deepcache_variant(pipe: Any, interval: int) -> tuple[Callable[[], None], Callable[[], None]]:
-    """Enable/disable functions for DeepCache's SD helper (the peer), or a clear error if absent."""
-    try:
-        from DeepCache import DeepCacheSDHelper
-    except ImportError as err:
-        raise SystemExit("DeepCache is not installed: pip install -e '.[bench]' (or pass --no-deepcache)") from err
-    helper = DeepCacheSDHelper(pipe=pipe)
-    helper.set_params(cache_interval=interval, cache_branch_id=0)
-    return helper.enable, helper.disable
-
-
-def make_variants(pipe: Any, args: argparse.Namespace) -> dict[str, tuple[Callable[[], None], Callable[[], None]]]:
-    """name -> (setup, teardown) applied around each timed call."""
-
-    def features(*configs: Any) -> tuple[Callable[[], None], Callable[[], None]]:
-        return (lambda: diffaccel.accelerate(pipe, *configs)), (lambda: diffaccel.restore(pipe))
-
-    variants = {"baseline": ((lambda: None), (lambda: None))}
+def make_variants(args: argparse.Namespace) -> dict[str, Any]:
+    """name -> what ``diffaccel.evaluate`` attaches (a config, or the peer's spec)."""
+    variants: dict[str, Any] = {}
     for parallel in (False, True):
         mode = "parallel" if parallel else "sequential"
-        variants[f"uniform-3/{mode}"] = features(EncoderReuseConfig("uniform:3", parallel=parallel))
-        variants[f"faster-diffusion/{mode}"] = features(EncoderReuseConfig("faster-diffusion", parallel=parallel))
+        variants[f"uniform-3-{mode}"] = EncoderReuseConfig("uniform:3", parallel=parallel)
+        variants[f"faster-diffusion-{mode}"] = EncoderReuseConfig("faster-diffusion", parallel=parallel)
     if not args.no_deepcache:
-        variants["deepcache-3"] = deepcache_variant(pipe, 3)
+        variants["deepcache-3"] = "deepcache:interval=3"
     return variants
-
-
-def run_once(pipe: Any, prompt: str, seed: int, args: argparse.Namespace) -> tuple[float, np.ndarray, dict[str, Any]]:
-    if args.device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    image = pipe(
-        prompt,
-        num_inference_steps=args.steps,
-        guidance_scale=7.5,
-        generator=torch.Generator("cpu").manual_seed(seed),
-        output_type="np",
-    ).images[0]
-    if args.device == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    stats = pipe.acceleration_stats.to_dict() if getattr(pipe, "acceleration_stats", None) else {}
-    return seconds, image, stats
 
 
 def fit_step_costs(results: dict[str, Any], steps: int) -> dict[str, float] | None:
@@ -103,12 +72,12 @@ def fit_step_costs(results: dict[str, Any], steps: int) -> dict[str, float] | No
     sequential variants (least squares); the decoder's share of a full UNet step bounds what
     encoder reuse alone can save.
     """
-    rows = [(steps, 0, results["baseline"]["median_seconds"])]
+    rows = [(steps, 0, results["untouched"]["seconds_median"])]
     for name, row in results.items():
         reuse = row["encoder_reuse"]
-        if name.endswith("/sequential") and reuse:
+        if name.endswith("-sequential") and reuse:
             keys = reuse["encoder_evaluations"]
-            rows.append((keys, steps - keys, row["median_seconds"]))
+            rows.append((keys, steps - keys, row["seconds_median"]))
     if len(rows) < 3:
         return None
     design = np.array([[1.0, full, decoder] for full, decoder, _ in rows])
@@ -127,69 +96,74 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--model", default=None, help="diffusers folder of a trained SD model (default: random SD1.5 layout)")
     parser.add_argument("--width", type=int, default=None, help="UNet base width (default 64 on CPU, 320 on CUDA)")
     parser.add_argument("--sample-size", type=int, default=None, help="latent size (default 64, i.e. 512x512 images)")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per variant and seed")
+    parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default 50, --quick 6)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="the first seeds (one prompt each)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="timing rounds: --seeds is extended with the next seeds to this many; each seed is one "
+                             "interleaved round")
     parser.add_argument("--no-deepcache", action="store_true")
-    parser.add_argument("--out", default=None, help="JSON path (default bench/results/encoder_reuse/encoder_reuse_<device>.json)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (on a shared 2-core CPU a second thread stalls and timings swing 10x+)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: width 32, 128x128, 6 steps, 1 seed")
+    parser.add_argument("--out", default=None,
+                        help="JSON path (default bench/results/encoder_reuse/encoder_reuse_<device>[_quick].json)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.width, args.sample_size, args.seeds, args.rounds = args.width or 32, args.sample_size or 16, [0], 1
+    args.steps = args.steps or (6 if args.quick else 50)
+    seeds = round_seeds(args.seeds, args.rounds)
 
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     pipe, weights = build_pipeline(args)
-    variants = make_variants(pipe, args)
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    images: dict[str, dict[int, np.ndarray]] = {name: {} for name in variants}
-    call_stats: dict[str, dict[str, Any]] = {}
-
-    cases = [(PROMPTS[i % len(PROMPTS)], seed) for i, seed in enumerate(args.seeds)]
-    print(f"weights: {weights}; {args.steps} DDIM steps; device {args.device}; {len(cases)} seeds x {args.rounds} rounds",
+    variants = make_variants(args)
+    name = f"{args.device}_quick" if args.quick else args.device
+    out_dir = run_folder("encoder_reuse", name)
+    out_dir.mkdir(parents=True)
+    prompts = out_dir.parent / f"{name}.prompts.jsonl"  # seed i draws prompt i, as the rounds always did
+    prompts.write_text("".join(json.dumps({"prompt": PROMPTS[i % len(PROMPTS)], "seed": seed}) + "\n"
+                               for i, seed in enumerate(seeds)))
+    print(f"weights: {weights}; {args.steps} DDIM steps; device {args.device}; {len(seeds)} seeds (rounds)",
           file=sys.stderr)
-    for name, (setup, teardown) in variants.items():  # warm-up, and the images for PSNR
-        setup()
-        for prompt, seed in cases:
-            _, images[name][seed], call_stats[name] = run_once(pipe, prompt, seed, args)
-        teardown()
-    for round_index in range(args.rounds):
-        for name, (setup, teardown) in variants.items():
-            setup()
-            for prompt, seed in cases:
-                seconds, _, _ = run_once(pipe, prompt, seed, args)
-                times[name].append(seconds)
-            teardown()
-        print(f"round {round_index + 1}/{args.rounds} done", file=sys.stderr)
-
-    base_median = statistics.median(times["baseline"])
+    call = {"num_inference_steps": args.steps, "guidance_scale": 7.5}
+    summary = diffaccel.evaluate(pipe, prompts, variants, out_dir=out_dir, seeds=seeds[:1], metrics=["psnr"],
+                                 batch_size=1, **call)
     results = {}
-    for name in variants:
-        median = statistics.median(times[name])
-        fidelity = [psnr(images[name][seed], images["baseline"][seed]) for _, seed in cases]
-        results[name] = {
-            "median_seconds": median,
-            "speedup_vs_baseline": base_median / median,
-            "psnr_vs_baseline_db": None if name == "baseline" else statistics.median(fidelity),
-            "encoder_reuse": call_stats.get(name, {}).get("features", {}).get("encoder_reuse"),
+    for variant, row in summary["variants"].items():
+        config = variants.get(variant)
+        stats = feature_stats(pipe, [config], [PROMPTS[0]], seeds[0], **call) if isinstance(config, EncoderReuseConfig) \
+            else {}
+        results[variant] = {
+            "spec": row["spec"],
+            "seconds_median": row["seconds_median"],
+            "speedup": row["speedup"],
+            "nfe_mean": row["nfe_mean"],
+            "psnr": None if variant == "untouched" else row["metrics"]["psnr"],
+            "encoder_reuse": stats.get("encoder_reuse"),
         }
     report = {
         "sequential_cost_model": fit_step_costs(results, args.steps),
         "benchmark": "encoder_reuse",
         "device": torch.cuda.get_device_name() if args.device == "cuda"
         else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "timing": summary["timing"],
         "weights": weights,
         "steps": args.steps,
-        "seeds": args.seeds,
-        "rounds": args.rounds,
+        "seeds": seeds,
+        "rounds": len(seeds),
         "torch": torch.__version__,
         "results": results,
     }
     print(f"\n{'variant':28s} {'median s':>9s} {'speedup':>8s} {'PSNR dB':>8s}")
-    for name, row in results.items():
-        psnr = row["psnr_vs_baseline_db"] or float("inf")
-        print(f"{name:28s} {row['median_seconds']:9.3f} {row['speedup_vs_baseline']:7.2f}x {psnr:8.2f}")
+    for variant, row in results.items():
+        psnr = row["psnr"]["mean"] if row["psnr"] else float("inf")
+        print(f"{variant:28s} {row['seconds_median']:9.3f} {row['speedup']:7.2f}x {psnr:8.2f}")
     if report["sequential_cost_model"]:
         share = report["sequential_cost_model"]["decoder_share"]
         print(f"decoder share of a full UNet step (fitted): {share:.2f}")
+    suffix = "_quick" if args.quick else ""
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "encoder_reuse",
-                                    f"encoder_reuse_{args.device}.json")
+                                    f"encoder_reuse_{args.device}{suffix}.json")
     write_report(report, out)
     return report
 

@@ -4,10 +4,15 @@ Side by side in one run, on the bundled micro-SD (its UNet's transformer blocks)
 random-weight Wan transformer: the untouched float pipeline, all-INT8, all-NVFP4, static mixed
 (INT8 for the blocks the predictor ranks most sensitive) and dynamic mixed (NVFP4 everywhere,
 the nested 4-bit residual switched on per block and timestep band, or online from each block's
-difference at the previous step). Each variant reports the
-denoiser's weight bytes against bf16 (``diffaccel.memory_report``), the bits per weight the
-quantized layers read, PSNR against the untouched pipeline's images (same seeds) and, on
-micro-SD, the ShapeWorld verifier's accuracy on held-out prompts. The calibration (prompts from
+difference at the previous step). ``diffaccel.evaluate`` makes every variant's samples (seed 0,
+one batch; its run folders go to ``out/bench-runs/mixed_precision/<model>/``) and scores them: PSNR
+against the untouched pipeline's samples of the same seed and, on micro-SD, the ShapeWorld
+verifier's accuracy and mean score on held-out prompts. Each variant also reports the denoiser's
+weight bytes against bf16 and the bits per weight the quantized layers read
+(``diffaccel.memory_report``; ``planned_memory`` for a quantized variant, which reads the same
+totals off the float model), and, for variants with features, their statistics (bits in use,
+blocks skipped, encoder passes) from one more call with the features attached (evaluate's records
+do not keep them). The calibration (prompts from
 the training split, never the evaluated ones) and the fitted predictor are reported too, with
 two controls for the static allocation (as many INT8 blocks ranked by measured error, and drawn
 at random), the delta cache and its composition with quantization, quantized attention and (on
@@ -26,7 +31,6 @@ every call, so only memory and quality are meaningful here; speed is ``bench/ker
 from __future__ import annotations
 
 import argparse
-import copy
 import pathlib
 import platform
 from typing import Any, Callable, Sequence
@@ -34,7 +38,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from benchkit import psnr, write_report
+from benchkit import feature_stats, run_folder, write_report
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -71,73 +75,73 @@ def _variants(calibration: Any, args: argparse.Namespace, base: Any, transformer
     for fraction in args.fractions:
         static = allocate_static(calibration, int8_fraction=fraction)
         count = len(static.int8_blocks)
-        variants[f"static int8 {fraction:.2f}"] = (static.quantization_config(base), [])
+        variants[f"static-int8-{fraction:.2f}"] = (static.quantization_config(base), [])
         by_error = allocate_static(calibration, int8_fraction=fraction, by="measured")
-        variants[f"  control: measured {fraction:.2f}"] = (by_error.quantization_config(base), [])
+        variants[f"control-measured-{fraction:.2f}"] = (by_error.quantization_config(base), [])
         drawn = list(rng.choice(calibration.blocks, size=count, replace=False))
-        variants[f"  control: random {fraction:.2f}"] = (_static(calibration, drawn, predictor).quantization_config(base), [])
+        variants[f"control-random-{fraction:.2f}"] = (_static(calibration, drawn, predictor).quantization_config(base), [])
         dynamic = allocate_dynamic(calibration, num_bands=args.bands, refine_fraction=fraction)
-        variants[f"dynamic refine {fraction:.2f}"] = (dynamic.quantization_config(base), [dynamic])
+        variants[f"dynamic-refine-{fraction:.2f}"] = (dynamic.quantization_config(base), [dynamic])
         online = allocate_dynamic(calibration, num_bands=args.bands, refine_fraction=fraction, online=True)
-        variants[f"dynamic online {fraction:.2f}"] = (online.quantization_config(base), [online])
+        variants[f"dynamic-online-{fraction:.2f}"] = (online.quantization_config(base), [online])
     cache = diffaccel.DeltaCacheConfig(threshold=args.delta_threshold)
-    variants[f"delta cache {args.delta_threshold}"] = (None, [cache])
+    variants[f"delta-cache-{args.delta_threshold:g}"] = (None, [cache])
     fraction = args.fractions[0]
     static = allocate_static(calibration, int8_fraction=fraction).quantization_config(base)
-    variants[f"static {fraction:.2f} + cache + qattn"] = (static, [cache, diffaccel.QuantizedAttentionConfig()])
+    variants[f"static-{fraction:.2f}_cache_qattn"] = (static, [cache, diffaccel.QuantizedAttentionConfig()])
     if not transformer:
         reuse = diffaccel.EncoderReuseConfig("faster-diffusion", parallel=False)
-        variants[f"static {fraction:.2f} + cache + encoder reuse"] = (static, [cache, reuse])
+        variants[f"static-{fraction:.2f}_cache_encoder-reuse"] = (static, [cache, reuse])
     return variants
 
 
 def run_model(
     label: str,
     make_pipe: Callable[[], Any],
-    generate: Callable[[Any], np.ndarray],
-    calibrate_kwargs: dict[str, Any],
+    prompts: Sequence[str],
+    call: dict[str, Any],
     args: argparse.Namespace,
-    score: Callable[[np.ndarray], dict[str, float]] | None = None,
+    metrics: Sequence[str] = ("psnr",),
 ) -> dict[str, Any]:
-    """Every variant of one model; ``generate(pipe)`` returns images (N, H, W, 3) in [0, 1]."""
+    """Calibrate one model, then every variant through ``diffaccel.evaluate`` on ``prompts`` (seed 0, one
+    batch; no warm-up: CPU timings are not reported) with the call settings ``call``."""
     import diffaccel
-    from diffaccel.quantization import QuantizationConfig, memory_report, quantize_
+    from diffaccel.quantization import QuantizationConfig, memory_report, planned_memory
     from diffaccel.quantization.calibration import PrecisionPredictor, calibrate, calibration_prompts, denoiser_of
 
     pipe = make_pipe()
-    reference = generate(pipe)
     base = QuantizationConfig(min_weight_numel=0)
-    calibration = calibrate(pipe, calibration_prompts(args.calibration_prompts), config=base, progress=True,
-                            **calibrate_kwargs)
+    calibration = calibrate(pipe, calibration_prompts(args.calibration_prompts), config=base, progress=True, **call)
     predictor = PrecisionPredictor.fit(calibration)
     print(f"[{label}] predictor: error = {predictor.slope:.4f} * difference + {predictor.intercept:.4f} "
           f"(r = {predictor.correlation:.3f}, {predictor.points} points)", flush=True)
-    attr = "transformer" if hasattr(pipe, "transformer") else "unet"
-    float_model = copy.deepcopy(denoiser_of(pipe))
+    float_model = denoiser_of(pipe)
+    variants = _variants(calibration, args, base, hasattr(pipe, "transformer"))
+    summary = diffaccel.evaluate(pipe, list(prompts), {name: [c for c in (config, *features) if c is not None]
+                                                       for name, (config, features) in variants.items()},
+                                 out_dir=run_folder("mixed_precision", f"{label}_quick" if args.quick else label),
+                                 seeds=[0], metrics=list(metrics), batch_size=len(prompts), warmup=False,
+                                 progress=False, **call)
     result: dict[str, Any] = {"predictor": predictor.to_dict(), "calibration": calibration.to_dict(), "variants": {}}
-    untouched = {"psnr": float("inf"), "memory": _memory(memory_report(float_model))}
-    if score is not None:
-        untouched.update(score(reference))
-    result["variants"]["untouched"] = untouched
-    for name, (config, features) in _variants(calibration, args, base, attr == "transformer").items():
-        model = copy.deepcopy(float_model) if config is None else quantize_(copy.deepcopy(float_model), config)
-        setattr(pipe, attr, model)
-        diffaccel.accelerate(pipe, *features)
-        images = generate(pipe)
-        stats = pipe.acceleration_stats.features
-        diffaccel.restore(pipe)
-        row: dict[str, Any] = {"psnr": psnr(images, reference), "memory": _memory(memory_report(model))}
+    for name, evaluated in summary["variants"].items():
+        config, features = variants.get(name, (None, []))
+        row: dict[str, Any] = {"psnr": evaluated["metrics"]["psnr"]["mean"] if name != "untouched" else float("inf"),
+                               "memory": _memory(memory_report(float_model) if config is None
+                                                 else planned_memory(float_model, config))}
+        stats = feature_stats(pipe, [c for c in (config, *features) if c is not None], prompts, 0, **call) \
+            if features else {}
         if "dynamic_precision" in stats:
             row["schedule"] = features[0].to_dict()["schedule"]
-            row["bits_in_use"] = stats["dynamic_precision"].mean_bits_per_weight
+            row["bits_in_use"] = stats["dynamic_precision"]["mean_bits_per_weight"]
         if "delta_cache" in stats:
-            row["skipped_blocks"] = stats["delta_cache"].skipped_fraction
+            row["skipped_blocks"] = stats["delta_cache"]["skipped_fraction"]
         if "encoder_reuse" in stats:
-            row["encoder_evaluations"] = stats["encoder_reuse"].encoder_evaluations
+            row["encoder_evaluations"] = stats["encoder_reuse"]["encoder_evaluations"]
         if config is not None:
             row["int8_blocks"] = sorted({pattern[:-2] for pattern, value in config.overrides if value == "int8"})
-        if score is not None:
-            row.update(score(images))
+        if "verifier" in evaluated["metrics"]:
+            row["accuracy"] = evaluated["metrics"]["verifier"]["mean"]
+            row["mean_score"] = evaluated["metrics"]["verifier_score"]["mean"]
         result["variants"][name] = row
         memory = row["memory"]
         extra = "".join(f", {key} {row[key]:.3f}" for key in ("accuracy", "mean_score", "bits_in_use", "skipped_blocks")
@@ -149,46 +153,21 @@ def run_model(
 
 def micro_sd(args: argparse.Namespace) -> dict[str, Any]:
     from diffaccel.micro_models import load_micro_sd
-    from diffaccel.shapeworld import Verifier, eval_prompts
+    from diffaccel.shapeworld import eval_prompts
 
     prompts = eval_prompts("single", args.prompts, seed=0, split="heldout") + \
         eval_prompts("relation", args.prompts, seed=0, split="heldout")
-
-    def make_pipe():
-        pipe = load_micro_sd()
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
-    def generate(pipe):
-        return pipe(prompts, num_inference_steps=args.steps, guidance_scale=5.0, output_type="np",
-                    generator=torch.Generator().manual_seed(0)).images
-
-    def score(images):
-        results = Verifier().verify(images, prompts)
-        return {"accuracy": sum(r.passed for r in results) / len(results),
-                "mean_score": sum(r.score for r in results) / len(results)}
-
-    return run_model("micro-sd", make_pipe, generate,
-                     {"num_inference_steps": args.steps, "guidance_scale": 5.0}, args, score)
+    return run_model("micro-sd", load_micro_sd, prompts, {"num_inference_steps": args.steps, "guidance_scale": 5.0},
+                     args, ("psnr", "verifier", "verifier_score"))
 
 
 def wan(args: argparse.Namespace, quick: bool) -> dict[str, Any]:
     from diffaccel.testing import tiny_call_inputs, tiny_pipeline
 
     size = {} if quick else {"num_layers": 4, "num_attention_heads": 4, "attention_head_dim": 32, "ffn_dim": 512}
-    call = tiny_call_inputs("wan")
-
-    def make_pipe():
-        pipe = tiny_pipeline("wan", seed=0, **size)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
-    def generate(pipe):
-        frames = pipe(["a red circle moving left", "two blue squares"], num_inference_steps=args.steps,
-                      output_type="np", generator=torch.Generator().manual_seed(0), **call).frames
-        return np.asarray(frames).reshape(-1, *np.asarray(frames).shape[-3:])
-
-    return run_model("wan", make_pipe, generate, {"num_inference_steps": args.steps, **call}, args)
+    return run_model("wan", lambda: tiny_pipeline("wan", seed=0, **size),
+                     ["a red circle moving left", "two blue squares"],
+                     {"num_inference_steps": args.steps, **tiny_call_inputs("wan")}, args)
 
 
 #: Full-size architectures (public configs), built on the meta device to size their quantized weights.

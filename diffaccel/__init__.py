@@ -41,6 +41,7 @@ _LAZY_NAMES: dict[str, str] = {
         ".features.quantized_attention",
     ),
     "quantized_sdpa": ".kernels.quantized_attention",
+    "evaluate": ".evaluation.driver",
 }
 
 #: Modules that need no torch: loading a name from them does not load the drop-in pipelines.
@@ -72,6 +73,7 @@ __all__ = [
     "allocate_dynamic",
     "allocate_static",
     "calibrate",
+    "evaluate",
     "load_quantized",
     "memory_report",
     "parse_schedule",

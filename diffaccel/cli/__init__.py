@@ -5,7 +5,8 @@ Example:
         --encoder-reuse faster-diffusion --out image.png
 
 ``diffaccel generate`` (:mod:`~diffaccel.cli.image`) makes an image, ``diffaccel generate-video``
-(:mod:`~diffaccel.cli.video`) a clip; the options they share are declared once in
+(:mod:`~diffaccel.cli.video`) a clip, ``diffaccel eval`` (:mod:`~diffaccel.cli.evaluate`) compares
+variants side by side; the options they share are declared once in
 :mod:`~diffaccel.cli.options`, the steering ones in :mod:`~diffaccel.cli.steering`, the models they
 know by name in :mod:`~diffaccel.cli.models`. ``--model diffaccel/tiny-random-sd`` is a tiny
 random-weight pipeline built in code (it draws noise: it shows the machinery, not a picture);
@@ -21,7 +22,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from . import image, video
+from . import evaluate, image, video
 from .checks import fail
 
 
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     image.add_parser(commands)
     video.add_parser(commands)
+    evaluate.add_parser(commands)
     return parser
 
 
@@ -50,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             image.generate(args)
         elif args.command == "generate-video":
             video.generate_video(args)
+        elif args.command == "eval":
+            evaluate.run_eval(args)
     except DiffaccelError as err:
         fail(str(err))
     return 0

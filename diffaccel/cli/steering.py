@@ -88,27 +88,23 @@ def check_search(args: argparse.Namespace) -> None:
 
 
 def make_reward(spec: str, device: str = "cpu") -> Reward:
-    """Build a reward from a ``--reward`` string (see :data:`~diffaccel.cli.checks.REWARD_HELP`).
+    """Build a reward from a ``--reward`` string (see :data:`~diffaccel.rewards.spec.REWARD_HELP`) with
+    :func:`~diffaccel.rewards.reward_from_spec`; an unknown kind is a one-line error.
 
     Example:
         >>> make_reward("shapeworld").name, make_reward("shapeworld-layout").name
         ('shapeworld', 'shapeworld-layout')
+        >>> make_reward("nosuch")
+        Traceback (most recent call last):
+        ...
+        SystemExit: diffaccel: error: --reward: unknown reward 'nosuch'; use shapeworld (default; ...
     """
-    from ..rewards import AestheticReward, CLIPScoreReward, ShapeWorldReward
+    from ..rewards.spec import RewardSpecError, reward_from_spec
 
-    kind, _, rest = spec.partition(":")
-    if kind == "shapeworld" and not rest:
-        return ShapeWorldReward()
-    if kind == "shapeworld-layout" and not rest:
-        return ShapeWorldReward(shapes=False)
-    if kind == "clip" and rest:
-        model, _, pretrained = rest.partition(":")
-        return CLIPScoreReward.from_open_clip(model, pretrained=pretrained or "openai", device=device)
-    if kind == "transformers-clip" and rest:
-        return CLIPScoreReward.from_transformers(rest, device=device)
-    if kind == "aesthetic" and rest:
-        return AestheticReward.from_open_clip(rest, device=device)
-    fail(f"--reward: unknown reward {spec!r}; use {REWARD_HELP}")
+    try:
+        return reward_from_spec(spec, device)
+    except RewardSpecError as err:
+        fail(f"--reward: {err}")
 
 
 def make_steering(args: argparse.Namespace, device: str) -> tuple[Any, Reward]:

@@ -6,16 +6,22 @@
 - :mod:`.prompts`: :func:`load_prompts` reads prompt lists, files and built-in sets into :class:`PromptRecord` s.
 - :mod:`.variants`: :func:`parse_variants` turns ``NAME=SPEC`` strings and grids into :class:`Variant` s;
   :func:`check_variant_applies`, :func:`missing_peer_packages`.
+- :mod:`.peers`: :func:`peer_attachment` binds a peer variant to a pipeline as a :class:`PeerAttachment`.
+- :mod:`.report`: :func:`write_report` writes ``report.md`` (:func:`render_report`) and PNG plots
+  (:func:`plot_pareto`, :func:`plot_reward_vs_nfe`, :func:`pareto_front`) from a run's summary.
 """
 
 from .metrics import FeatureFID, psnr, ssim, summarize
+from .peers import PeerAttachment, peer_attachment
 from .prompts import PromptFileError, PromptRecord, load_prompts
+from .report import pareto_front, plot_pareto, plot_reward_vs_nfe, render_report, write_report
 from .runs import DuplicateSampleError, RunFolder, RunSpecMismatch, SampleKey, dist_env
 from .variants import Variant, VariantSpecError, check_variant_applies, missing_peer_packages, parse_variant, parse_variants
 
 __all__ = [
     "DuplicateSampleError",
     "FeatureFID",
+    "PeerAttachment",
     "PromptFileError",
     "PromptRecord",
     "RunFolder",
@@ -27,9 +33,15 @@ __all__ = [
     "dist_env",
     "load_prompts",
     "missing_peer_packages",
+    "pareto_front",
     "parse_variant",
     "parse_variants",
+    "peer_attachment",
+    "plot_pareto",
+    "plot_reward_vs_nfe",
     "psnr",
+    "render_report",
     "ssim",
     "summarize",
+    "write_report",
 ]

@@ -1,7 +1,7 @@
 """Metrics of an evaluation: fidelity to the untouched output (PSNR, SSIM), FID with a pluggable
 feature extractor, and the per-variant summary of the per-sample records.
 
-The image metrics are torchmetrics' own (``pip install torchmetrics``, in diffaccel's ``dev`` and
+The image metrics are torchmetrics' own (``pip install torchmetrics``, in diffaccel's ``eval`` and
 ``bench`` extras); it is imported when a metric is first used.
 
 Example::
@@ -34,7 +34,7 @@ def _torchmetrics_functional() -> Any:
         import torchmetrics.functional.image as functional
     except ModuleNotFoundError as error:
         raise ModuleNotFoundError("diffaccel's image metrics need torchmetrics: pip install torchmetrics "
-                                  "(or diffaccel[dev])") from error
+                                  "(or diffaccel[eval])") from error
     return functional
 
 
@@ -145,10 +145,11 @@ class FeatureFID:
         try:
             from torchmetrics.image.fid import FrechetInceptionDistance
         except ModuleNotFoundError as error:
-            raise ModuleNotFoundError("FeatureFID needs torchmetrics: pip install torchmetrics (or diffaccel[dev])"
+            raise ModuleNotFoundError("FeatureFID needs torchmetrics: pip install torchmetrics (or diffaccel[eval])"
                                       ) from error
         try:
-            self.metric = FrechetInceptionDistance(feature=feature, normalize=True, **kwargs)
+            # sync_on_compute=False: rank 0 computes over every sample itself (the others are not in this call)
+            self.metric = FrechetInceptionDistance(feature=feature, normalize=True, sync_on_compute=False, **kwargs)
         except ModuleNotFoundError as error:  # torchmetrics' Inception path needs torch-fidelity
             raise ModuleNotFoundError(f"FID with Inception weights needs torch-fidelity: pip install torch-fidelity "
                                       f"({error})") from error

@@ -6,6 +6,8 @@ A SPEC is ``none`` (the untouched pipeline), diffaccel parts joined by ``+``, or
   ``encoder-reuse:SCHEDULE`` (``faster-diffusion``, ``uniform:N``, ``all``, ``0,1,5``),
   ``delta-cache:THRESHOLD``, a :class:`~diffaccel.QuantizationConfig` precision (``nvfp4``,
   ``nvfp4+residual``, ``int8``), ``quantized-attention``; e.g. ``encoder-reuse:uniform:2+delta-cache:0.05``;
+  each may end in ``,key=value`` options, the int, float and bool fields of its config
+  (``delta-cache:0.2,max_consecutive_skips=4``, ``int8:min_weight_numel=0``);
 * peers: ``deepcache:interval=N[,branch=B]``, ``diffusers-cache:KIND[:key=value,...]`` (``KIND``:
   FirstBlockCache, TaylorSeer, MagCache, FasterCache, PyramidAttentionBroadcast; keys are the
   numeric and boolean fields of its diffusers config, e.g. ``FirstBlockCacheConfig.threshold``), ``cache-dit[:key=value,...]``,
@@ -255,24 +257,46 @@ def _number(text: str) -> float:
     return value
 
 
-_BUILDERS: dict[str, tuple[bool, Callable[[str], FeatureConfig]]] = {
-    "encoder-reuse": (True, lambda arg: EncoderReuseConfig(schedule=arg)),
-    "delta-cache": (True, lambda arg: DeltaCacheConfig(threshold=_number(arg))),
-    "quantized-attention": (False, lambda arg: QuantizedAttentionConfig()),
-    **{p: (False, lambda arg, p=p: QuantizationConfig(precision=p)) for p in PRECISIONS},
+_BUILDERS: dict[str, tuple[bool, Callable[..., FeatureConfig]]] = {
+    "encoder-reuse": (True, lambda arg, **options: EncoderReuseConfig(schedule=arg, **options)),
+    "delta-cache": (True, lambda arg, **options: DeltaCacheConfig(threshold=_number(arg), **options)),
+    "quantized-attention": (False, lambda arg, **options: QuantizedAttentionConfig(**options)),
+    **{p: (False, lambda arg, p=p, **options: QuantizationConfig(precision=p, **options)) for p in PRECISIONS},
 }
+
+#: The config class each diffaccel part builds (its scalar fields are the part's ``key=value`` options).
+_PART_CONFIGS: dict[str, type] = {
+    "encoder-reuse": EncoderReuseConfig,
+    "delta-cache": DeltaCacheConfig,
+    "quantized-attention": QuantizedAttentionConfig,
+    **dict.fromkeys(PRECISIONS, QuantizationConfig),
+}
+
+#: Fields a part's value already sets (not given again as an option).
+_POSITIONAL = {"encoder-reuse": "schedule", "delta-cache": "threshold", **dict.fromkeys(PRECISIONS, "precision")}
+
+
+def _part_options(key: str) -> dict[str, type]:
+    """The ``key=value`` options of the diffaccel part ``key``: its config's int, float and bool fields."""
+    fields = ((f.name, _scalar_type(f.type)) for f in dataclasses.fields(_PART_CONFIGS[key]))
+    return {name: kind for name, kind in fields if kind is not None and name != _POSITIONAL.get(key)}
 
 
 def _parse_config(name: str, spec: str, part: str) -> FeatureConfig:
-    key, sep, arg = part.partition(":")
+    """One diffaccel part: ``KEY[:VALUE][,option=value...]`` (items holding ``=`` are options, e.g.
+    ``delta-cache:0.2,max_consecutive_skips=4`` or ``int8:min_weight_numel=0``)."""
+    key, sep, rest = part.partition(":")
     if key not in _BUILDERS:
         raise _error(name, spec, f"unknown feature or peer {part!r}; {_accepted()}")
+    items = rest.split(",") if sep else []
+    arg = ",".join(item for item in items if "=" not in item)
+    options = _options(name, spec, ",".join(item for item in items if "=" in item), _part_options(key))
     takes_arg, build = _BUILDERS[key]
-    if takes_arg != bool(sep and arg):
+    if takes_arg != bool(arg):
         raise _error(name, spec, f"{key!r} {'needs a value after' if takes_arg else 'takes no value after'} ':'")
     try:
-        return build(arg)
-    except ValueError as err:
+        return build(arg, **options)
+    except (TypeError, ValueError) as err:
         raise _error(name, spec, f"bad {key!r}: {err}") from None
 
 
