@@ -236,3 +236,26 @@ def test_in_memory_pipelines_are_fingerprinted_and_feature_stats_recorded(tmp_pa
         next(pipe.unet.parameters()).add_(1.0)
     with pytest.raises(RunSpecMismatch, match="model"):
         evaluate(pipe, PROMPTS[:1], {"dc": "delta-cache:0.2"}, out_dir=tmp_path, **kwargs)
+
+
+def test_steering_variants_keep_their_best_candidate_and_count_every_evaluation(tmp_path):
+    summary = evaluate(TINY, PROMPTS[:2], {"one": "best-of:1", "two": "best-of:2",
+                                           "fk": "fk:particles=2,resample_every=1,resample_start=1"},
+                       out_dir=tmp_path, metrics=["psnr"], batch_size=2, warmup=False, progress=False, **SMALL)
+    rewards = {(r["variant"], r["prompt_index"]): r.get("steering_reward") for r in _records(tmp_path)}
+    for index in range(2):  # candidate 0 of best-of-2 is best-of-1's sample: the best of two is at least as good
+        assert rewards[("two", index)] >= rewards[("one", index)] - 1e-4
+    rows = summary["variants"]
+    assert rows["untouched"]["kind"] == "untouched" and rows["two"]["kind"] == "steering"
+    assert rows["two"]["nfe_mean"] == 2 * rows["one"]["nfe_mean"] == 2 * rows["untouched"]["nfe_mean"]
+    assert rows["fk"]["settings"]["steering"]["num_particles"] == 2
+    assert "steering_reward" in summary["metrics"] and rows["untouched"]["metrics"].get("steering_reward") is None
+
+
+def test_steering_reward_without_steering_warns_and_rbf_needs_a_flow_model(tmp_path, no_model_work):
+    with pytest.raises(VariantSpecError, match="flow-matching models only"):
+        evaluate(TINY, PROMPTS, {"r": "search:rbf,budget_nfe=40"}, out_dir=tmp_path, progress=False)
+    with pytest.raises(EvaluationError, match="steering_reward"):
+        evaluate(TINY, PROMPTS, {"b": "best-of:2"}, out_dir=tmp_path, steering_reward="nosuch", progress=False)
+    with pytest.warns(UserWarning, match="steering_reward is unused"), pytest.raises(AssertionError, match="loaded"):
+        evaluate(TINY, PROMPTS, None, out_dir=tmp_path, steering_reward="shapeworld", progress=False)

@@ -262,3 +262,21 @@ def test_variant_checks_its_name_and_what_it_attaches():
         Variant("a b", "int8", (QuantizationConfig("int8"),))
     with pytest.raises(VariantSpecError, match="not both"):
         Variant("v", "int8", (QuantizationConfig("int8"),), peer="quanto", peer_options={"weights": "int8"})
+
+
+def test_steering_parts_parse_into_their_configs_and_join_features_only():
+    from diffaccel.evaluation.variants import parse_variant
+
+    best = parse_variant("b=best-of:4")
+    assert best.kind == "steering" and best.steering.num_particles == 4 and best.steering.resample_every == 0
+    assert best.steering.final_correction is False  # keeping the best: a final resampling could only drop it
+    fk = parse_variant("f=encoder-reuse:uniform:2+fk:particles=3,potential=difference,resample_start=6")
+    assert (fk.steering.num_particles, fk.steering.potential, fk.steering.resample_start) == (3, "difference", 6)
+    assert type(fk.configs[0]).__name__ == "EncoderReuseConfig"
+    found = parse_variant("s=search:zero-order,budget_nfe=400,step_size=0.25")
+    assert (found.steering.method, found.steering.budget_nfe, found.steering.step_size) == ("zero-order", 400, 0.25)
+    for bad, message in [("x=best-of:many", "best-of needs"), ("x=fk:particles=2+best-of:2", "steers one way"),
+                         ("x=search:grid", "search takes a method"), ("x=fk:particles=0", "num_particles"),
+                         ("x=fk:walkers=2", "unknown option 'walkers'")]:
+        with pytest.raises(VariantSpecError, match=message):
+            parse_variant(bad)

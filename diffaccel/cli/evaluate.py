@@ -47,7 +47,9 @@ def add_parser(commands: Any) -> None:
                         help="a variant (repeatable): none, diffaccel parts joined by + (encoder-reuse:uniform:2, "
                              "delta-cache:0.1, int8, nvfp4, quantized-attention) or a peer (deepcache:interval=3, "
                              "diffusers-cache:FirstBlockCache:threshold=0.1, cache-dit, tomesd:ratio=0.5, "
-                             "quanto:int8, torchao:int8wo); the untouched pipeline is always evaluated")
+                             "quanto:int8, torchao:int8wo) or steering (best-of:4, fk:particles=4, "
+                             "search:random,budget_nfe=200, joinable with diffaccel parts); the untouched pipeline "
+                             "is always evaluated")
     parser.add_argument("--grid", default=None, help="a JSON or YAML file mapping variant names to specs")
     parser.add_argument("--metrics", type=_names, default=None,
                         help="comma-separated: psnr, ssim, verifier, verifier_score, clip_score, fid, reward:SPEC "
@@ -68,6 +70,9 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--clip-model", default=None,
                         help="clip_score's CLIP model as a reward spec (default transformers-clip:micro-clip; "
                              "clip:MODEL:PRETRAINED for open_clip)")
+    parser.add_argument("--steering-reward", default=None,
+                        help="the reward steering variants (fk:, best-of:, search:) steer by, as a --reward spec "
+                             "(default: shapeworld for ShapeWorld prompts, else the CLIP model)")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: torch's; on a shared machine 1 keeps timings steady)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up call of each variant")
@@ -93,7 +98,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any] | None:
         args.model, args.prompts, args.variant, out_dir=args.out, seeds=args.seeds, metrics=args.metrics,
         grid=args.grid, batch_size=args.batch_size, device=args.device, dtype=getattr(torch, args.dtype),
         scheduler=args.scheduler, warmup=not args.no_warmup, timing_rounds=args.timing_rounds,
-        clip_model=args.clip_model or DEFAULT_CLIP_MODEL, progress=not args.quiet, **call)
+        clip_model=args.clip_model or DEFAULT_CLIP_MODEL, steering_reward=args.steering_reward,
+        progress=not args.quiet, **call)
     if summary is not None:
         print(f"wrote {args.out}/summary.json and {args.out}/report.md")
     return summary

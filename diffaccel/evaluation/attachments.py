@@ -66,6 +66,9 @@ class FeatureAttachment:
     def __init__(self, pipe: Any, variant: Variant) -> None:
         self.pipe, self.variant = pipe, variant
         self.configs = list(variant.configs)
+        #: Extra call arguments while attached (a steering variant's stochastic sampler: DDIM's ``eta=1``).
+        self.call_kwargs: dict[str, Any] = {}
+        self._scheduler: Any = None
         self._name = denoiser_name(pipe)
         self._original: torch.nn.Module | None = None
         self._copy: torch.nn.Module | None = None
@@ -80,10 +83,17 @@ class FeatureAttachment:
             setattr(self.pipe, self._name, self._copy)
         if self.configs:
             diffaccel.accelerate(self.pipe, *self.configs)
+        if self.variant.steering is not None:  # resampling and branching need a stochastic sampler
+            from ..steering.stochastic import stochastic_call
+
+            self._scheduler = self.pipe.scheduler
+            self.call_kwargs = stochastic_call(self.pipe)
 
     def detach(self) -> None:
         import diffaccel
 
+        if self._scheduler is not None:
+            self.pipe.scheduler, self._scheduler, self.call_kwargs = self._scheduler, None, {}
         if self.configs:
             diffaccel.restore(self.pipe)
         if self._original is not None:
@@ -91,7 +101,12 @@ class FeatureAttachment:
             self._original = None
 
     def describe(self) -> dict[str, Any]:
-        return {"features": {config.name: config.to_dict() for config in self.configs}}
+        described: dict[str, Any] = {"features": {config.name: config.to_dict() for config in self.configs}}
+        if self.variant.steering is not None:
+            steering = self.variant.steering
+            described["steering"] = {"method": "fk" if type(steering).__name__ == "FKSteeringConfig" else "search",
+                                     **steering.to_dict()}
+        return described
 
 
 def build_attachment(pipe: Any, variant: Variant) -> Attachment:

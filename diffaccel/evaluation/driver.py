@@ -25,7 +25,7 @@ Example:
     ...                    {"reuse": "encoder-reuse:uniform:2"}, out_dir=tempfile.mkdtemp(),
     ...                    metrics=["psnr"], num_inference_steps=4, height=64, width=64, progress=False)
     >>> list(summary["variants"]), summary["variants"]["reuse"]["n"], summary["variants"]["reuse"]["nfe_mean"]
-    (['untouched', 'reuse'], 2, 4.0)
+    (['untouched', 'reuse'], 2, 8.0)
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 import numpy as np
 import torch
@@ -53,7 +53,15 @@ from .measure import measured_call
 from .metrics import FeatureFID, summarize
 from .prompts import PromptRecord, PromptSource, load_prompts
 from .runs import RunFolder, _atomic_write, _json_bytes, dist_env
-from .scoring import DEFAULT_CLIP_MODEL, SET_METRICS, SampleScorer, check_metrics, frechet_distances, to_uint8
+from .scoring import (
+    DEFAULT_CLIP_MODEL,
+    SET_METRICS,
+    SampleScorer,
+    check_metrics,
+    frechet_distances,
+    shapeworld_prompts,
+    to_uint8,
+)
 from .variants import (
     UNTOUCHED,
     Variant,
@@ -76,6 +84,9 @@ TIMING_RANK0 = ("the samples were made by {n} processes; speed was measured afte
                 "of untouched seconds / variant seconds")
 
 
+#: Candidate ``j`` of a steering variant's sample with seed ``s`` starts from seed ``s + PARTICLE_SEED_STRIDE * j``.
+PARTICLE_SEED_STRIDE = 1_000_003
+
 #: Call settings of the bundled and tiny models when not given (as ``diffaccel generate`` uses them).
 BUILTIN_CALL_DEFAULTS: dict[str, dict[str, Any]] = {
     "micro-sd": {"guidance_scale": 5.0},
@@ -91,19 +102,25 @@ class EvaluationError(DiffaccelError, ValueError):
 def _variant_from_value(name: str, value: Any) -> Variant:
     """A ``variants`` mapping value: a spec string, None, a :class:`Variant`, a config or a list of configs."""
     from ..features.base import FeatureConfig
+    from ..steering.fk import FKSteeringConfig
+    from ..steering.searcher import NoiseSearchConfig
 
     if isinstance(value, Variant):
-        return Variant(name, value.spec, value.configs, value.peer, value.peer_options)
+        return Variant(name, value.spec, value.configs, value.peer, value.peer_options, value.steering)
     if value is None:
         return Variant(name, "none")
     if isinstance(value, str):
         return parse_spec(name, value)
-    configs = [value] if isinstance(value, FeatureConfig) else list(value)
-    if not all(isinstance(config, FeatureConfig) for config in configs):
+    steering_types = (FKSteeringConfig, NoiseSearchConfig)
+    items = [value] if isinstance(value, (FeatureConfig, *steering_types)) else list(value)
+    configs = [item for item in items if isinstance(item, FeatureConfig)]
+    steering = [item for item in items if isinstance(item, steering_types)]
+    if len(configs) + len(steering) != len(items) or len(steering) > 1:
         raise VariantSpecError(f"variant {name!r}: expected a spec string, None, a diffaccel config or a list of "
-                               f"configs, got {value!r}")
-    spec = "+".join(f"{config.name}({json.dumps(config.to_dict(), sort_keys=True)})" for config in configs) or "none"
-    return Variant(name, spec, tuple(configs))
+                               f"configs with at most one FKSteeringConfig or NoiseSearchConfig, got {value!r}")
+    named = [(getattr(item, "name", type(item).__name__), item) for item in items]
+    spec = "+".join(f"{label}({json.dumps(item.to_dict(), sort_keys=True)})" for label, item in named) or "none"
+    return Variant(name, spec, tuple(configs), steering=steering[0] if steering else None)
 
 
 def _variants(variants: VariantsLike, grid: str | os.PathLike | None) -> list[Variant]:
@@ -123,6 +140,28 @@ def _variants(variants: VariantsLike, grid: str | os.PathLike | None) -> list[Va
         taken.add(variant.name.lower())
         chosen.append(variant)
     return chosen
+
+
+def _steering_reward(variants: Sequence[Variant], info: Any, records: Sequence[PromptRecord], given: str | None,
+                     clip_model: str) -> str | None:
+    """The reward spec steering variants use (checked; None without them): ``given``, else the
+    ShapeWorld verifier for ShapeWorld prompts, else the CLIP score's model."""
+    from ..rewards.spec import RewardSpecError, check_reward_spec
+
+    steering = [v for v in variants if v.steering is not None]
+    if not steering:
+        if given is not None:
+            warnings.warn("evaluate: steering_reward is unused: no variant steers (fk:, best-of:, search:)", stacklevel=3)
+        return None
+    for variant in steering:
+        if getattr(variant.steering, "method", None) == "rbf" and info is not None and not info.flow:
+            raise VariantSpecError(f"variant {variant.name!r} ({variant.spec!r}): RBF search is for flow-matching "
+                                   f"models only; this model's scheduler is {info.scheduler}")
+    spec = given or ("shapeworld" if shapeworld_prompts(r.prompt for r in records) else clip_model)
+    try:
+        return check_reward_spec(spec)
+    except RewardSpecError as err:
+        raise EvaluationError(f"steering_reward: {err}") from None
 
 
 def _seeds(seeds: Sequence[int]) -> list[int]:
@@ -223,34 +262,73 @@ def _json_call(call: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+class _Generated(NamedTuple):
+    samples: np.ndarray
+    cost: Any
+    features: Any
+    extras: list[dict[str, Any]]
+
+
 class _Run:
     """The state of one evaluation while it runs (built by :func:`evaluate`)."""
 
     def __init__(self, pipe: Any, info: Any, folder: RunFolder, records: Sequence[PromptRecord],
                  variants: Sequence[Variant], attachments: Mapping[str, Attachment], call: Mapping[str, Any],
-                 scorer: SampleScorer, device: str, warmup: bool) -> None:
+                 scorer: SampleScorer, device: str, warmup: bool, steering_reward: Any = None) -> None:
         self.pipe, self.info, self.folder, self.records = pipe, info, folder, records
         self.variants, self.attachments, self.call = variants, attachments, call
-        self.scorer, self.device = scorer, device
+        self.scorer, self.device, self.steering_reward = scorer, device, steering_reward
         self.video = bool(info is not None and info.video)
         self.warm: set[str] = set() if warmup else {v.name for v in variants}
 
-    def generate(self, variant: Variant, batch: Sequence[tuple[int, int]]) -> tuple[np.ndarray, Any, Any]:
-        """The 8-bit samples of ``batch`` with ``variant`` attached, the call's cost, and what the
-        diffaccel features report of it (``pipe.acceleration_stats``; None for other variants)."""
+    def generate(self, variant: Variant, batch: Sequence[tuple[int, int]]) -> _Generated:
+        """The 8-bit samples of ``batch`` with ``variant`` attached, the call's cost, what the diffaccel
+        features report of it (``pipe.acceleration_stats``; None for other variants) and, for a
+        steering variant, the steering reward of each chosen sample."""
         prompts = [self.records[i].prompt for i, _ in batch]
-        generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in batch]
         attachment = self.attachments[variant.name]
         attachment.attach()
         try:
-            out, cost = measured_call(self.pipe, lambda: self.pipe(
-                prompts, generator=generators, output_type="np", **self.call))
+            call = {**self.call, **getattr(attachment, "call_kwargs", {})}
+            if variant.steering is None:
+                generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in batch]
+                out, cost = measured_call(self.pipe, lambda: self.pipe(
+                    prompts, generator=generators, output_type="np", **call), samples=len(batch))
+                samples, extras = np.asarray(out.frames if self.video else out.images), [{} for _ in batch]
+            else:
+                (samples, extras), cost = measured_call(
+                    self.pipe, lambda: self._steer(variant.steering, prompts, [seed for _, seed in batch], call),
+                    samples=len(batch))
             stats = getattr(self.pipe, "acceleration_stats", None) if variant.configs else None
             features = stats.to_dict()["features"] if stats is not None else None
         finally:
             attachment.detach()
-        samples = out.frames if self.video else out.images
-        return to_uint8(np.asarray(samples)), cost, features
+        return _Generated(to_uint8(samples), cost, features, extras)
+
+    def _steer(self, config: Any, prompts: list[str], seeds: list[int], call: Mapping[str, Any]
+               ) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        """FK (or best-of-N) over the batch in one call, or a search per prompt: the chosen samples
+        (float) and their steering rewards. Candidate ``j`` of seed ``s`` starts from the noise of
+        seed ``s + PARTICLE_SEED_STRIDE * j`` (candidate 0: the untouched sample's noise)."""
+        from ..steering.fk import FKSteeringConfig, steer
+        from ..steering.noise_search import search
+
+        if isinstance(config, FKSteeringConfig):
+            k = config.num_particles
+            generators = [torch.Generator("cpu").manual_seed(seed + PARTICLE_SEED_STRIDE * j)
+                          for seed in seeds for j in range(k)]
+            out = steer(self.pipe, config, self.steering_reward)(prompts, generator=generators, output_type="np",
+                                                                 **call)
+            best = out.best_indices
+            return np.stack([np.asarray(out.samples[i]) for i in best]), \
+                [{"steering_reward": float(out.rewards[i])} for i in best]
+        chosen, extras = [], []
+        for prompt, seed in zip(prompts, seeds):
+            found = search(self.pipe, prompt, config, self.steering_reward,
+                           generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **call)
+            chosen.append(np.asarray(found.sample))
+            extras.append({"steering_reward": float(found.reward)})
+        return np.stack(chosen), extras
 
     def warm_up(self, variant: Variant, batch: Sequence[tuple[int, int]]) -> None:
         if variant.name not in self.warm:
@@ -286,7 +364,7 @@ class _Run:
                 bar.update(1)
                 continue
             self.warm_up(variant, batch)
-            samples, cost, features = self.generate(variant, batch)
+            samples, cost, features, extras = self.generate(variant, batch)
             if untouched:
                 reference = samples
             scores = self.scorer.score(samples, [self.records[i].prompt for i, _ in batch],
@@ -299,7 +377,7 @@ class _Run:
                 self.folder.record(variant.name, prompt_index, seed, {
                     "prompt": self.records[prompt_index].prompt, "file": path,
                     "frames": int(sample.shape[0]) if sample.ndim == 4 else None,
-                    **scores[position], "batch": index, "batch_size": len(batch),
+                    **scores[position], **extras[position], "batch": index, "batch_size": len(batch),
                     "seconds": cost.seconds / len(batch), "batch_seconds": cost.seconds,
                     "nfe": cost.nfe, "peak_memory_mb": cost.peak_memory_mb,
                     "processes": self.folder.world_size, "features": features,
@@ -336,7 +414,7 @@ def _time_alone(run: _Run, batch: Sequence[tuple[int, int]], rounds: int) -> lis
         run.warm_up(variant, batch)
     for round_index in range(rounds):
         for variant in run.variants:
-            _, cost, _ = run.generate(variant, batch)
+            cost = run.generate(variant, batch).cost
             rows.append({"variant": variant.name, "round": round_index, "batch_seconds": cost.seconds,
                          "seconds": cost.seconds / len(batch), "peak_memory_mb": cost.peak_memory_mb})
     return rows
@@ -355,7 +433,8 @@ def _summary(run: _Run, spec: Mapping[str, Any], metrics: Sequence[str], weight_
     records.sort(key=lambda r: (order.get(r["variant"], len(order)), r["prompt_index"], r["seed"]))
     per_sample = [m for m in metrics if m not in SET_METRICS]
     criteria = sorted({k for r in records for k in r if k.startswith("verifier.")})
-    table = summarize(records, per_sample + criteria)
+    steered = ["steering_reward"] if any(r.get("steering_reward") is not None for r in records) else []
+    table = summarize(records, per_sample + steered + criteria)
     speedups = _paired_speedups(timing, "round") if timing else _paired_speedups(records)
     seconds_source = timing if timing else records
     fid: dict[str, float | None] = {}
@@ -373,7 +452,7 @@ def _summary(run: _Run, spec: Mapping[str, Any], metrics: Sequence[str], weight_
         seconds = [r["seconds"] for r in seconds_source if r["variant"] == variant.name]
         peaks = [r["peak_memory_mb"] for r in seconds_source if r["variant"] == variant.name
                  and r.get("peak_memory_mb") is not None]
-        kind = "untouched" if variant.untouched else ("peer" if variant.peer else "diffaccel")
+        kind = variant.kind
         variants[variant.name] = {
             "spec": variant.spec, "kind": kind, "n": rows["n"], "metrics": rows["metrics"],
             "speedup": speedups.get(variant.name), "seconds_median": statistics.median(seconds) if seconds else None,
@@ -390,7 +469,8 @@ def _summary(run: _Run, spec: Mapping[str, Any], metrics: Sequence[str], weight_
                                                                                rounds=len(timing) // max(1, len(run.variants))),
         "fid_features": f"{fid_name} image features (FIDs of different feature extractors are not comparable; "
                         f"against the untouched variant's samples)" if fid_name else None,
-        "metrics": [*per_sample, *criteria], "set_metrics": [m for m in metrics if m in SET_METRICS],
+        "metrics": [*per_sample, *steered, *criteria], "plot_metrics": [*per_sample, *steered],
+        "set_metrics": [m for m in metrics if m in SET_METRICS],
         "variants": variants,
     }
 
@@ -413,7 +493,8 @@ def evaluate(model: Any, prompts: PromptSource, variants: VariantsLike = None, *
              seeds: Sequence[int] = (0,), metrics: Sequence[str] | None = None, grid: str | os.PathLike | None = None,
              batch_size: int = 4, device: str | None = None, dtype: torch.dtype = torch.float32,
              scheduler: str | None = None, warmup: bool = True, timing_rounds: int = 3,
-             clip_model: str = DEFAULT_CLIP_MODEL, progress: bool = True, **call_kwargs: Any) -> dict[str, Any] | None:
+             clip_model: str = DEFAULT_CLIP_MODEL, steering_reward: str | None = None, progress: bool = True,
+             **call_kwargs: Any) -> dict[str, Any] | None:
     """Evaluate ``variants`` of ``model`` on ``prompts`` x ``seeds`` into the run folder ``out_dir``
     (see the module docs for the run and the folder); returns the summary (None on ranks other than 0).
 
@@ -434,6 +515,9 @@ def evaluate(model: Any, prompts: PromptSource, variants: VariantsLike = None, *
         warmup: run one untimed call per variant before timing it.
         timing_rounds: rounds of rank 0's timing in a multi-process run.
         clip_model: the reward spec of ``clip_score``'s CLIP model (micro-CLIP by default).
+        steering_reward: the reward spec steering variants steer by (default: the ShapeWorld
+            verifier for ShapeWorld prompts, else ``clip_model``); each record holds the chosen
+            sample's ``steering_reward``.
         progress: show progress bars and the summary lines.
         **call_kwargs: the pipeline call's settings (``num_inference_steps``, ``guidance_scale``,
             ``height``, ``width``, ``num_frames``, ``negative_prompt``...).
@@ -475,6 +559,7 @@ def evaluate(model: Any, prompts: PromptSource, variants: VariantsLike = None, *
     if info is not None and info.denoiser is not None:
         for variant in chosen:
             check_variant_applies(variant, info.denoiser)
+    reward_spec = _steering_reward(chosen, info, records, steering_reward, clip_model)
     call = _json_call({**BUILTIN_CALL_DEFAULTS.get(model, {}), **call_kwargs})
     _check_call(info, model, call, batch_size)
     out_path = _check_out_dir(out_dir)
@@ -484,10 +569,15 @@ def evaluate(model: Any, prompts: PromptSource, variants: VariantsLike = None, *
                                     "count": len(records), "fingerprint": _fingerprint(records)},
         "variants": {v.name: v.spec for v in chosen}, "seeds": seed_list, "call": call, "scheduler": scheduler,
         "batch_size": batch_size, "metrics": metric_list, "dtype": str(dtype).replace("torch.", ""),
-        "clip_model": clip_model if "clip_score" in metric_list else None,
+        "clip_model": clip_model if "clip_score" in metric_list else None, "steering_reward": reward_spec,
     }
     folder = RunFolder(out_path, spec, rank=rank, world_size=world_size)
     scorer = SampleScorer(metric_list, clip_model=clip_model, device=device)
+    reward = None
+    if reward_spec is not None:
+        from ..rewards.spec import reward_from_spec
+
+        reward = reward_from_spec(reward_spec, device)
 
     _init_distributed(world_size, device)
     if world_size > 1 and device.startswith("cuda"):
@@ -505,7 +595,8 @@ def evaluate(model: Any, prompts: PromptSource, variants: VariantsLike = None, *
     if scheduler_class is not None:
         pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
     attachments = {v.name: build_attachment(pipe, v) for v in chosen}
-    run = _Run(pipe, info, folder, records, chosen, attachments, {**extra_call, **call}, scorer, device, warmup)
+    run = _Run(pipe, info, folder, records, chosen, attachments, {**extra_call, **call}, scorer, device, warmup,
+               reward)
 
     keys = _keys(records, seed_list)
     batches = _batches(keys, batch_size)

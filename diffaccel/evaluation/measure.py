@@ -1,15 +1,18 @@
 """What one timed pipeline call costs: wall seconds, denoiser evaluations (NFE) and peak memory.
 
-:func:`measured_call` runs a call with a forward pre-hook on the denoiser (counting its
-evaluations: a cached or skipped step still counts, as every cache's papers count it) and, on the
-CPU, a thread sampling the process's resident memory (CUDA: ``torch.cuda.max_memory_allocated``).
+:func:`measured_call` runs a call with a forward pre-hook on the denoiser that counts the rows
+(latents) of every evaluation, so the NFE of a sample is the same however the pipeline batches:
+classifier-free guidance counts two per step whether it is batched (SD) or two calls (Wan), FK's
+particles count one each, and a cached or skipped step still counts, as the caches' papers count
+it. On the CPU a thread samples the process's resident memory (CUDA: ``max_memory_allocated``).
 
 Example:
     >>> from diffaccel.testing import tiny_pipeline
     >>> pipe = tiny_pipeline("sd")
-    >>> out, cost = measured_call(pipe, lambda: pipe("a red circle", num_inference_steps=3, output_type="latent"))
-    >>> cost.nfe, cost.seconds > 0
-    (3, True)
+    >>> call = lambda: pipe(["a red circle", "a blue square"], num_inference_steps=3, output_type="latent")
+    >>> out, cost = measured_call(pipe, call, samples=2)
+    >>> cost.nfe, cost.seconds > 0   # 3 steps x 2 (guidance) per sample
+    (6.0, True)
 """
 
 from __future__ import annotations
@@ -31,10 +34,10 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 @dataclass(frozen=True)
 class CallCost:
-    """Wall seconds, denoiser evaluations and peak memory (MB; None where unmeasurable) of one call."""
+    """Wall seconds, denoiser evaluations per sample and peak memory (MB; None where unmeasurable) of one call."""
 
     seconds: float
-    nfe: int
+    nfe: float
     peak_memory_mb: float | None
 
 
@@ -72,14 +75,24 @@ class _PeakSampler(threading.Thread):
         return self.peak
 
 
-def measured_call(pipe: Any, call: Callable[[], Any]) -> tuple[Any, CallCost]:
-    """Run ``call()`` (a call of ``pipe``) and return its output and :class:`CallCost`.
+def _rows(args: tuple, kwargs: dict) -> int:
+    """The batch size of a denoiser call: its first tensor argument's first dimension."""
+    first = next((value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)), None)
+    return int(first.shape[0]) if first is not None and first.ndim else 1
+
+
+def measured_call(pipe: Any, call: Callable[[], Any], samples: int = 1) -> tuple[Any, CallCost]:
+    """Run ``call()`` (a call of ``pipe`` making ``samples`` samples) and return its output and :class:`CallCost`.
 
     The denoiser is looked up when the call starts, so a variant that swapped it in is counted.
     """
     module = denoiser(pipe)
-    calls = [0]
-    handle = module.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    rows = [0]
+
+    def count(_: Any, args: tuple, kwargs: dict) -> None:
+        rows[0] += _rows(args, kwargs)
+
+    handle = module.register_forward_pre_hook(count, with_kwargs=True)
     cuda = next(module.parameters()).device.type == "cuda"
     sampler = None
     if cuda:
@@ -99,4 +112,4 @@ def measured_call(pipe: Any, call: Callable[[], Any]) -> tuple[Any, CallCost]:
         peak = sampler.stop() if sampler is not None else None
     if cuda:
         peak = torch.cuda.max_memory_allocated() / 2**20
-    return out, CallCost(seconds, calls[0], peak)
+    return out, CallCost(seconds, rows[0] / samples, peak)

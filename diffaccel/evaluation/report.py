@@ -184,13 +184,18 @@ def plot_reward_vs_nfe(summary: Mapping[str, Any], path: str | os.PathLike[str],
     return _save(figure, axes, path)
 
 
+#: Metrics of fidelity to the untouched sample (no reward-vs-NFE plot).
+_FIDELITY = ("psnr", "ssim")
+
+
 def write_report(run_dir: str | os.PathLike[str], summary: Mapping[str, Any]) -> list[pathlib.Path]:
     """Write ``report.md`` and the plots of ``summary`` at the top of ``run_dir``; return the paths
     written (plots first, in ``summary["metrics"]`` order, then ``report.md``).
 
-    Each metric of ``summary["metrics"]`` that at least two variants have with a finite mean and
-    a finite speedup gets ``pareto_<metric>.png``; when some steering variant has it with a finite
-    NFE, also ``reward_vs_nfe_<metric>.png``. Characters of a metric's name outside letters,
+    Each metric of ``summary["plot_metrics"]`` (default: ``summary["metrics"]``) that at least two
+    variants have with a finite mean and a finite speedup gets ``pareto_<metric>.png``; when some
+    steering variant has it with a finite NFE (and it is not PSNR or SSIM), also
+    ``reward_vs_nfe_<metric>.png``. Characters of a metric's name outside letters,
     digits, ``.``, ``_`` and ``-`` become ``_`` in file names. Without matplotlib only
     ``report.md`` is written (saying so) and a warning is emitted.
 
@@ -217,11 +222,13 @@ def write_report(run_dir: str | os.PathLike[str], summary: Mapping[str, Any]) ->
         missing = f"{error}; report.md is written without its plots"
         warnings.warn(missing, stacklevel=2)
     if missing is None:
-        for metric in summary.get("metrics") or []:
+        for metric in summary.get("plot_metrics", summary.get("metrics") or []):
             if len(_points(summary, metric, "speedup", kinds=None)) < 2:
                 continue
             stem = re.sub(r"[^\w.-]", "_", metric)
             written.append(plot_pareto(summary, folder / f"pareto_{stem}.png", metric))
+            if metric in _FIDELITY:  # how far steering moves a sample is not a reward
+                continue
             reward = plot_reward_vs_nfe(summary, folder / f"reward_vs_nfe_{stem}.png", metric)
             if reward is not None:
                 written.append(reward)

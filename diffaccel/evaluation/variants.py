@@ -8,6 +8,11 @@ A SPEC is ``none`` (the untouched pipeline), diffaccel parts joined by ``+``, or
   ``nvfp4+residual``, ``int8``), ``quantized-attention``; e.g. ``encoder-reuse:uniform:2+delta-cache:0.05``;
   each may end in ``,key=value`` options, the int, float and bool fields of its config
   (``delta-cache:0.2,max_consecutive_skips=4``, ``int8:min_weight_numel=0``);
+* steering, at most one part, joinable with diffaccel parts (``encoder-reuse:uniform:2+fk:particles=4``):
+  ``fk:particles=K[,key=value,...]`` (the fields of :class:`~diffaccel.FKSteeringConfig`, e.g.
+  ``potential=max,lmbda=10,resample_every=2,resample_start=12``), ``best-of:N`` (N samples, the
+  reward's best kept: FK without resampling) and ``search:METHOD[,key=value,...]`` (a
+  :class:`~diffaccel.NoiseSearchConfig`, e.g. ``search:zero-order,budget_nfe=400``); the reward is the run's;
 * peers: ``deepcache:interval=N[,branch=B]``, ``diffusers-cache:KIND[:key=value,...]`` (``KIND``:
   FirstBlockCache, TaylorSeer, MagCache, FasterCache, PyramidAttentionBroadcast; keys are the
   numeric and boolean fields of its diffusers config, e.g. ``FirstBlockCacheConfig.threshold``), ``cache-dit[:key=value,...]``,
@@ -48,6 +53,8 @@ from ..features.delta_cache import DeltaCacheConfig
 from ..features.encoder_reuse import EncoderReuseConfig
 from ..features.quantized_attention import QuantizedAttentionConfig
 from ..quantization.config import CONFIG_PRECISIONS, QuantizationConfig
+from ..steering.fk import FKSteeringConfig
+from ..steering.searcher import SEARCH_METHODS, NoiseSearchConfig
 
 #: The name and spec of the variant every evaluation runs first.
 UNTOUCHED = "untouched"
@@ -61,6 +68,13 @@ DIFFACCEL_PARTS: tuple[str, ...] = (
     "delta-cache:THRESHOLD",
     *PRECISIONS,
     "quantized-attention",
+)
+
+#: The steering parts of a spec (at most one, joinable with diffaccel parts), as written.
+STEERING_PARTS: tuple[str, ...] = (
+    "fk:particles=K[,key=value,...]",
+    "best-of:N",
+    "search:METHOD[,key=value,...]",
 )
 
 #: The peer specs, as written.
@@ -140,6 +154,7 @@ class Variant:
     configs: tuple[FeatureConfig, ...] = ()
     peer: str | None = None
     peer_options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    steering: Union[FKSteeringConfig, NoiseSearchConfig, None] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
@@ -147,7 +162,7 @@ class Variant:
                 str(self.name), self.spec,
                 "a variant name is 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",
             )
-        if self.configs and self.peer is not None:
+        if (self.configs or self.steering is not None) and self.peer is not None:
             raise _error(self.name, self.spec, "a variant attaches diffaccel configs or runs a peer, not both")
         object.__setattr__(self, "configs", tuple(self.configs))
         object.__setattr__(self, "peer_options", MappingProxyType(dict(self.peer_options)))
@@ -155,7 +170,15 @@ class Variant:
     @property
     def untouched(self) -> bool:
         """Whether the variant attaches nothing."""
-        return not self.configs and self.peer is None
+        return not self.configs and self.peer is None and self.steering is None
+
+    @property
+    def kind(self) -> str:
+        """``"untouched"``, ``"steering"`` (FK, best-of-N or a search, maybe on accelerated
+        features), ``"peer"`` or ``"diffaccel"``."""
+        if self.untouched:
+            return "untouched"
+        return "steering" if self.steering is not None else "peer" if self.peer else "diffaccel"
 
 
 def _error(name: str, spec: str, why: str) -> VariantSpecError:
@@ -163,7 +186,8 @@ def _error(name: str, spec: str, why: str) -> VariantSpecError:
 
 
 def _accepted() -> str:
-    return f"accepted: 'none', diffaccel parts joined by '+' {DIFFACCEL_PARTS}, or one peer {PEERS}"
+    return (f"accepted: 'none', diffaccel parts joined by '+' {DIFFACCEL_PARTS} with at most one steering part "
+            f"{STEERING_PARTS}, or one peer {PEERS}")
 
 
 def _value(text: str, kind: type) -> Any:
@@ -300,6 +324,41 @@ def _parse_config(name: str, spec: str, part: str) -> FeatureConfig:
         raise _error(name, spec, f"bad {key!r}: {err}") from None
 
 
+def _steering_options(config: type) -> dict[str, type]:
+    fields = {f.name: _scalar_type(f.type) for f in dataclasses.fields(config)}
+    options: dict[str, type] = {name: kind for name, kind in fields.items() if kind is not None}
+    options.update({f.name: str for f in dataclasses.fields(config) if str(f.type) in ("str", "<class 'str'>")})
+    return options
+
+
+def _parse_steering(name: str, spec: str, part: str) -> FKSteeringConfig | NoiseSearchConfig | None:
+    """A steering part (see :data:`STEERING_PARTS`), or None when ``part`` is not one."""
+    key, _, rest = part.partition(":")
+    try:
+        if key == "best-of":
+            if not rest.isdigit():
+                raise _error(name, spec, f"best-of needs a number of samples, e.g. best-of:4, got {part!r}")
+            return FKSteeringConfig(num_particles=int(rest), resample_every=0, final_correction=False)
+        if key == "fk":
+            allowed = {"particles": int, **_steering_options(FKSteeringConfig)}
+            options = _options(name, spec, rest, allowed)
+            if "particles" in options:
+                options["num_particles"] = options.pop("particles")
+            return FKSteeringConfig(**options)
+        if key == "search":
+            method, _, more = rest.partition(",")
+            if method not in SEARCH_METHODS:
+                raise _error(name, spec, f"search takes a method of {SEARCH_METHODS}, e.g. search:random,budget_nfe=200")
+            options = _options(name, spec, more, {k: v for k, v in _steering_options(NoiseSearchConfig).items()
+                                                  if k != "method"})
+            return NoiseSearchConfig(method, **options)
+    except (TypeError, ValueError) as err:
+        if isinstance(err, VariantSpecError):
+            raise
+        raise _error(name, spec, f"bad {key!r}: {err}") from None
+    return None
+
+
 def parse_spec(name: str, spec: str) -> Variant:
     """The variant ``name`` that ``spec`` describes (the grammar is in the module docs).
 
@@ -323,11 +382,19 @@ def parse_spec(name: str, spec: str) -> Variant:
         if peer not in ("cache-dit",) and not arg:
             raise _error(name, spec, f"{peer!r} needs options; accepted: {[p for p in PEERS if p.startswith(peer)]}")
         return Variant(name, spec, peer=peer, peer_options=_parse_peer(name, spec, peer, arg))
-    configs = [_parse_config(name, spec, part) for part in _parts(spec)]
+    configs, steering = [], []
+    for part in _parts(spec):
+        found = _parse_steering(name, spec, part)
+        if found is not None:
+            steering.append(found)
+        else:
+            configs.append(_parse_config(name, spec, part))
     kinds = [type(config) for config in configs]
     if len(set(kinds)) != len(kinds):
         raise _error(name, spec, "each feature may be given once (one precision, one schedule, one threshold)")
-    return Variant(name, spec, tuple(configs))
+    if len(steering) > 1:
+        raise _error(name, spec, "a variant steers one way: at most one of fk, best-of, search")
+    return Variant(name, spec, tuple(configs), steering=steering[0] if steering else None)
 
 
 def parse_variant(text: str) -> Variant:
