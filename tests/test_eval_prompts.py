@@ -156,3 +156,13 @@ def test_bad_lists():
         load_prompts([3])
     with pytest.raises(PromptFileError, match="empty"):
         load_prompts([])
+
+
+def test_builtin_sets_can_join_kinds():
+    from diffaccel.shapeworld import eval_prompts
+
+    records = load_prompts("shapeworld:single+relation:train:3")
+    assert [r.prompt for r in records] == eval_prompts("single", 3, split="train") + eval_prompts("relation", 3, split="train")
+    assert [r.metadata["kind"] for r in records] == ["single"] * 3 + ["relation"] * 3
+    with pytest.raises(PromptFileError, match="unknown built-in prompt set"):
+        load_prompts("shapeworld:single+single")

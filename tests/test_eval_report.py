@@ -170,7 +170,7 @@ def test_write_report_writes_the_report_and_valid_pngs_for_the_metrics_with_two_
     written = write_report(tmp_path, _summary())
     assert [path.name for path in written] == [
         "pareto_verifier.png", "reward_vs_nfe_verifier.png", "pareto_verifier.color.png", "reward_vs_nfe_verifier.color.png",
-        "pareto_clip_score.png", "reward_vs_nfe_clip_score.png", "pareto_psnr.png", "reward_vs_nfe_psnr.png", "report.md"]
+        "pareto_clip_score.png", "reward_vs_nfe_clip_score.png", "pareto_psnr.png", "report.md"]  # PSNR is no reward
     assert all(path.parent == tmp_path for path in written)
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(path.name for path in written)  # no temp files left
     for path in written[:-1]:
@@ -224,3 +224,10 @@ def test_the_reward_vs_nfe_plot_shows_steering_and_untouched_only(tmp_path, monk
     xs = sorted(x for container in axes.containers for x in container.lines[0].get_xdata())
     assert xs == [50.0, 200.0]
     assert axes.get_title() == "verifier vs NFE: micro-sd"
+
+
+def test_main_metrics_choose_the_table_columns_and_the_plots(tmp_path):
+    summary = dict(_summary(), main_metrics=["psnr"])
+    header = render_report(summary).splitlines()[2]
+    assert "psnr" in header and "verifier" not in header and "clip_score" not in header
+    assert [path.name for path in write_report(tmp_path, summary)] == ["pareto_psnr.png", "report.md"]

@@ -469,7 +469,7 @@ def _summary(run: _Run, spec: Mapping[str, Any], metrics: Sequence[str], weight_
                                                                                rounds=len(timing) // max(1, len(run.variants))),
         "fid_features": f"{fid_name} image features (FIDs of different feature extractors are not comparable; "
                         f"against the untouched variant's samples)" if fid_name else None,
-        "metrics": [*per_sample, *steered, *criteria], "plot_metrics": [*per_sample, *steered],
+        "metrics": [*per_sample, *steered, *criteria], "main_metrics": [*per_sample, *steered],
         "set_metrics": [m for m in metrics if m in SET_METRICS],
         "variants": variants,
     }

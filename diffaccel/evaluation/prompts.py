@@ -9,7 +9,7 @@ Sources (:func:`load_prompts`):
 * a CSV or TSV file (``.csv``, ``.tsv``): a ``prompt`` column (DrawBench's ``Prompts``, PartiPrompts'
   ``Prompt`` too), an optional ``seed`` column, the other non-empty cells as metadata under their
   lower-cased column names (``category``);
-* a built-in set ``shapeworld:KIND[:SPLIT][:N]``: ``N`` (default 64) ShapeWorld prompts of ``KIND``
+* a built-in set ``shapeworld:KIND[+KIND...][:SPLIT][:N]``: ``N`` (default 64) ShapeWorld prompts of each ``KIND``
   (``single``, ``count``, ``relation``, ``motion``) from ``SPLIT`` (``train`` or ``heldout``, the
   default), the same on every run.
 
@@ -166,9 +166,11 @@ def _from_builtin(name: str) -> list[PromptRecord]:
     from ..shapeworld import KINDS, eval_prompts  # function-local: ShapeWorld loads torch, prompt files do not
     from ..shapeworld.scenes import SPLITS
 
-    usage = f"built-in prompt set {name!r}: expected 'shapeworld:KIND[:SPLIT][:N]' with KIND in {KINDS}, SPLIT in {SPLITS}"
+    usage = (f"built-in prompt set {name!r}: expected 'shapeworld:KIND[+KIND...][:SPLIT][:N]' with KIND in {KINDS}, "
+             f"SPLIT in {SPLITS}")
     kind, *rest = name[len(BUILTIN_PREFIX) :].split(":")
-    if kind not in KINDS:
+    kinds = kind.split("+")
+    if not all(k in KINDS for k in kinds) or len(set(kinds)) != len(kinds):
         raise PromptFileError(f"unknown {usage}")
     split = rest.pop(0) if rest and rest[0] in SPLITS else "heldout"
     count = DEFAULT_BUILTIN_SIZE
@@ -179,8 +181,8 @@ def _from_builtin(name: str) -> list[PromptRecord]:
         count = int(text)
     if rest:
         raise PromptFileError(f"{usage}: unexpected {':'.join(rest)!r}")
-    metadata = {"set": "shapeworld", "kind": kind, "split": split}
-    return [PromptRecord(prompt, None, metadata) for prompt in eval_prompts(kind, count, split=split)]
+    return [PromptRecord(prompt, None, {"set": "shapeworld", "kind": k, "split": split})
+            for k in kinds for prompt in eval_prompts(k, count, split=split)]
 
 
 def _from_file(path: Path) -> list[PromptRecord]:

@@ -75,7 +75,8 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 def render_report(summary: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
     """The markdown of a run's ``summary``: a title line (model, prompts, seeds, steps), a table
     with one row per variant in the summary's order (speedup, median seconds, mean NFE, weight
-    and peak memory MB, FID, and each of ``summary["metrics"]`` as ``mean [low, high]``; ``-``
+    and peak memory MB, FID, and each of ``summary["main_metrics"]`` (default ``summary["metrics"]``)
+    as ``mean [low, high]``; ``-``
     where missing), the run's notes, and an image link to each of ``plots`` (paths relative to
     the report).
 
@@ -97,7 +98,7 @@ def render_report(summary: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
         <BLANKLINE>
         - Call: num_inference_steps=25.
     """
-    metrics = list(summary.get("metrics") or [])
+    metrics = list(summary.get("main_metrics", summary.get("metrics")) or [])
     header = ["variant", "spec", "kind", "speedup", "seconds", "NFE", "weight MB", "peak memory MB", "FID", *metrics]
     lines = [f"# {_title(summary)}", "", _row(header), _row(["---"] * 3 + ["---:"] * (len(header) - 3))]
     for name, variant in (summary.get("variants") or {}).items():
@@ -192,7 +193,7 @@ def write_report(run_dir: str | os.PathLike[str], summary: Mapping[str, Any]) ->
     """Write ``report.md`` and the plots of ``summary`` at the top of ``run_dir``; return the paths
     written (plots first, in ``summary["metrics"]`` order, then ``report.md``).
 
-    Each metric of ``summary["plot_metrics"]`` (default: ``summary["metrics"]``) that at least two
+    Each metric of ``summary["main_metrics"]`` (default: ``summary["metrics"]``) that at least two
     variants have with a finite mean and a finite speedup gets ``pareto_<metric>.png``; when some
     steering variant has it with a finite NFE (and it is not PSNR or SSIM), also
     ``reward_vs_nfe_<metric>.png``. Characters of a metric's name outside letters,
@@ -222,7 +223,7 @@ def write_report(run_dir: str | os.PathLike[str], summary: Mapping[str, Any]) ->
         missing = f"{error}; report.md is written without its plots"
         warnings.warn(missing, stacklevel=2)
     if missing is None:
-        for metric in summary.get("plot_metrics", summary.get("metrics") or []):
+        for metric in summary.get("main_metrics", summary.get("metrics")) or []:
             if len(_points(summary, metric, "speedup", kinds=None)) < 2:
                 continue
             stem = re.sub(r"[^\w.-]", "_", metric)

@@ -24,8 +24,13 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 REWARD_HELP = (
     "shapeworld (default; ShapeWorld captions), shapeworld-layout (colors and positions only), "
     "clip:MODEL[:PRETRAINED] (open_clip), "
-    "transformers-clip:FOLDER (a CLIPModel folder, or micro-clip: the bundled one), aesthetic:HEAD.safetensors"
+    "transformers-clip:FOLDER (a CLIPModel folder, or micro-clip: the bundled one), aesthetic:HEAD.safetensors, "
+    "imagereward[:MODEL] (pip install image-reward), hpsv2[:VERSION] (pip install hpsv2), "
+    "pickscore[:MODEL[:PROCESSOR]] (local folders or cached hub ids)"
 )
+
+#: Reward kinds backed by an optional package: kind -> (module, pip name).
+_PACKAGES = {"imagereward": ("ImageReward", "image-reward"), "hpsv2": ("hpsv2", "hpsv2")}
 
 
 class RewardSpecError(DiffaccelError, ValueError):
@@ -43,6 +48,10 @@ def check_reward_spec(spec: str) -> str:
         Traceback (most recent call last):
         ...
         diffaccel.rewards.spec.RewardSpecError: no such aesthetic head file: missing.safetensors
+        >>> check_reward_spec("hpsv2")
+        Traceback (most recent call last):
+        ...
+        diffaccel.rewards.spec.RewardSpecError: reward 'hpsv2' needs the hpsv2 package: pip install hpsv2
         >>> check_reward_spec("nosuch")
         Traceback (most recent call last):
         ...
@@ -69,6 +78,15 @@ def check_reward_spec(spec: str) -> str:
     if kind == "aesthetic" and rest:
         if not os.path.isfile(rest):
             raise RewardSpecError(f"no such aesthetic head file: {rest}")
+        return spec
+    if kind in _PACKAGES:
+        import importlib.util
+
+        module, pip_name = _PACKAGES[kind]
+        if importlib.util.find_spec(module) is None:
+            raise RewardSpecError(f"reward {spec!r} needs the {module} package: pip install {pip_name}")
+        return spec
+    if kind == "pickscore" and rest.count(":") <= 1:
         return spec
     raise RewardSpecError(f"unknown reward {spec!r}; use {REWARD_HELP}")
 
@@ -102,4 +120,18 @@ def reward_from_spec(spec: str, device: str = "cpu") -> Reward:
         return CLIPScoreReward.from_transformers(rest, device=device)
     if kind == "aesthetic" and rest:
         return AestheticReward.from_open_clip(rest, device=device)
+    if kind == "imagereward":
+        from .external import ImageRewardReward
+
+        return ImageRewardReward(rest or "ImageReward-v1.0", device=device)
+    if kind == "hpsv2":
+        from .external import HPSv2Reward
+
+        return HPSv2Reward(rest or "v2.1")
+    if kind == "pickscore" and rest.count(":") <= 1:
+        from .external import PickScoreReward
+
+        model, _, processor = rest.partition(":")
+        return PickScoreReward(model or "yuvalkirstain/PickScore_v1",
+                               processor or "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", device=device)
     raise RewardSpecError(f"unknown reward {spec!r}; use {REWARD_HELP}")
