@@ -1,4 +1,4 @@
-"""Helpers the benchmark scripts share: evaluate's run folders, seeds, feature statistics, JSON reports.
+"""Helpers the benchmark scripts share: evaluate's run folders, seeds, recorded feature statistics, JSON reports.
 
 The scripts run as ``python bench/NAME.py``, which puts this folder on ``sys.path``. Timing,
 interleaving and fidelity (PSNR, the verifier) are ``diffaccel.evaluate``'s; what is here is what
@@ -17,8 +17,6 @@ import pathlib
 import shutil
 from collections.abc import Sequence
 from typing import Any
-
-import torch
 
 #: Where the scripts put ``diffaccel.evaluate``'s run folders (``out/`` is gitignored).
 RUNS = pathlib.Path(__file__).resolve().parents[1] / "out" / "bench-runs"
@@ -42,22 +40,33 @@ def round_seeds(seeds: Sequence[int], rounds: int) -> list[int]:
     return out
 
 
-def feature_stats(pipe: Any, configs: Sequence[Any], prompts: Sequence[str], seed: int,
-                  **call: Any) -> dict[str, Any]:
-    """``pipe.acceleration_stats`` (per feature, as dicts) of one call with ``configs`` attached, on
-    ``prompts`` with ``seed`` for each (as ``diffaccel.evaluate`` seeds a batch): the statistics of
-    that batch, which ``evaluate``'s records do not keep."""
-    from diffaccel.evaluation.attachments import FeatureAttachment
-    from diffaccel.evaluation.variants import Variant
+def recorded_features(run_folder: str | os.PathLike, variant: str, seed: int | None = None) -> dict[str, Any] | None:
+    """The diffaccel feature statistics (``pipe.acceleration_stats.to_dict()["features"]``) that
+    ``diffaccel.evaluate`` recorded in ``<run_folder>/samples.jsonl`` with ``variant``'s first record
+    (with ``seed``: its first record of that seed), i.e. of the batch call that made that sample;
+    None for a variant without diffaccel features (untouched, peers).
 
-    attachment = FeatureAttachment(pipe, Variant("stats", "stats", tuple(configs)))
-    attachment.attach()
-    try:
-        pipe(list(prompts), generator=[torch.Generator("cpu").manual_seed(seed) for _ in prompts],
-             output_type="np", **call)
-        return pipe.acceleration_stats.to_dict()["features"]
-    finally:
-        attachment.detach()
+    Raises:
+        LookupError: no record of ``variant`` (and ``seed``).
+
+    Example:
+        >>> import tempfile
+        >>> from diffaccel.evaluation import RunFolder
+        >>> folder = RunFolder(tempfile.mkdtemp(), {})
+        >>> _ = folder.record("cache", 0, 0, {"features": {"delta_cache": {"skipped_fraction": 0.25}}})
+        >>> _ = folder.record("cache", 0, 1, {"features": {"delta_cache": {"skipped_fraction": 0.5}}})
+        >>> _ = folder.record("untouched", 0, 0, {"features": None})
+        >>> recorded_features(folder.path, "cache"), recorded_features(folder.path, "cache", seed=1)
+        ({'delta_cache': {'skipped_fraction': 0.25}}, {'delta_cache': {'skipped_fraction': 0.5}})
+        >>> recorded_features(folder.path, "untouched") is None
+        True
+    """
+    path = pathlib.Path(run_folder) / "samples.jsonl"
+    for line in path.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line) if line.strip() else {}
+        if record.get("variant") == variant and seed in (None, record["seed"]):
+            return record.get("features")
+    raise LookupError(f"{path}: no record of variant {variant!r}" + ("" if seed is None else f" and seed {seed}"))
 
 
 def write_report(report: dict[str, Any], path: str | os.PathLike, **dump_kwargs: Any) -> str:

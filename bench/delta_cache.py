@@ -7,9 +7,9 @@ by seed (each seed is one timing round; machine noise hits all variants alike). 
 whole pipeline call (text encoding, denoising, VAE decoding); the speedup is the median over rounds
 of untouched / variant seconds; fidelity is the PSNR of the decoded output against the untouched
 pipeline's of the same seed (mean over seeds, with its interval). ``delta_cache`` and
-``skipped_block_fraction`` are the first seed's statistics (one more call with the cache attached:
-evaluate's records do not keep them). Diffusers' First Block Cache keeps no statistics: a PSNR of
-inf there means it skipped nothing. Results go to ``bench/results/delta_cache/`` as JSON,
+``skipped_block_fraction`` are the first seed's statistics, as evaluate recorded them with its
+samples. Diffusers' First Block Cache keeps no statistics: a PSNR of inf there means it skipped
+nothing. Results go to ``bench/results/delta_cache/`` as JSON,
 evaluate's run folders (samples, report, plots) to ``out/bench-runs/delta_cache/<model>/``.
 
     python bench/delta_cache.py            # CPU, widened tiny Wan and Flux, random weights (~4 min)
@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 import diffaccel
-from benchkit import feature_stats, round_seeds, run_folder, write_report
+from benchkit import recorded_features, round_seeds, run_folder, write_report
 from diffaccel.features.delta_cache import DeltaCacheConfig
 from diffaccel.testing import tiny_pipeline
 
@@ -87,9 +87,7 @@ def bench_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
                                  batch_size=1, progress=False, **call)
     results = {}
     for variant, row in summary["variants"].items():
-        config = variants.get(variant)
-        stats = feature_stats(pipe, [config], [PROMPT], args.seeds[0], **call).get("delta_cache") \
-            if isinstance(config, DeltaCacheConfig) else None
+        stats = (recorded_features(out_dir, variant, args.seeds[0]) or {}).get("delta_cache")
         results[variant] = {
             "spec": row["spec"],
             "seconds_median": row["seconds_median"],

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 import diffaccel
-from benchkit import feature_stats, round_seeds, run_folder, write_report
+from benchkit import recorded_features, round_seeds, run_folder, write_report
 from diffaccel import EncoderReuseConfig
 
 PROMPTS = ["a red circle to the left of a blue square", "two green triangles", "a yellow square above a purple circle"]
@@ -130,9 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                  batch_size=1, **call)
     results = {}
     for variant, row in summary["variants"].items():
-        config = variants.get(variant)
-        stats = feature_stats(pipe, [config], [PROMPTS[0]], seeds[0], **call) if isinstance(config, EncoderReuseConfig) \
-            else {}
+        stats = recorded_features(out_dir, variant, seeds[0]) or {}
         results[variant] = {
             "spec": row["spec"],
             "seconds_median": row["seconds_median"],

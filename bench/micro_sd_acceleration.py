@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from benchkit import feature_stats, round_seeds, run_folder, write_report
+from benchkit import recorded_features, round_seeds, run_folder, write_report
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -79,15 +79,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     table = variants(args)
     call = {"num_inference_steps": args.steps, "guidance_scale": 5.0}
     seeds = round_seeds([0], args.rounds)
-    summary = diffaccel.evaluate(pipe, prompts, table, out_dir=run_folder("micro_sd_acceleration", "quick" if args.quick
-                                                                            else "full"),
-                                 seeds=seeds, metrics=["psnr", "verifier", "verifier_score"], batch_size=len(prompts),
-                                 **call)
+    out_dir = run_folder("micro_sd_acceleration", "quick" if args.quick else "full")
+    summary = diffaccel.evaluate(pipe, prompts, table, out_dir=out_dir, seeds=seeds,
+                                 metrics=["psnr", "verifier", "verifier_score"], batch_size=len(prompts), **call)
     rows: dict[str, Any] = {}
     for name, row in summary["variants"].items():
-        configs = table.get(name)
-        configs = [] if configs is None or isinstance(configs, str) else configs if isinstance(configs, list) else [configs]
-        features = feature_stats(pipe, configs, prompts, seeds[0], **call) if configs else {}
+        features = recorded_features(out_dir, name, seeds[0]) or {}
         metrics = row["metrics"]
         rows[name] = {
             "spec": row["spec"], "speedup": row["speedup"], "seconds_median": row["seconds_median"],

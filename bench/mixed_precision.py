@@ -11,8 +11,7 @@ verifier's accuracy and mean score on held-out prompts. Each variant also report
 weight bytes against bf16 and the bits per weight the quantized layers read
 (``diffaccel.memory_report``; ``planned_memory`` for a quantized variant, which reads the same
 totals off the float model), and, for variants with features, their statistics (bits in use,
-blocks skipped, encoder passes) from one more call with the features attached (evaluate's records
-do not keep them). The calibration (prompts from
+blocks skipped, encoder passes) as evaluate recorded them with the samples. The calibration (prompts from
 the training split, never the evaluated ones) and the fitted predictor are reported too, with
 two controls for the static allocation (as many INT8 blocks ranked by measured error, and drawn
 at random), the delta cache and its composition with quantization, quantized attention and (on
@@ -38,7 +37,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from benchkit import feature_stats, run_folder, write_report
+from benchkit import recorded_features, run_folder, write_report
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -117,10 +116,10 @@ def run_model(
           f"(r = {predictor.correlation:.3f}, {predictor.points} points)", flush=True)
     float_model = denoiser_of(pipe)
     variants = _variants(calibration, args, base, hasattr(pipe, "transformer"))
+    out_dir = run_folder("mixed_precision", f"{label}_quick" if args.quick else label)
     summary = diffaccel.evaluate(pipe, list(prompts), {name: [c for c in (config, *features) if c is not None]
                                                        for name, (config, features) in variants.items()},
-                                 out_dir=run_folder("mixed_precision", f"{label}_quick" if args.quick else label),
-                                 seeds=[0], metrics=list(metrics), batch_size=len(prompts), warmup=False,
+                                 out_dir=out_dir, seeds=[0], metrics=list(metrics), batch_size=len(prompts), warmup=False,
                                  progress=False, **call)
     result: dict[str, Any] = {"predictor": predictor.to_dict(), "calibration": calibration.to_dict(), "variants": {}}
     for name, evaluated in summary["variants"].items():
@@ -128,8 +127,7 @@ def run_model(
         row: dict[str, Any] = {"psnr": evaluated["metrics"]["psnr"]["mean"] if name != "untouched" else float("inf"),
                                "memory": _memory(memory_report(float_model) if config is None
                                                  else planned_memory(float_model, config))}
-        stats = feature_stats(pipe, [c for c in (config, *features) if c is not None], prompts, 0, **call) \
-            if features else {}
+        stats = (recorded_features(out_dir, name, seed=0) or {}) if features else {}
         if "dynamic_precision" in stats:
             row["schedule"] = features[0].to_dict()["schedule"]
             row["bits_in_use"] = stats["dynamic_precision"]["mean_bits_per_weight"]

@@ -159,8 +159,6 @@ def test_bad_lists():
 
 
 def test_builtin_sets_can_join_kinds():
-    from diffaccel.shapeworld import eval_prompts
-
     records = load_prompts("shapeworld:single+relation:train:3")
     assert [r.prompt for r in records] == eval_prompts("single", 3, split="train") + eval_prompts("relation", 3, split="train")
     assert [r.metadata["kind"] for r in records] == ["single"] * 3 + ["relation"] * 3
