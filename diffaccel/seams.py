@@ -339,6 +339,17 @@ def tree_map_tensors(fn: Callable[[torch.Tensor], Any], tree: Any) -> Any:
     return pytree.tree_map_only(torch.Tensor, fn, tree)
 
 
+def tree_map_tensor_pairs(fn: Callable[[torch.Tensor, torch.Tensor], Any], tree: Any, other: Any) -> Any:
+    """Apply ``fn`` to the matching tensors of two nested structures of the same shape (``tree``'s
+    other leaves are kept).
+
+    Example:
+        >>> tree_map_tensor_pairs(lambda a, b: a - b, (torch.tensor(3), "x"), (torch.tensor(1), "x"))
+        (tensor(2), 'x')
+    """
+    return pytree.tree_map(lambda a, b: fn(a, b) if isinstance(a, torch.Tensor) else a, tree, other)
+
+
 
 def same_tree(a: Any, b: Any) -> bool:
     """Whether two nested structures have the same shape and equal leaves (tensors by shape, dtype

@@ -10,6 +10,14 @@ Because a non-key step's decoder input no longer depends on the latents, the dec
 a key step and the non-key steps that follow it can run as one batched call (*parallel
 decoding*); the later steps then return outputs computed in advance.
 
+*Deep reuse* (``shallow_layers=k``, the structure DeepCache uses) goes further: a non-key step also
+replays the deep part of the decoder and runs only the outermost path (``conv_in``, the first
+``k - 1`` encoder layers, the last ``k`` decoder layers; see :mod:`~diffaccel.features.unet_depth`).
+With ``forecast=1`` a replayed feature is extrapolated to the current step from the last two key
+steps (first order, as TaylorSeer does for DiT features) instead of reused unchanged. With an
+``adaptive:T`` schedule each key step places the next one from how fast the cached features changed
+since the key step before (:class:`~diffaccel.features.key_steps.AdaptiveSchedule`).
+
 Everything is built on diffusers' hook registry: one hook on the UNet counts steps and picks the
 mode, small hooks on ``conv_in``, each down block and the mid block capture or replay their
 outputs, and a hook on the ControlNet (if any) replays the key step's residuals. The UNet's own
@@ -35,20 +43,23 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping
 
 import torch
+import torch.utils._pytree as pytree
 from diffusers import UNet2DConditionModel
 from diffusers.hooks import ModelHook
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from ..errors import UnsupportedCombinationError, UnsupportedPipelineError
-from ..seams import add_hook, loop_length, remove_hook, same_tree, tree_map_tensors
+from ..seams import add_hook, loop_length, remove_hook, same_tree, tree_map_tensor_pairs, tree_map_tensors
 from .base import AttachedFeature, FeatureConfig, json_field, reindex_batch
-from .checks import check_bool, check_fraction, check_int
+from .checks import check_bool, check_choice, check_fraction, check_int
 from .key_steps import ScheduleLike, parse_schedule
 from .noise_injection import prior_noise_injection
+from .unet_depth import max_shallow_layers, reuse_plan
 
 UNET_HOOK = "diffaccel.encoder_reuse"
 FEATURE_HOOK = "diffaccel.encoder_reuse.feature"
 CONTROLNET_HOOK = "diffaccel.encoder_reuse.controlnet"
+GUIDANCE_KEY = "guidance"  # the key step's cond - uncond output difference, among the cached features
 
 # Pipelines that call the UNet more than once per denoising step, or feed it per-step adapter
 # residuals: reusing encoder features there would give wrong images, so they are refused.
@@ -69,9 +80,23 @@ class EncoderReuseConfig(FeatureConfig, attach_order=30):
     Args:
         schedule: key steps, as a :class:`~diffaccel.features.key_steps.KeyStepSchedule`, a
             string (``"faster-diffusion"``, ``"uniform:N"``, ``"all"``, ``"0,1,5,10"``) or a
-            list of step indices. Step 0 is always a key step.
+            list of step indices, or ``"adaptive:T"`` (key steps decided online). Step 0 is always a
+            key step.
+        shallow_layers: ``None`` (default): reuse the encoder only and run the whole decoder at
+            non-key steps (Faster Diffusion). ``k >= 1``: deep reuse, run only the outermost path
+            (``conv_in``, the first ``k - 1`` encoder layers, the last ``k`` decoder layers) and
+            replay the rest; ``1`` is DeepCache's shallowest branch.
+        forecast: ``0`` (default) replays cached features unchanged; ``1`` extrapolates them to the
+            current step from the last two key steps (first-order Taylor).
+        reuse_guidance: at non-key steps of a classifier-free-guidance batch, run the UNet on the
+            conditional half only and take the unconditional output as the conditional one minus
+            the key step's difference between them (forecast like the features), halving the
+            non-key steps' work. Batches that are not ``[uncond, cond]`` with equal latents run whole.
         parallel: run the decoder passes of a key step and its following non-key steps as one
-            batched call. ``None`` (default) turns it on when the UNet is on CUDA.
+            batched call. ``None`` (default) turns it on when the UNet is on CUDA and the decoder
+            input is known in advance (encoder reuse with a fixed schedule); deep reuse reads the
+            current latents through ``conv_in`` and an adaptive schedule places the next key step
+            only after the key step has run, so ``parallel=True`` is refused with either.
         max_parallel_steps: at most this many steps' decoder passes in one batched call (bounds
             the memory of parallel decoding; steps beyond it are batched at the first step that
             has none ready). ``None``: no limit.
@@ -90,6 +115,9 @@ class EncoderReuseConfig(FeatureConfig, attach_order=30):
     name = "encoder_reuse"
 
     schedule: ScheduleLike = json_field("faster-diffusion", to_json=lambda schedule: schedule.describe())
+    shallow_layers: int | None = None
+    forecast: int = 0
+    reuse_guidance: bool = False
     parallel: bool | None = None
     max_parallel_steps: int | None = None
     noise_injection: float = 0.0
@@ -97,7 +125,19 @@ class EncoderReuseConfig(FeatureConfig, attach_order=30):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "schedule", parse_schedule(self.schedule))
+        check_int("EncoderReuseConfig", "shallow_layers", self.shallow_layers, optional=True)
+        check_int("EncoderReuseConfig", "forecast", self.forecast, minimum=0)
+        check_choice("EncoderReuseConfig", "forecast", self.forecast, (0, 1))
+        check_bool("EncoderReuseConfig", "reuse_guidance", self.reuse_guidance)
         check_bool("EncoderReuseConfig", "parallel", self.parallel, optional=True)
+        if self.parallel and self.reuse_guidance:
+            raise ValueError("EncoderReuseConfig.parallel=True cannot be combined with reuse_guidance")
+        if self.parallel and (self.shallow_layers is not None or self.schedule.adaptive):
+            raise ValueError(
+                "EncoderReuseConfig.parallel=True needs the decoder inputs in advance: deep reuse (shallow_layers) "
+                "reads the current latents and an adaptive schedule places its key steps as it goes; "
+                "use parallel=None or False"
+            )
         check_int("EncoderReuseConfig", "max_parallel_steps", self.max_parallel_steps, optional=True)
         check_fraction("EncoderReuseConfig", "noise_injection", self.noise_injection)
         check_fraction("EncoderReuseConfig", "noise_injection_below", self.noise_injection_below, include_zero=False)
@@ -114,7 +154,9 @@ class EncoderReuseStats:
     ``encoder_evaluations`` counts full UNet passes (the key steps), ``decoder_evaluations``
     counts decoder passes (one per denoising step), ``batched_decoder_calls`` the UNet calls
     they took (fewer with parallel decoding), ``parallel_fallbacks`` the precomputed steps that
-    had to be recomputed because the step's inputs differed from the key step's.
+    had to be recomputed because the step's inputs differed from the key step's. ``shallow_layers``
+    is the config's (``None``: encoder reuse), ``forecasts`` the replayed features that were
+    extrapolated rather than reused unchanged.
     """
 
     num_steps: int = 0
@@ -127,6 +169,9 @@ class EncoderReuseStats:
     controlnet_evaluations: int = 0
     controlnet_reused: int = 0
     noise_injections: int = 0
+    shallow_layers: int | None = None
+    forecasts: int = 0
+    guidance_reused: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form, for JSON reports."""
@@ -140,10 +185,12 @@ class EncoderReuseStats:
             key steps: [0, 2]
             UNet encoder evaluations: 2/4, decoder evaluations: 4 in 2 calls (parallel)
         """
-        return (f"key steps: {list(self.key_steps)}\n"
+        decoder = "decoder" if self.shallow_layers is None else f"shallow-path ({self.shallow_layers} decoder layers)"
+        text = (f"key steps: {list(self.key_steps)}\n"
                 f"UNet encoder evaluations: {self.encoder_evaluations}/{self.num_steps}, "
-                f"decoder evaluations: {self.decoder_evaluations} in {self.batched_decoder_calls} calls"
+                f"{decoder} evaluations: {self.decoder_evaluations} in {self.batched_decoder_calls} calls"
                 f"{' (parallel)' if self.parallel else ''}")
+        return text + (f", {self.forecasts} forecast features" if self.forecasts else "")
 
 
 @dataclass
@@ -169,6 +216,11 @@ class _ReuseState:
     key_steps: frozenset[int] = frozenset()
     loop_timesteps: torch.Tensor | None = None
     features: dict[str, Any] = field(default_factory=dict)
+    previous_features: dict[str, Any] = field(default_factory=dict)  # the key step before (forecasting)
+    key_history: list[int] = field(default_factory=list)
+    cached_batch: int = 0
+    next_key: int = 0  # adaptive: the next key step
+    rows: slice | None = None  # guidance reuse: the rows of the cached features a non-key step replays
     precomputed: dict[int, _Precomputed] = field(default_factory=dict)
     controlnet: tuple[Any, Any] | None = None  # (output, conditioning_scale) of the last key step
     initial_noise: torch.Tensor | None = None
@@ -179,13 +231,14 @@ class _ReuseState:
         self.active, self.pipe, self.parallel = True, pipe, parallel
         self.step, self.num_steps, self.key_steps, self.loop_timesteps = 0, None, frozenset(), None
         self.scheduler_steps, self.initial_noise, self.controlnet = 0, None, None
-        self.features, self.precomputed = {}, {}
-        self.stats = EncoderReuseStats(parallel=parallel)
+        self.features, self.previous_features, self.precomputed, self.key_history = {}, {}, {}, []
+        self.next_key, self.cached_batch = 0, 0
+        self.stats = EncoderReuseStats(parallel=parallel, shallow_layers=self.config.shallow_layers)
 
     def finish(self) -> EncoderReuseStats:
         stats = self.stats
         self.active, self.pipe, self.mode = False, None, "passthrough"
-        self.features, self.precomputed, self.controlnet = {}, {}, None
+        self.features, self.previous_features, self.precomputed, self.controlnet = {}, {}, {}, None
         self.loop_timesteps, self.initial_noise = None, None
         return stats
 
@@ -193,13 +246,60 @@ class _ReuseState:
         """Fix the loop length and key steps at the first hooked call of a pipeline call."""
         if self.num_steps is not None:
             return
-        num_steps = loop_length(self.pipe)
-        key_steps = self.config.schedule.key_steps(int(num_steps))
-        self.num_steps, self.key_steps = int(num_steps), frozenset(key_steps)
-        self.stats.num_steps, self.stats.key_steps = int(num_steps), tuple(key_steps)
+        num_steps = int(loop_length(self.pipe))
+        self.num_steps, self.stats.num_steps = num_steps, num_steps
+        if not self.config.schedule.adaptive:
+            key_steps = self.config.schedule.key_steps(num_steps)
+            self.key_steps, self.stats.key_steps = frozenset(key_steps), tuple(key_steps)
+
+    @property
+    def adaptive(self) -> bool:
+        return self.config.schedule.adaptive
 
     def is_key(self, step: int) -> bool:
+        if self.adaptive:
+            return step >= self.next_key
         return step in self.key_steps
+
+    def begin_key_step(self, batch: int) -> None:
+        """Start caching a key step's features (the previous key step's are kept for forecasting
+        and for the adaptive schedule's rate of change)."""
+        keep = self.config.forecast or self.adaptive
+        self.previous_features = self.features if keep else {}
+        self.features, self.precomputed, self.cached_batch = {}, {}, batch
+        self.key_history.append(self.step)
+        self.stats.encoder_evaluations += 1
+        if self.adaptive:
+            self.stats.key_steps += (self.step,)
+
+    def place_next_key(self, deepest: str) -> None:
+        """Adaptive schedule, after a key step: the next key step, from the relative change of the
+        deepest cached feature (the mid block's output) since the previous key step, per step."""
+        schedule = self.config.schedule
+        if len(self.key_history) < schedule.min_key_steps:
+            self.next_key = self.step + 1
+            return
+        changes = []
+        now, then = self.features.get(deepest), self.previous_features.get(deepest)
+        if now is not None and then is not None:
+            for a, b in zip(pytree.tree_leaves(now), pytree.tree_leaves(then)):
+                if isinstance(a, torch.Tensor) and a.is_floating_point():
+                    changes.append(float((a - b).abs().mean() / a.abs().mean().clamp_min(1e-12)))
+        gap = self.key_history[-1] - self.key_history[-2]
+        rate = sum(changes) / len(changes) / gap if changes else 0.0
+        self.next_key = self.step + schedule.interval(rate)
+
+    def replay(self, key: str, boundary: bool) -> Any:
+        """A cached feature for this non-key step: as captured, or extrapolated to this step from
+        the last two key steps (``forecast=1``, boundary features only)."""
+        feature = self.features[key]
+        previous = self.previous_features.get(key)
+        if not (boundary and self.config.forecast and previous is not None and len(self.key_history) >= 2):
+            return feature
+        before, last = self.key_history[-2:]
+        ratio = (self.step - last) / (last - before)
+        self.stats.forecasts += 1
+        return tree_map_tensor_pairs(lambda now, then: now + (now - then) * ratio, feature, previous)
 
 
 def _repeat_batch(obj: Any, batch: int, times: int) -> Any:
@@ -220,24 +320,34 @@ def _take_batch(obj: Any, total: int, keep: int) -> Any:
     return tree_map_tensors(lambda t: t[:keep] if t.ndim > 0 and t.shape[0] == total else t, obj)
 
 
+def _rows(obj: Any, total: int, rows: slice) -> Any:
+    """``rows`` of every tensor whose first dimension is ``total``."""
+    return tree_map_tensors(lambda t: t[rows] if t.ndim > 0 and t.shape[0] == total else t, obj)
+
+
 def _same_timestep(a: Any, b: torch.Tensor) -> bool:
     a = torch.as_tensor(a).flatten()
     return bool(torch.all(a.to(b.device, torch.float64) == b.to(torch.float64)))
 
 
 class _FeatureHook(ModelHook):
-    """On ``conv_in``, a down block or the mid block: capture outputs at key steps, replay them after."""
+    """On a replayed module (``conv_in``, a down block, the mid block; with deep reuse also decoder
+    layers): capture outputs at key steps, replay them after (``boundary``: a computed module reads
+    the output, so it is the one forecast)."""
 
-    def __init__(self, state: _ReuseState, key: str) -> None:
+    def __init__(self, state: _ReuseState, key: str, boundary: bool = True) -> None:
         super().__init__()
-        self.state, self.key = state, key
+        self.state, self.key, self.boundary = state, key, boundary
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         state, original = self.state, self.fn_ref.original_forward
         if not state.active or state.mode == "passthrough":
             return original(*args, **kwargs)
         if state.mode == "replay":
-            return _repeat_batch(state.features[self.key], state.key_batch, state.expand)
+            feature = state.replay(self.key, self.boundary)
+            if state.rows is not None:  # guidance reuse: the conditional half of the batch only
+                feature = _rows(feature, state.cached_batch, state.rows)
+            return _repeat_batch(feature, state.key_batch, state.expand)
         if state.expand == 1:
             output = original(*args, **kwargs)
             state.features[self.key] = output
@@ -280,9 +390,9 @@ class _UNetHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, state: _ReuseState) -> None:
+    def __init__(self, state: _ReuseState, deepest: str) -> None:
         super().__init__()
-        self.state = state
+        self.state, self.deepest = state, deepest
         self._signature: inspect.Signature | None = None
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -323,6 +433,8 @@ class _UNetHook(ModelHook):
         try:
             if state.is_key(step):
                 sample = self._key_step(original, inputs)
+                if state.adaptive:
+                    state.place_next_key(self.deepest)
             else:
                 sample = self._reuse_step(original, inputs)
         finally:
@@ -355,20 +467,56 @@ class _UNetHook(ModelHook):
 
     def _key_step(self, original: Callable[..., Any], inputs: dict[str, Any]) -> torch.Tensor:
         state = self.state
-        state.features, state.precomputed = {}, {}
-        state.stats.encoder_evaluations += 1
-        return self._decode(original, inputs, "capture")
+        state.begin_key_step(inputs["sample"].shape[0])
+        output = self._decode(original, inputs, "capture")
+        half = self._guidance_half(inputs)
+        if half:
+            state.features[GUIDANCE_KEY] = output[half:] - output[:half]
+        return output
+
+    def _guidance_half(self, inputs: dict[str, Any]) -> int:
+        """With ``reuse_guidance``, the size of each half of a classifier-free-guidance batch
+        ``[uncond, cond]`` (the pipeline guides and both halves hold the same latents); else 0."""
+        state = self.state
+        if not state.config.reuse_guidance or not getattr(state.pipe, "do_classifier_free_guidance", False):
+            return 0
+        sample = inputs["sample"]
+        half = sample.shape[0] // 2
+        if sample.shape[0] % 2 or not torch.equal(sample[:half], sample[half:]):
+            return 0
+        return half
+
+    def _reuse_guided(self, original: Callable[..., Any], inputs: dict[str, Any], half: int) -> torch.Tensor:
+        """A non-key step on the conditional half only: the unconditional output is the conditional
+        one minus the key step's guidance difference (forecast like the features)."""
+        state = self.state
+        state.stats.batched_decoder_calls += 1
+        state.stats.decoder_evaluations += 1
+        state.stats.guidance_reused += 1
+        state.mode, state.rows = "replay", slice(half, None)
+        try:
+            output = original(**_rows(inputs, 2 * half, state.rows), return_dict=False)[0]
+        finally:
+            state.rows = None
+        difference = state.replay(GUIDANCE_KEY, True)
+        return torch.cat([output - difference.to(output.dtype), output])
+
+    def _check_batch(self, inputs: dict[str, Any]) -> None:
+        cached_batch = self.state.cached_batch
+        if inputs["sample"].shape[0] != cached_batch:
+            raise UnsupportedCombinationError(
+                f"the UNet batch changed from {cached_batch} at the key step to {inputs['sample'].shape[0]} at step "
+                f"{self.state.step}: cached encoder features cannot be reused across batch sizes"
+            )
 
     def _reuse_step(self, original: Callable[..., Any], inputs: dict[str, Any]) -> torch.Tensor:
         state = self.state
         if not state.features:
             raise UnsupportedCombinationError(f"step {state.step} is not a key step but no encoder features are cached")
-        cached_batch = state.features["conv_in"].shape[0]
-        if inputs["sample"].shape[0] != cached_batch:
-            raise UnsupportedCombinationError(
-                f"the UNet batch changed from {cached_batch} at the key step to {inputs['sample'].shape[0]} at step "
-                f"{state.step}: cached encoder features cannot be reused across batch sizes"
-            )
+        self._check_batch(inputs)
+        half = self._guidance_half(inputs)
+        if half and GUIDANCE_KEY in state.features:
+            return self._reuse_guided(original, inputs, half)
         ready = state.precomputed.pop(state.step, None)
         if ready is not None:
             rest = {k: v for k, v in inputs.items() if k not in ("sample", "timestep")}
@@ -435,16 +583,21 @@ class EncoderReuse(AttachedFeature):
         self.state = _ReuseState(config)
         self._scheduler_wrap = contextlib.ExitStack()
         self._modules: list[tuple[torch.nn.Module, str]] = []
+        if config.shallow_layers is not None and config.shallow_layers >= max_shallow_layers(unet):
+            raise UnsupportedCombinationError(
+                f"shallow_layers={config.shallow_layers} leaves nothing to replay: this UNet's decoder has "
+                f"{max_shallow_layers(unet)} layers (use 1 to {max_shallow_layers(unet) - 1})"
+            )
         detach_from_modules(unet, self.controlnet)
-        self._hook(unet.conv_in, _FeatureHook(self.state, "conv_in"), FEATURE_HOOK)
-        for index, block in enumerate(unet.down_blocks):
-            self._hook(block, _FeatureHook(self.state, f"down_blocks.{index}"), FEATURE_HOOK)
-        if unet.mid_block is not None:
-            self._hook(unet.mid_block, _FeatureHook(self.state, "mid_block"), FEATURE_HOOK)
+        plan = reuse_plan(unet, config.shallow_layers)
+        for replayed in plan:
+            self._hook(replayed.module, _FeatureHook(self.state, replayed.key, replayed.boundary), FEATURE_HOOK)
+        # The adaptive schedule's signal: the deepest feature, cached in every mode.
+        deepest = "mid_block" if unet.mid_block is not None else f"down_blocks.{len(unet.down_blocks) - 1}"
         if isinstance(self.controlnet, torch.nn.Module):
             self._hook(self.controlnet, _ControlNetHook(self.state), CONTROLNET_HOOK)
         # The UNet hook goes last so that it wraps whatever forward the module had.
-        self._hook(unet, _UNetHook(self.state), UNET_HOOK)
+        self._hook(unet, _UNetHook(self.state, deepest), UNET_HOOK)
 
     def _hook(self, module: torch.nn.Module, hook: ModelHook, name: str) -> None:
         add_hook(module, hook, name)
@@ -452,11 +605,13 @@ class EncoderReuse(AttachedFeature):
 
     def begin_call(self, pipe: Any, call_kwargs: Mapping[str, Any]) -> None:
         steps = call_kwargs.get("num_inference_steps")
-        if isinstance(steps, int) and steps > 0:
+        if isinstance(steps, int) and steps > 0 and not self.config.schedule.adaptive:
             self.config.schedule.key_steps(steps)  # an explicit schedule out of range fails before any model work
         parallel = self.config.parallel
         if parallel is None:
-            parallel = self.unet.device.type == "cuda"
+            config = self.config
+            fixed_inputs = config.shallow_layers is None and not config.schedule.adaptive and not config.reuse_guidance
+            parallel = fixed_inputs and self.unet.device.type == "cuda"
         self.state.start(pipe, parallel)
         if self.config.noise_injection > 0:
             config = self.config
@@ -473,6 +628,7 @@ class EncoderReuse(AttachedFeature):
         encoder features, precomputed decoder outputs, ControlNet residuals and the initial noise."""
         state = self.state
         state.features = reindex_batch(state.features, indices)
+        state.previous_features = reindex_batch(state.previous_features, indices)
         state.precomputed = {
             step: _Precomputed(ready.timestep, reindex_batch(ready.inputs, indices), reindex_batch(ready.output, indices))
             for step, ready in state.precomputed.items()

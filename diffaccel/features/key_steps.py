@@ -24,7 +24,11 @@ FASTER_DIFFUSION_KEY_STEPS_50 = (0, 1, 2, 3, 5, 10, 15, 25, 35)
 
 
 class KeyStepSchedule:
-    """Base class: maps a number of denoising steps to the sorted tuple of key steps."""
+    """Base class: maps a number of denoising steps to the sorted tuple of key steps.
+
+    A schedule with ``adaptive = True`` decides online instead (:class:`AdaptiveSchedule`)."""
+
+    adaptive = False
 
     def key_steps(self, num_steps: int) -> tuple[int, ...]:
         """Return the sorted key steps for a loop of ``num_steps`` iterations."""
@@ -140,6 +144,81 @@ class ExplicitSchedule(KeyStepSchedule):
         return ",".join(str(s) for s in self.steps)
 
 
+@dataclass(frozen=True)
+class AdaptiveSchedule(KeyStepSchedule):
+    """Key steps decided online from how fast the cached features are changing.
+
+    The first ``min_key_steps`` steps (at least 2) are key steps. At every later key step the
+    relative L1 change of the deepest cached feature (the UNet's mid-block output), between this key
+    step and the previous one, divided by the steps between them, gives the current *rate* of change; the
+    next key step comes after ``threshold / rate`` steps (rounded down, at least 1, at most
+    ``max_interval``), so that the features drift by about ``threshold`` between key steps. The
+    change costs nothing to measure (both key steps' features are cached), nothing is calibrated per
+    prompt, and the decisions depend only on the latents, so they are deterministic for a seed.
+    Features change fastest early in sampling: the key steps come dense there and sparse later.
+
+    Example:
+        >>> schedule = parse_schedule("adaptive:0.3:6")
+        >>> schedule.threshold, schedule.max_interval, schedule.adaptive
+        (0.3, 6, True)
+        >>> schedule.interval(0.2), schedule.interval(0.05), schedule.interval(0.01)
+        (1, 6, 6)
+    """
+
+    threshold: float
+    max_interval: int | None = None
+    min_key_steps: int = 2
+
+    adaptive = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not self.threshold > 0:
+            raise ValueError(f"AdaptiveSchedule.threshold must be a number > 0, got {self.threshold!r}")
+        object.__setattr__(self, "threshold", float(self.threshold))
+        if self.max_interval is not None and (
+            not isinstance(self.max_interval, int) or isinstance(self.max_interval, bool) or self.max_interval < 1
+        ):
+            raise ValueError(f"AdaptiveSchedule.max_interval must be an int >= 1 or None, got {self.max_interval!r}")
+        if not isinstance(self.min_key_steps, int) or isinstance(self.min_key_steps, bool) or self.min_key_steps < 2:
+            raise ValueError(
+                f"AdaptiveSchedule.min_key_steps must be an int >= 2 (two key steps give the first rate of change), "
+                f"got {self.min_key_steps!r}"
+            )
+
+    def key_steps(self, num_steps: int) -> tuple[int, ...]:
+        raise TypeError("an adaptive schedule has no fixed key steps: they are decided during the call")
+
+    def interval(self, rate: float) -> int:
+        """Steps until the next key step when the features change by ``rate`` (relative) per step."""
+        steps = int(self.threshold / rate) if rate > 0 else self.max_interval or 1 << 30
+        return max(1, min(steps, self.max_interval or steps))
+
+    def describe(self) -> str:
+        text = f"adaptive:{self.threshold:g}"
+        if self.max_interval is not None or self.min_key_steps != 2:
+            text += f":{self.max_interval or 0}"
+        if self.min_key_steps != 2:
+            text += f":{self.min_key_steps}"
+        return text
+
+
+def _parse_adaptive(spec: str, arg: str) -> AdaptiveSchedule:
+    parts = arg.split(":")
+    try:
+        threshold = float(parts[0])
+        rest = [int(part) for part in parts[1:]]
+        if rest and rest[0] == 0:  # "adaptive:T:0:M": no interval cap
+            rest[0] = None
+    except ValueError:
+        raise ValueError(
+            f"bad adaptive schedule {spec!r}: expected 'adaptive:THRESHOLD[:MAX_INTERVAL[:MIN_KEY_STEPS]]', "
+            "e.g. 'adaptive:0.3' or 'adaptive:0.3:4'"
+        ) from None
+    if len(rest) > 2:
+        raise ValueError(f"bad adaptive schedule {spec!r}: at most THRESHOLD:MAX_INTERVAL:MIN_KEY_STEPS")
+    return AdaptiveSchedule(threshold, *rest)
+
+
 ScheduleLike = Union[KeyStepSchedule, str, Sequence[int]]
 
 
@@ -147,7 +226,8 @@ def parse_schedule(spec: ScheduleLike) -> KeyStepSchedule:
     """Turn a schedule, a string or a list of steps into a :class:`KeyStepSchedule`.
 
     Strings: ``"faster-diffusion"`` (alias ``"paper"``), ``"uniform:N"`` (alias ``"every:N"``),
-    ``"all"`` (every step a key step, i.e. no reuse), or a comma-separated list ``"0,1,5,10"``.
+    ``"all"`` (every step a key step, i.e. no reuse), ``"adaptive:T[:MAX_INTERVAL[:MIN_KEY_STEPS]]"``
+    (:class:`AdaptiveSchedule`), or a comma-separated list ``"0,1,5,10"``.
 
     Example:
         >>> parse_schedule("uniform:3")
@@ -162,6 +242,8 @@ def parse_schedule(spec: ScheduleLike) -> KeyStepSchedule:
         if text == "all":
             return UniformSchedule(1)
         kind, sep, arg = text.partition(":")
+        if sep and kind == "adaptive":
+            return _parse_adaptive(spec, arg)
         if sep and kind in ("uniform", "every"):
             try:
                 return UniformSchedule(int(arg))
@@ -172,8 +254,8 @@ def parse_schedule(spec: ScheduleLike) -> KeyStepSchedule:
         except ValueError as err:
             if "invalid literal" in str(err):
                 raise ValueError(
-                    f"unknown key-step schedule {spec!r}: use 'faster-diffusion', 'uniform:N', 'all' "
-                    "or a comma-separated list of steps such as '0,1,5,10'"
+                    f"unknown key-step schedule {spec!r}: use 'faster-diffusion', 'uniform:N', 'adaptive:T', "
+                    "'all' or a comma-separated list of steps such as '0,1,5,10'"
                 ) from None
             raise
     if isinstance(spec, (list, tuple, range)):
