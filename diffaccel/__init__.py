@@ -33,7 +33,8 @@ _LAZY_NAMES: dict[str, str] = {
         ".quantization",
     ),
     **dict.fromkeys(
-        ("ExplicitSchedule", "FasterDiffusionSchedule", "UniformSchedule", "parse_schedule"), ".features.key_steps"
+        ("AdaptiveSchedule", "ExplicitSchedule", "FasterDiffusionSchedule", "UniformSchedule", "parse_schedule"),
+        ".features.key_steps",
     ),
     **dict.fromkeys(("FKSteeringConfig", "FlowMatchSDEScheduler", "NoiseSearchConfig", "search", "steer"), ".steering"),
     **dict.fromkeys(
@@ -42,6 +43,7 @@ _LAZY_NAMES: dict[str, str] = {
     ),
     "quantized_sdpa": ".kernels.quantized_attention",
     "evaluate": ".evaluation.driver",
+    **dict.fromkeys(("PRESETS", "preset_configs"), ".presets"),
 }
 
 #: Modules that need no torch: loading a name from them does not load the drop-in pipelines.
@@ -49,6 +51,7 @@ _LIGHT_MODULES = (".errors", ".features.key_steps")
 
 __all__ = [
     "AccelerationStats",
+    "AdaptiveSchedule",
     "DeltaCacheConfig",
     "DeltaCacheStats",
     "DiffaccelError",
@@ -61,6 +64,7 @@ __all__ = [
     "FlowMatchSDEScheduler",
     "MemoryReport",
     "NoiseSearchConfig",
+    "PRESETS",
     "QuantizationConfig",
     "QuantizationStats",
     "QuantizedAttention",
@@ -77,6 +81,7 @@ __all__ = [
     "load_quantized",
     "memory_report",
     "parse_schedule",
+    "preset_configs",
     "quantize_",
     "quantized_sdpa",
     "remove_quantized_attention",

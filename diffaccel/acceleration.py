@@ -59,6 +59,7 @@ import torch
 from .attention import QuantizedAttentionConfig  # noqa: F401  (attach_order 50)
 from .errors import DiffaccelError
 from .features.base import FEATURE_CONFIGS, AttachedFeature, FeatureConfig
+from .presets import check_preset, preset_configs
 from .features.delta_cache import DeltaCacheConfig  # noqa: F401  (attach_order 40)
 from .features.encoder_reuse import EncoderReuseConfig  # noqa: F401  (attach_order 30)
 from .quantization.config import QuantizationConfig  # noqa: F401  (attach_order 10)
@@ -67,7 +68,7 @@ from .quantization.dynamic import DynamicPrecisionConfig  # noqa: F401  (attach_
 #: File that ``save_pretrained`` writes beside ``model_index.json``.
 ACCELERATION_CONFIG_NAME = "diffaccel_config.json"
 
-AccelerationLike = Union[FeatureConfig, Sequence[FeatureConfig], None]
+AccelerationLike = Union[FeatureConfig, str, Sequence[Union[FeatureConfig, str]], None]
 
 
 @dataclass
@@ -247,15 +248,20 @@ def accelerated_class(base: type) -> type:
     return _ACCELERATED_CLASSES[base]
 
 
-def _as_configs(acceleration: AccelerationLike) -> list[FeatureConfig]:
+def _as_configs(acceleration: AccelerationLike) -> list[FeatureConfig | str]:
+    """Feature configs and preset names (checked; :func:`accelerate` expands them for the pipeline)."""
     if acceleration is None:
         return []
-    if isinstance(acceleration, FeatureConfig):
-        return [acceleration]
+    if isinstance(acceleration, (FeatureConfig, str)):
+        acceleration = [acceleration]
     configs = list(acceleration)
     for config in configs:
-        if not isinstance(config, FeatureConfig):
-            raise TypeError(f"acceleration must be diffaccel feature configs, got {type(config).__name__}")
+        if isinstance(config, str):
+            check_preset(config)
+        elif not isinstance(config, FeatureConfig):
+            raise TypeError(
+                f"acceleration must be diffaccel feature configs or a preset name, got {type(config).__name__}"
+            )
     return configs
 
 
@@ -300,7 +306,7 @@ def _read_feature(config_path: str, name: str, settings: Any) -> FeatureConfig:
         raise DiffaccelError(f"{config_path}: invalid settings for {name!r}: {error}") from error
 
 
-def accelerate(pipe: Any, *configs: FeatureConfig) -> Any:
+def accelerate(pipe: Any, *configs: FeatureConfig | str) -> Any:
     """Attach diffaccel features to a diffusers pipeline, in place, and return it.
 
     The pipeline's class becomes its accelerated subclass (so ``isinstance`` checks still hold)
@@ -313,17 +319,23 @@ def accelerate(pipe: Any, *configs: FeatureConfig) -> Any:
 
     Args:
         pipe: a diffusers pipeline.
-        configs: feature configs, e.g. :class:`~diffaccel.EncoderReuseConfig`.
+        configs: feature configs, e.g. :class:`~diffaccel.EncoderReuseConfig`, or a preset name
+            (``"fast"``, ``"balanced"``, ``"quality"``; see :mod:`diffaccel.presets`) that expands to
+            the configs measured best for the pipeline's family.
 
     Example:
         >>> import diffaccel
         >>> from diffaccel.testing import tiny_pipeline
         >>> pipe = diffaccel.accelerate(tiny_pipeline("sd"), diffaccel.EncoderReuseConfig())
         >>> pipe.acceleration
-        (EncoderReuseConfig(schedule=FasterDiffusionSchedule(), parallel=None, max_parallel_steps=None,
+        (EncoderReuseConfig(schedule=FasterDiffusionSchedule(), shallow_layers=None, forecast=0,
+                            reuse_guidance=False, parallel=None, max_parallel_steps=None,
                             noise_injection=0.0, noise_injection_below=0.5),)
     """
-    configs = tuple(sorted(_as_configs(list(configs)), key=lambda c: getattr(c, "attach_order", math.inf)))
+    expanded: list[FeatureConfig] = []
+    for config in _as_configs(list(configs)):
+        expanded += preset_configs(pipe, config) if isinstance(config, str) else [config]
+    configs = tuple(sorted(expanded, key=lambda c: getattr(c, "attach_order", math.inf)))
     names = [config.name for config in configs]
     if len(set(names)) != len(names):
         raise ValueError(f"each feature may be given once, got {names}")

@@ -3,7 +3,9 @@
 A SPEC is ``none`` (the untouched pipeline), diffaccel parts joined by ``+``, or one peer:
 
 * diffaccel parts (built with the real config classes, so their own checks run):
-  ``encoder-reuse:SCHEDULE`` (``faster-diffusion``, ``uniform:N``, ``all``, ``0,1,5``),
+  ``encoder-reuse:SCHEDULE`` (``faster-diffusion``, ``uniform:N``, ``adaptive:T``, ``all``, ``0,1,5``;
+  deep reuse with ``,shallow_layers=1``), ``preset:fast|balanced|quality`` (the UNet presets of
+  :mod:`diffaccel.presets`),
   ``delta-cache:THRESHOLD``, a :class:`~diffaccel.QuantizationConfig` precision (``nvfp4``,
   ``nvfp4+residual``, ``int8``), ``quantized-attention``; e.g. ``encoder-reuse:uniform:2+delta-cache:0.05``;
   each may end in ``,key=value`` options, the int, float and bool fields of its config
@@ -51,6 +53,7 @@ from ..errors import DiffaccelError
 from ..features.base import FeatureConfig
 from ..features.delta_cache import DeltaCacheConfig
 from ..features.encoder_reuse import EncoderReuseConfig
+from ..presets import unet_preset
 from ..features.quantized_attention import QuantizedAttentionConfig
 from ..quantization.config import CONFIG_PRECISIONS, QuantizationConfig
 from ..steering.fk import FKSteeringConfig
@@ -68,6 +71,7 @@ DIFFACCEL_PARTS: tuple[str, ...] = (
     "delta-cache:THRESHOLD",
     *PRECISIONS,
     "quantized-attention",
+    "preset:NAME",
 )
 
 #: The steering parts of a spec (at most one, joinable with diffaccel parts), as written.
@@ -285,6 +289,7 @@ _BUILDERS: dict[str, tuple[bool, Callable[..., FeatureConfig]]] = {
     "encoder-reuse": (True, lambda arg, **options: EncoderReuseConfig(schedule=arg, **options)),
     "delta-cache": (True, lambda arg, **options: DeltaCacheConfig(threshold=_number(arg), **options)),
     "quantized-attention": (False, lambda arg, **options: QuantizedAttentionConfig(**options)),
+    "preset": (True, lambda arg, **options: unet_preset(arg)),
     **{p: (False, lambda arg, p=p, **options: QuantizationConfig(precision=p, **options)) for p in PRECISIONS},
 }
 
@@ -302,6 +307,8 @@ _POSITIONAL = {"encoder-reuse": "schedule", "delta-cache": "threshold", **dict.f
 
 def _part_options(key: str) -> dict[str, type]:
     """The ``key=value`` options of the diffaccel part ``key``: its config's int, float and bool fields."""
+    if key not in _PART_CONFIGS:  # a preset takes no options
+        return {}
     fields = ((f.name, _scalar_type(f.type)) for f in dataclasses.fields(_PART_CONFIGS[key]))
     return {name: kind for name, kind in fields if kind is not None and name != _POSITIONAL.get(key)}
 
@@ -402,7 +409,8 @@ def parse_variant(text: str) -> Variant:
 
     Example:
         >>> parse_variant("reuse=encoder-reuse:faster-diffusion").configs
-        (EncoderReuseConfig(schedule=FasterDiffusionSchedule(), parallel=None, max_parallel_steps=None,
+        (EncoderReuseConfig(schedule=FasterDiffusionSchedule(), shallow_layers=None, forecast=0,
+                            reuse_guidance=False, parallel=None, max_parallel_steps=None,
                             noise_injection=0.0, noise_injection_below=0.5),)
         >>> parse_variant("encoder-reuse:uniform:2")
         Traceback (most recent call last):

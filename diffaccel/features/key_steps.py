@@ -190,7 +190,7 @@ class AdaptiveSchedule(KeyStepSchedule):
 
     def interval(self, rate: float) -> int:
         """Steps until the next key step when the features change by ``rate`` (relative) per step."""
-        steps = int(self.threshold / rate) if rate > 0 else self.max_interval or 1 << 30
+        steps = int(self.threshold / rate + 1e-9) if rate > 0 else self.max_interval or 1 << 30
         return max(1, min(steps, self.max_interval or steps))
 
     def describe(self) -> str:

@@ -1,0 +1,85 @@
+"""Presets: one knob (``"fast"``, ``"balanced"``, ``"quality"``) for users who do not want to pick
+key steps themselves; ``diffaccel.accelerate(pipe, "fast")`` and ``--preset fast`` take them.
+
+Each preset is what the measurements on the bundled micro-SD say is best at its speed (``diffaccel
+eval`` against DeepCache in the same run; figures in ``docs/measurements.md``): deep reuse of the
+UNet (the outermost decoder layer runs at non-key steps), first-order forecasting of the replayed
+features, key steps placed by the adaptive schedule, and guidance reuse at non-key steps. The three
+differ only in the adaptive threshold (the feature drift allowed between key steps). The explicit
+configs stay for those who want to tune.
+
+Presets exist for pipelines whose denoiser is a ``UNet2DConditionModel`` (Stable Diffusion and SDXL
+with their img2img, inpaint and ControlNet variants). Transformer (DiT) pipelines have none yet and
+are refused with an error that names the configs to use instead.
+
+Example:
+    >>> import diffaccel
+    >>> from diffaccel.testing import tiny_pipeline
+    >>> pipe = diffaccel.accelerate(tiny_pipeline("sd"), "fast")
+    >>> pipe.acceleration[0].schedule
+    AdaptiveSchedule(threshold=0.6, max_interval=6, min_key_steps=2)
+    >>> preset_configs(tiny_pipeline("pixart-sigma"), "fast")
+    Traceback (most recent call last):
+    ...
+    diffaccel.errors.UnsupportedPipelineError: no preset for PixArtSigmaPipeline yet: presets exist for UNet pipelines (Stable Diffusion, SDXL and their variants); configure a transformer pipeline explicitly, e.g. diffaccel.accelerate(pipe, diffaccel.DeltaCacheConfig(threshold=0.1))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diffusers import UNet2DConditionModel
+
+from .errors import UnsupportedPipelineError
+from .features.base import FeatureConfig
+from .features.encoder_reuse import EncoderReuseConfig
+
+#: The preset names, fastest first.
+PRESETS = ("fast", "balanced", "quality")
+
+#: The adaptive schedule's threshold of each UNet preset (relative drift of the deepest feature
+#: allowed between key steps), chosen on micro-SD at 25 DDIM steps.
+_UNET_THRESHOLDS = {"fast": 0.6, "balanced": 0.5, "quality": 0.4}
+
+
+def unet_preset(name: str) -> EncoderReuseConfig:
+    """The encoder-reuse config of the UNet preset ``name``.
+
+    Example:
+        >>> unet_preset("quality").schedule.describe()
+        'adaptive:0.4:6'
+    """
+    check_preset(name)
+    return EncoderReuseConfig(
+        schedule=f"adaptive:{_UNET_THRESHOLDS[name]}:6", shallow_layers=1, forecast=1, reuse_guidance=True
+    )
+
+
+def check_preset(name: Any) -> str:
+    """``name`` if it is a preset; a ``ValueError`` listing the presets otherwise.
+
+    Example:
+        >>> check_preset("fastest")
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown preset 'fastest': use one of 'fast', 'balanced', 'quality'
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: use one of {', '.join(repr(p) for p in PRESETS)}")
+    return name
+
+
+def preset_configs(pipe: Any, name: str) -> tuple[FeatureConfig, ...]:
+    """The feature configs of preset ``name`` for ``pipe``'s family (see the module docs).
+
+    Raises ``ValueError`` for an unknown name and
+    :class:`~diffaccel.errors.UnsupportedPipelineError` for a pipeline without presets.
+    """
+    check_preset(name)
+    if isinstance(getattr(pipe, "unet", None), UNet2DConditionModel):
+        return (unet_preset(name),)
+    raise UnsupportedPipelineError(
+        f"no preset for {type(pipe).__name__} yet: presets exist for UNet pipelines (Stable Diffusion, SDXL and "
+        "their variants); configure a transformer pipeline explicitly, e.g. "
+        "diffaccel.accelerate(pipe, diffaccel.DeltaCacheConfig(threshold=0.1))"
+    )
