@@ -1,4 +1,5 @@
-"""Benchmark: UNet encoder reuse against the untouched pipeline and DeepCache, side by side.
+"""Benchmark: UNet encoder reuse, deep reuse and the presets against the untouched pipeline and
+DeepCache (intervals 2 to 5), side by side.
 
 ``diffaccel.evaluate`` runs every variant on the same pipeline object, prompts and seeds: a warm-up
 call per variant, then one call per seed and variant, interleaved seed by seed (each seed is one
@@ -18,6 +19,7 @@ trained model for fidelity claims and say which model a figure comes from.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -30,6 +32,7 @@ import torch
 import diffaccel
 from benchkit import recorded_features, round_seeds, run_folder, write_report
 from diffaccel import EncoderReuseConfig
+from diffaccel.presets import unet_preset
 
 PROMPTS = ["a red circle to the left of a blue square", "two green triangles", "a yellow square above a purple circle"]
 
@@ -62,8 +65,15 @@ def make_variants(args: argparse.Namespace) -> dict[str, Any]:
         mode = "parallel" if parallel else "sequential"
         variants[f"uniform-3-{mode}"] = EncoderReuseConfig("uniform:3", parallel=parallel)
         variants[f"faster-diffusion-{mode}"] = EncoderReuseConfig("faster-diffusion", parallel=parallel)
-    if not args.no_deepcache:
-        variants["deepcache-3"] = "deepcache:interval=3"
+    variants["deep-uniform-3"] = EncoderReuseConfig("uniform:3", shallow_layers=1)
+    variants["deep-uniform-3-guidance"] = EncoderReuseConfig("uniform:3", shallow_layers=1, reuse_guidance=True)
+    for preset in diffaccel.PRESETS:
+        variants[f"preset-{preset}"] = unet_preset(preset)
+    if not args.no_deepcache and importlib.util.find_spec("DeepCache") is None:
+        print("DeepCache is not installed (pip install DeepCache==0.1.1): measuring without it", file=sys.stderr)
+    elif not args.no_deepcache:
+        for interval in (2, 3, 4, 5):
+            variants[f"deepcache-{interval}"] = f"deepcache:interval={interval}"
     return variants
 
 
@@ -138,6 +148,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "nfe_mean": row["nfe_mean"],
             "psnr": None if variant == "untouched" else row["metrics"]["psnr"],
             "encoder_reuse": stats.get("encoder_reuse"),
+            "key_steps": (stats.get("encoder_reuse") or {}).get("key_steps"),
         }
     report = {
         "sequential_cost_model": fit_step_costs(results, args.steps),
@@ -152,10 +163,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "results": results,
     }
-    print(f"\n{'variant':28s} {'median s':>9s} {'speedup':>8s} {'PSNR dB':>8s}")
+    print(f"\n{'variant':28s} {'median s':>9s} {'speedup':>8s} {'PSNR dB':>8s} {'key steps':>9s}")
     for variant, row in results.items():
         psnr = row["psnr"]["mean"] if row["psnr"] else float("inf")
-        print(f"{variant:28s} {row['seconds_median']:9.3f} {row['speedup']:7.2f}x {psnr:8.2f}")
+        keys = len(row["key_steps"]) if row["key_steps"] else "-"
+        print(f"{variant:28s} {row['seconds_median']:9.3f} {row['speedup']:7.2f}x {psnr:8.2f} {keys:>9}")
     if report["sequential_cost_model"]:
         share = report["sequential_cost_model"]["decoder_share"]
         print(f"decoder share of a full UNet step (fitted): {share:.2f}")

@@ -1,18 +1,22 @@
 #!/bin/bash
 # Every GPU check of the kernels and DiT features in one call of a lent GPU machine (the project's
 # device tool): the kernel tests compiled on the GPU (against their plain-torch references), then
-# bench/kernel_speed.py (the full shape list) and bench/dit_gpu.py (a short Wan 1.3B-shaped run).
+# bench/kernel_speed.py (the full shape list), bench/dit_gpu.py (a short Wan 1.3B-shaped run) and
+# bench/encoder_reuse.py (SD1.5's full UNet, fp16, 512x512, random weights: deep reuse and the
+# presets against DeepCache 2-5; unmeasured until a GPU is lent).
 # Each step has a time limit, so the call fits a 15-minute device budget; JSON results and logs
-# land in $OUT (commit kernels.json under bench/results/kernels/ and dit.json under bench/results/dit_gpu/ afterwards).
+# land in $OUT (commit kernels.json under bench/results/kernels/, dit.json under bench/results/dit_gpu/ and
+# unet.json under bench/results/encoder_reuse/ afterwards).
 # Prepare here (the machine has torch/triton/transformers, not diffusers): `echo /.whl/ >> .git/info/exclude`,
-# then download diffusers==0.42.1 and importlib_metadata into .whl/ as the device README shows. Carry: .whl.
+# then download diffusers==0.42.1, importlib_metadata and DeepCache==0.1.1 into .whl/ as the device README
+# shows. Carry: .whl.
 # Usage there: bash bench/gpu_session.sh      (about 8 minutes with the defaults)
 # Check it here on CPU in a minute: DEVICE=cpu OUT=/tmp/gpu-session bash bench/gpu_session.sh
 #   (PY=/path/to/venv/bin/python picks another Python; train/device_env.sh installs diffaccel into it)
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 DEVICE=${DEVICE:-cuda} OUT=${OUT:-out/gpu-session}
-TESTS_S=${TESTS_S:-150} KERNELS_S=${KERNELS_S:-200} DIT_S=${DIT_S:-180}
+TESTS_S=${TESTS_S:-150} KERNELS_S=${KERNELS_S:-200} DIT_S=${DIT_S:-180} UNET_S=${UNET_S:-150}
 DIT_FRAMES=${DIT_FRAMES:-17} DIT_STEPS=${DIT_STEPS:-10}
 mkdir -p "$OUT"
 source train/device_env.sh  # $PY, the carried wheels, PYTHONPATH, diffaccel installed from this tree
@@ -35,4 +39,9 @@ DIT_ARGS=(--frames "$DIT_FRAMES" --steps "$DIT_STEPS")
 [ "$DEVICE" = cpu ] && DIT_ARGS=(--quick)
 timeout -s TERM "$DIT_S" $PY bench/dit_gpu.py "${DIT_ARGS[@]}" --out "$OUT/dit.json" 2>&1 \
   | tr '\r' '\n' | grep -v "it/s\|s/it" | tee -a "$OUT/dit.log"
+echo "== bench/encoder_reuse.py (SD1.5 UNet vs DeepCache) ==" | tee "$OUT/unet.log"
+UNET_ARGS=(--device cuda --steps 50 --seeds 0 --rounds 3)
+[ "$DEVICE" = cpu ] && UNET_ARGS=(--quick)
+timeout -s TERM "$UNET_S" $PY bench/encoder_reuse.py "${UNET_ARGS[@]}" --out "$OUT/unet.json" 2>&1 \
+  | tr '\r' '\n' | grep -v "it/s\|s/it" | tee -a "$OUT/unet.log"
 ls -la "$OUT"
