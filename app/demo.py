@@ -1,10 +1,10 @@
-"""Gradio demo: text-to-image with and without diffaccel's encoder reuse (and optionally NVFP4 or
-INT8 weights), and text-to-video with and without the temporal delta cache, side by side, each
-side judged by the ShapeWorld verifier.
+"""Gradio demo: text-to-image with and without diffaccel's UNet acceleration (a preset, or encoder
+reuse on a key-step schedule; optionally NVFP4 or INT8 weights), and text-to-video with and without
+the temporal delta cache, side by side, each side judged by the ShapeWorld verifier.
 
     pip install -e ".[app]"
-    python app/demo.py [--model PATH] [--video-model PATH] [--port PORT]
-    # defaults: the bundled micro-SD and micro-video, on http://127.0.0.1:7860
+    python app/demo.py [--model PATH] [--video-model PATH] [--preset fast] [--port PORT]
+    # defaults: the bundled micro-SD and micro-video, the "fast" preset, on http://127.0.0.1:7860
 
 The generation itself is :func:`compare` and :func:`compare_video`, usable without Gradio.
 Small images (the micro models draw 64x64) are shown enlarged, nearest-neighbour, to
@@ -32,9 +32,12 @@ from diffaccel.loading import (
     load_video_pipeline,
 )
 from diffaccel.micro_models import models_dir
+from diffaccel.presets import unet_preset
 from diffaccel.shapeworld import Verifier, parse_prompt
 
 SCHEDULES = ("faster-diffusion", "uniform:2", "uniform:3", "uniform:5")
+#: The image tab's choices: a preset (diffaccel.PRESETS) or an encoder-reuse key-step schedule.
+ACCELERATIONS = (*diffaccel.PRESETS, *SCHEDULES)
 #: Weight formats the accelerated side can use (``"none"``: the pipeline's own weights).
 WEIGHTS = ("none", "nvfp4", "int8")
 #: Frames per clip unless the call says otherwise: the bundled micro-video's (9-frame 64x64 clips),
@@ -91,19 +94,26 @@ def _check_common(prompt: str, weights: str) -> None:
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
 
 
-def image_config(prompt: str, steps: int, schedule: str, parallel: bool, weights: str = "none") -> Any:
-    """The encoder-reuse config of :func:`compare`'s inputs, checked before any model work.
+def image_config(prompt: str, steps: int, acceleration: str, parallel: bool, weights: str = "none") -> Any:
+    """The encoder-reuse config of :func:`compare`'s inputs, checked before any model work:
+    ``acceleration`` is a preset (``"fast"``, ``"balanced"``, ``"quality"``: deep reuse, which decodes
+    step by step, so ``parallel`` does not apply) or a key-step schedule (encoder reuse, decoded in
+    parallel when ``parallel``).
 
     Example:
         >>> image_config("a red circle", 50, "faster-diffusion", False).schedule.key_steps(50)[:4]
         (0, 1, 2, 3)
+        >>> image_config("a red circle", 50, "fast", False).shallow_layers
+        1
         >>> image_config("a red circle", 50, "uniform:2", False, "fp8")
         Traceback (most recent call last):
         ...
         ValueError: weights must be one of ('none', 'nvfp4', 'int8'), got 'fp8'
     """
     _check_common(prompt, weights)
-    config = diffaccel.EncoderReuseConfig(schedule, parallel=parallel)
+    if acceleration in diffaccel.PRESETS:
+        return unet_preset(acceleration)
+    config = diffaccel.EncoderReuseConfig(acceleration, parallel=parallel)
     config.schedule.key_steps(int(steps))
     return config
 
@@ -144,19 +154,21 @@ def verdicts(base: Any, fast: Any, prompt: str, *, clip: bool = False) -> str:
 
 
 def compare(
-    pipe: Any, prompt: str, steps: int, seed: int, schedule: str, parallel: bool, weights: str = "none"
+    pipe: Any, prompt: str, steps: int, seed: int, acceleration: str, parallel: bool, weights: str = "none"
 ) -> tuple[Any, Any, str]:
-    """Generate ``prompt`` untouched and with encoder reuse (on ``weights``: ``"none"``, ``"nvfp4"``
-    or ``"int8"``); return both images (native size) and a summary with the verifier's verdicts.
-    The pipeline's own UNet is never modified.
+    """Generate ``prompt`` untouched and with ``acceleration`` (a preset or a key-step schedule, see
+    :func:`image_config`; on ``weights``: ``"none"``, ``"nvfp4"`` or ``"int8"``); return both images
+    (native size) and a summary with the verifier's verdicts. The pipeline's own UNet is never modified.
 
     Example:
         >>> from diffaccel.testing import tiny_pipeline
         >>> base, fast, text = compare(tiny_pipeline("sd"), "a red circle", 10, 0, "uniform:2", False)
         >>> "encoder evaluations: 5/10" in text, "ShapeWorld verifier: untouched" in text
         (True, True)
+        >>> "preset fast" in compare(tiny_pipeline("sd"), "a red circle", 10, 0, "fast", True)[2]
+        True
     """
-    config = image_config(prompt, steps, schedule, parallel, weights)
+    config = image_config(prompt, steps, acceleration, parallel, weights)
 
     def generate() -> Any:
         generator = torch.Generator("cpu").manual_seed(int(seed))
@@ -164,10 +176,13 @@ def compare(
 
     base_image, fast_image, base_seconds, stats = _side_by_side(pipe, "unet", weights, config, generate)
     reuse = stats.features["encoder_reuse"]
+    name = f"preset {acceleration}" if acceleration in diffaccel.PRESETS else "encoder reuse"
     summary = (
-        f"baseline: {base_seconds:.2f} s; encoder reuse: {stats.seconds:.2f} s "
+        f"baseline: {base_seconds:.2f} s; {name}: {stats.seconds:.2f} s "
         f"({base_seconds / stats.seconds:.2f}x)\n{reuse.summary()}"
     )
+    if parallel and acceleration in diffaccel.PRESETS:
+        summary += "\nparallel decoding: not used by a preset (deep reuse reads each step's latents)"
     if weights != "none":
         report = diffaccel.memory_report(_quantized_copy(pipe.unet, weights))
         summary += f"\n{weights} weights: UNet {report.summary()}"
@@ -278,18 +293,21 @@ class GifStore:
 
 
 def build_demo(pipe: Any, model_label: str, video: tuple[Any, str, dict[str, Any]] | None = None,
-               gifs: GifStore | None = None) -> Any:
+               gifs: GifStore | None = None, preset: str = "fast") -> Any:
     """The Gradio Blocks app around :func:`compare` (and :func:`compare_video` when ``video`` is
-    ``(pipeline, label, call arguments)``), queued (at most :data:`QUEUE_SIZE` waiting). Clips
-    are written to ``gifs`` (default: a new :class:`GifStore`)."""
+    ``(pipeline, label, call arguments)``), queued (at most :data:`QUEUE_SIZE` waiting). The image
+    tab starts on ``preset`` (one of :data:`ACCELERATIONS`). Clips are written to ``gifs`` (default:
+    a new :class:`GifStore`)."""
+    if preset not in ACCELERATIONS:
+        raise ValueError(f"preset must be one of {ACCELERATIONS}, got {preset!r}")
     import gradio as gr
 
     gifs = gifs if gifs is not None else GifStore()
 
-    def run(prompt: str, steps: float, seed: float, schedule: str, parallel: bool, weights: str,
+    def run(prompt: str, steps: float, seed: float, acceleration: str, parallel: bool, weights: str,
             progress: Any = gr.Progress(track_tqdm=True)):
         try:
-            base, fast, text = compare(pipe, prompt, int(steps), int(seed), schedule, parallel, weights)
+            base, fast, text = compare(pipe, prompt, int(steps), int(seed), acceleration, parallel, weights)
         except ValueError as err:
             raise gr.Error(str(err)) from None
         shown = enlarge(base)
@@ -307,18 +325,19 @@ def build_demo(pipe: Any, model_label: str, video: tuple[Any, str, dict[str, Any
         return gifs.write(shown), gifs.write([enlarge(frame) for frame in fast]), f"{text}\n{clips}"
 
     with gr.Blocks(title="diffaccel", delete_cache=DELETE_CACHE) as demo:
-        gr.Markdown(f"# diffaccel: encoder reuse\nmodel: `{model_label}`")
-        prompt, steps, seed = _prompt_row(gr, "a red circle to the left of a blue square", 50)
+        gr.Markdown(f"# diffaccel: UNet acceleration\nmodel: `{model_label}`")
+        prompt, steps, seed = _prompt_row(gr, "a red circle to the left of a blue square", 25)
         with gr.Row():
-            schedule = gr.Dropdown(list(SCHEDULES), value=SCHEDULES[0], allow_custom_value=True, label="key-step schedule")
-            parallel = gr.Checkbox(value=torch.cuda.is_available(), label="parallel decoding")
+            acceleration = gr.Dropdown(list(ACCELERATIONS), value=preset, allow_custom_value=True,
+                                       label="preset or key-step schedule")
+            parallel = gr.Checkbox(value=torch.cuda.is_available(), label="parallel decoding (schedules)")
             weights = gr.Dropdown(list(WEIGHTS), value="none", label="quantized weights")
             button = gr.Button("generate", variant="primary")
         with gr.Row():
             base = gr.Image(label="untouched pipeline", format="png", elem_id="image-untouched")
             fast = gr.Image(label="diffaccel", format="png", elem_id="image-diffaccel")
         summary = gr.Textbox(label="what it did", lines=5, elem_id="image-summary")
-        button.click(run, [prompt, steps, seed, schedule, parallel, weights], [base, fast, summary])
+        button.click(run, [prompt, steps, seed, acceleration, parallel, weights], [base, fast, summary])
         if video is not None:
             gr.Markdown(f"# text-to-video: temporal delta cache\nmodel: `{video[1]}`")
             v_prompt, v_steps, v_seed = _prompt_row(gr, "a red circle moving to the left", 30)
@@ -360,6 +379,8 @@ def main() -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--video-model", default=None,
                         help=f"text-to-video model (default: {MICRO_VIDEO} when trained, else {RANDOM_VIDEO_MODEL})")
+    parser.add_argument("--preset", choices=ACCELERATIONS, default="fast",
+                        help="the image tab's starting choice: a preset or a key-step schedule (default: fast)")
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=7860)
     args = parser.parse_args()
@@ -367,7 +388,7 @@ def main() -> None:
         models = load_models(args.model, args.video_model)
     except ModelLoadError as err:
         parser.error(str(err))
-    build_demo(*models).launch(server_name=args.host, server_port=args.port)
+    build_demo(*models, preset=args.preset).launch(server_name=args.host, server_port=args.port)
 
 
 if __name__ == "__main__":

@@ -78,3 +78,23 @@ def write_report(report: dict[str, Any], path: str | os.PathLike, **dump_kwargs:
         handle.write("\n")
     print(f"wrote {path}")
     return path
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], draws: int = 10000, seed: int = 0) -> dict[str, float]:
+    """Mean of ``a - b`` over paired outcomes (0/1 pass flags or any per-sample metric), with a
+    bootstrap 95% interval over the pairs.
+
+    Example:
+        >>> paired_difference([1, 1, 0, 1], [1, 0, 0, 1])["difference"]
+        0.25
+    """
+    import torch
+
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired outcomes need equal, non-zero lengths, got {len(a)} and {len(b)}")
+    diff = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+    picks = torch.randint(len(diff), (draws, len(diff)), generator=torch.Generator().manual_seed(seed))
+    means = diff[picks].mean(dim=1)
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {"difference": float(diff.mean()), "ci95": [low, high], "pairs": len(diff),
+            "a_only": int((diff > 0).sum()), "b_only": int((diff < 0).sum())}

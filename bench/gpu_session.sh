@@ -3,10 +3,11 @@
 # device tool): the kernel tests compiled on the GPU (against their plain-torch references), then
 # bench/kernel_speed.py (the full shape list), bench/dit_gpu.py (a short Wan 1.3B-shaped run) and
 # bench/encoder_reuse.py (SD1.5's full UNet, fp16, 512x512, random weights: deep reuse and the
-# presets against DeepCache 2-5; unmeasured until a GPU is lent).
+# presets against DeepCache 2-5, then the presets inside the UNet compiled in place with torch.compile;
+# unmeasured until a GPU is lent).
 # Each step has a time limit, so the call fits a 15-minute device budget; JSON results and logs
 # land in $OUT (commit kernels.json under bench/results/kernels/, dit.json under bench/results/dit_gpu/ and
-# unet.json under bench/results/encoder_reuse/ afterwards).
+# unet.json and unet_compiled.json under bench/results/encoder_reuse/ afterwards).
 # Prepare here (the machine has torch/triton/transformers, not diffusers): `echo /.whl/ >> .git/info/exclude`,
 # then download diffusers==0.42.1, importlib_metadata and DeepCache==0.1.1 into .whl/ as the device README
 # shows. Carry: .whl.
@@ -16,7 +17,7 @@
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 DEVICE=${DEVICE:-cuda} OUT=${OUT:-out/gpu-session}
-TESTS_S=${TESTS_S:-150} KERNELS_S=${KERNELS_S:-200} DIT_S=${DIT_S:-180} UNET_S=${UNET_S:-150}
+TESTS_S=${TESTS_S:-150} KERNELS_S=${KERNELS_S:-200} DIT_S=${DIT_S:-180} UNET_S=${UNET_S:-150} UNET_COMPILE_S=${UNET_COMPILE_S:-90}
 DIT_FRAMES=${DIT_FRAMES:-17} DIT_STEPS=${DIT_STEPS:-10}
 mkdir -p "$OUT"
 source train/device_env.sh  # $PY, the carried wheels, PYTHONPATH, diffaccel installed from this tree
@@ -44,4 +45,7 @@ UNET_ARGS=(--device cuda --steps 50 --seeds 0 --rounds 3)
 [ "$DEVICE" = cpu ] && UNET_ARGS=(--quick)
 timeout -s TERM "$UNET_S" $PY bench/encoder_reuse.py "${UNET_ARGS[@]}" --out "$OUT/unet.json" 2>&1 \
   | tr '\r' '\n' | grep -v "it/s\|s/it" | tee -a "$OUT/unet.log"
+echo "== bench/encoder_reuse.py --compile (the presets inside a torch.compile'd SD1.5 UNet) ==" | tee "$OUT/unet_compiled.log"
+timeout -s TERM "$UNET_COMPILE_S" $PY bench/encoder_reuse.py "${UNET_ARGS[@]}" --compile --no-deepcache \
+  --out "$OUT/unet_compiled.json" 2>&1 | tr '\r' '\n' | grep -v "it/s\|s/it" | tee -a "$OUT/unet_compiled.log"
 ls -la "$OUT"

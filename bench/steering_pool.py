@@ -23,24 +23,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchkit import write_report  # noqa: E402
-
-
-def paired_difference(a: list[int], b: list[int], draws: int = 10000, seed: int = 0) -> dict[str, float]:
-    """Mean of ``a - b`` over paired 0/1 outcomes, with a bootstrap 95% interval over the pairs.
-
-    Example:
-        >>> paired_difference([1, 1, 0, 1], [1, 0, 0, 1])["difference"]
-        0.25
-    """
-    if len(a) != len(b) or not a:
-        raise ValueError(f"paired outcomes need equal, non-zero lengths, got {len(a)} and {len(b)}")
-    diff = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
-    picks = torch.randint(len(diff), (draws, len(diff)), generator=torch.Generator().manual_seed(seed))
-    means = diff[picks].mean(dim=1)
-    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return {"difference": float(diff.mean()), "ci95": [low, high], "pairs": len(diff),
-            "a_only": int((diff > 0).sum()), "b_only": int((diff < 0).sum())}
+from benchkit import paired_difference, write_report  # noqa: E402
 
 
 def pool(tables: list[dict[str, Any]]) -> dict[str, list[int]]:

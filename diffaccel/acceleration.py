@@ -52,12 +52,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, Union
 
 import torch
+from diffusers.utils.torch_utils import is_compiled_module
 
 # The built-in feature configs register themselves (``attach_order``, see
 # :mod:`diffaccel.features.base`) when their modules load: importing them here makes
 # :data:`FEATURE_CONFIGS` (read by :func:`load_acceleration_config` and :func:`accelerate`) know them all.
 from .attention import QuantizedAttentionConfig  # noqa: F401  (attach_order 50)
-from .errors import DiffaccelError
+from .errors import DiffaccelError, UnsupportedPipelineError
 from .features.base import FEATURE_CONFIGS, AttachedFeature, FeatureConfig
 from .presets import check_preset, preset_configs
 from .features.delta_cache import DeltaCacheConfig  # noqa: F401  (attach_order 40)
@@ -332,8 +333,11 @@ def accelerate(pipe: Any, *configs: FeatureConfig | str) -> Any:
                             reuse_guidance=False, parallel=None, max_parallel_steps=None,
                             noise_injection=0.0, noise_injection_below=0.5),)
     """
+    configs_given = _as_configs(list(configs))
+    if configs_given:
+        _refuse_compile_wrappers(pipe)
     expanded: list[FeatureConfig] = []
-    for config in _as_configs(list(configs)):
+    for config in configs_given:
         expanded += preset_configs(pipe, config) if isinstance(config, str) else [config]
     configs = tuple(sorted(expanded, key=lambda c: getattr(c, "attach_order", math.inf)))
     names = [config.name for config in configs]
@@ -350,6 +354,18 @@ def accelerate(pipe: Any, *configs: FeatureConfig | str) -> Any:
         restore(pipe)
         raise
     return pipe
+
+
+def _refuse_compile_wrappers(pipe: Any) -> None:
+    """An ``UnsupportedPipelineError`` when a model component is a ``torch.compile`` wrapper: the
+    features hook modules inside the model, which the wrapper hides (compiling in place works)."""
+    for name, module in _pipeline_modules(pipe).items():
+        if is_compiled_module(module):
+            raise UnsupportedPipelineError(
+                f"pipe.{name} is a torch.compile wrapper ({type(module).__name__}): diffaccel's features hook the "
+                f"modules inside it, which the wrapper hides. Compile in place instead, pipe.{name}.compile() (before "
+                "or after diffaccel.accelerate); the features then run inside the compiled model"
+            )
 
 
 #: The pipeline whose features are attached to a module, for modules shared through ``from_pipe``.

@@ -11,7 +11,8 @@ often). The explicit configs stay for those who want to tune.
 
 Presets exist for pipelines whose denoiser is a ``UNet2DConditionModel`` (Stable Diffusion and SDXL
 with their img2img, inpaint and ControlNet variants). Transformer (DiT) pipelines have none yet and
-are refused with an error that names the configs to use instead.
+are refused with an error that names the configs to use instead. Importing this module imports
+neither torch nor diffusers (the command line reads :data:`PRESETS` before any model work).
 
 Example:
     >>> import diffaccel
@@ -27,13 +28,13 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
-
-from diffusers import UNet2DConditionModel
+from typing import TYPE_CHECKING, Any
 
 from .errors import UnsupportedPipelineError
-from .features.base import FeatureConfig
-from .features.encoder_reuse import EncoderReuseConfig
+
+if TYPE_CHECKING:
+    from .features.base import FeatureConfig
+    from .features.encoder_reuse import EncoderReuseConfig
 
 #: The preset names, fastest first.
 PRESETS = ("fast", "balanced", "quality")
@@ -50,6 +51,8 @@ def unet_preset(name: str) -> EncoderReuseConfig:
         >>> unet_preset("quality").schedule.describe()
         'adaptive:0.4:6'
     """
+    from .features.encoder_reuse import EncoderReuseConfig
+
     check_preset(name)
     return EncoderReuseConfig(
         schedule=f"adaptive:{_UNET_THRESHOLDS[name]}:6", shallow_layers=1, reuse_guidance=True
@@ -76,6 +79,8 @@ def preset_configs(pipe: Any, name: str) -> tuple[FeatureConfig, ...]:
     Raises ``ValueError`` for an unknown name and
     :class:`~diffaccel.errors.UnsupportedPipelineError` for a pipeline without presets.
     """
+    from diffusers import UNet2DConditionModel
+
     check_preset(name)
     if isinstance(getattr(pipe, "unet", None), UNet2DConditionModel):
         return (unet_preset(name),)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+import diffaccel
 from diffaccel.cli import main
 from diffaccel.cli.models import RANDOM_MODEL
 from diffaccel.quantization import QuantizedLinear
@@ -27,6 +28,18 @@ def test_generate_writes_image_and_summary(tmp_path, capsys):
     assert "decoder evaluations: 6 in 4 calls (parallel)" in printed  # (0,1) (2) (3,4) (5)
     stats = json.loads(stats_path.read_text())
     assert stats["features"]["encoder_reuse"]["decoder_evaluations"] == 6 and stats["seconds"] > 0
+
+
+def test_generate_with_a_preset_uses_its_config(tmp_path, capsys):
+    stats_path = tmp_path / "stats.json"
+    main(["generate", "a red circle", "--model", RANDOM_MODEL, "--steps", "8", "--preset", "fast", "--out",
+          str(tmp_path / "fast.png"), "--stats-json", str(stats_path)])
+    assert "preset: fast" in capsys.readouterr().out
+    reuse = json.loads(stats_path.read_text())["features"]["encoder_reuse"]
+    expected = diffaccel.preset_configs(tiny_pipeline("sd"), "fast")[0]
+    assert reuse["shallow_layers"] == expected.shallow_layers == 1
+    assert reuse["encoder_evaluations"] == len(reuse["key_steps"]) < 8
+    assert reuse["guidance_reused"] == 8 - len(reuse["key_steps"])  # guidance 7.5: every non-key step
 
 
 def test_generate_without_reuse(tmp_path, capsys):

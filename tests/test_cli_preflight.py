@@ -48,6 +48,9 @@ def _error(argv: list[str], capsys) -> str:
         (["--height", "65"], "--height 65: micro-sd needs a multiple of 8 (e.g. 64 or 72)"),
         (["--width", "36", "--model", RANDOM_MODEL], "--width 36: diffaccel/tiny-random-sd needs a multiple of 8"),
         (["--encoder-reuse", "0,1,80", "--steps", "20"], "--encoder-reuse: key step 80 is out of range"),
+        (["--preset", "fast", "--encoder-reuse", "uniform:2"],
+         "--preset fast and --encoder-reuse both configure the UNet's reuse: give one"),
+        (["--preset", "fastest"], "argument --preset: invalid choice: 'fastest'"),
         (["--search", "rbf"], "--search rbf is for flow-matching models (Flux, SD3, LTX, Wan); micro-sd's scheduler"),
         (["--search", "rbf", "--quantize", "int8"], "cannot go with --quantize"),
         (["--search", "random", "--budget", "10"], "--budget 10: --search random needs at least 1 x --steps = 50 NFE"),
@@ -203,6 +206,8 @@ def test_a_hub_model_is_checked_once_loaded_before_generating(tmp_path, capsys, 
     base = ["generate", PROMPT, "--model", "org/sd3", "--steps", "2", "--out", str(tmp_path / "x.png")]
     assert "--encoder-reuse needs a UNet pipeline (Stable Diffusion, SDXL); org/sd3 has a transformer" in _error(
         [*base, "--encoder-reuse", "uniform:2"], capsys)
+    assert "--preset: presets exist for UNet pipelines (Stable Diffusion, SDXL) only so far; org/sd3 has a transformer" in (
+        _error([*base, "--preset", "fast"], capsys))
     assert "--height 40: org/sd3 needs a multiple of 16" in _error([*base, "--height", "40"], capsys)
     assert not (tmp_path / "x.png").exists()
 

@@ -61,7 +61,7 @@ def _frames(path: str) -> tuple[int, tuple[int, int]]:
 def test_every_default_passes_the_checks(demo, gr):
     blocks = demo.build_demo(None, "micro-sd", (None, "micro-video", {}))
     image = _defaults(_handler(blocks, "image-untouched"))
-    demo.image_config(image["prompt"], image["steps"], image["key-step schedule"], image["parallel decoding"],
+    demo.image_config(image["prompt"], image["steps"], image["preset or key-step schedule"], image["parallel decoding (schedules)"],
                       image["quantized weights"])
     video = _defaults(_handler(blocks, "clip-untouched"))
     demo.video_config(video["prompt"], video["delta cache threshold"], video["quantized weights"])
@@ -76,7 +76,17 @@ def test_image_tab_with_its_defaults_shows_enlarged_images_and_both_verdicts(dem
     assert base.size == fast.size == (demo.DISPLAY_SIZE, demo.DISPLAY_SIZE)  # micro-SD draws 64x64
     assert "native size 64x64, shown enlarged 4x (nearest-neighbour) at 256x256" in summary
     assert VERDICT in summary and "; diffaccel score " in summary
-    assert "encoder evaluations" in summary
+    assert "encoder evaluations" in summary and "preset fast:" in summary and "shallow-path" in summary
+
+
+def test_image_tab_starts_on_the_given_preset_and_takes_every_choice(demo, gr):
+    for preset in demo.ACCELERATIONS:
+        blocks = demo.build_demo(None, "micro-sd", preset=preset)
+        assert _defaults(_handler(blocks, "image-untouched"))["preset or key-step schedule"] == preset
+        config = demo.image_config("a red circle", 25, preset, False)
+        assert (config.shallow_layers == 1) == (preset in demo.diffaccel.PRESETS)
+    with pytest.raises(ValueError, match="preset must be one of"):
+        demo.build_demo(None, "micro-sd", preset="turbo")
 
 
 def test_video_tab_with_its_defaults_draws_the_micro_model_clip(demo, gr, models):

@@ -2,6 +2,7 @@
 model loads.
 
 Example:
+    $ diffaccel generate "a red circle to the left of a blue square" --steps 25 --preset fast --out image.png
     $ diffaccel generate "a red circle to the left of a blue square" --steps 50 \\
         --encoder-reuse faster-diffusion --out image.png
 
@@ -28,6 +29,7 @@ from .checks import (
     non_negative_float,
     positive_int,
 )
+from ..presets import PRESETS
 from .options import add_common_arguments, feature_configs, warn_ignored_options
 from .report import print_verdict, warn_if_resized, write_stats_json
 from .steering import (
@@ -63,6 +65,9 @@ def add_parser(commands: Any) -> None:
                          model_help=f"{models.DEFAULT_MODEL} (the default, bundled) or {models.RANDOM_MODEL}",
                          out_help="output image file (.png, .jpg, .webp)", steps=50, size_step="SD: 8")
     gen.add_argument("--guidance-scale", type=float, default=None, help="default: 5 for micro-sd, else 7.5")
+    gen.add_argument("--preset", choices=PRESETS, default=None,
+                     help="one knob for UNet models (deep reuse, adaptive key steps, guidance reuse; docs/encoder-reuse.md); "
+                          "not with --encoder-reuse")
     gen.add_argument(
         "--encoder-reuse",
         type=_schedule,
@@ -88,6 +93,8 @@ def preflight(args: argparse.Namespace) -> ModelInfo | None:
     check_cap("--steps", args.steps, "--max-steps", args.max_steps)
     for flag, value in (("--height", args.height), ("--width", args.width)):
         check_cap(flag, value, "--max-size", args.max_size)
+    if args.preset is not None and args.encoder_reuse is not None:
+        fail(f"--preset {args.preset} and --encoder-reuse both configure the UNet's reuse: give one")
     if args.encoder_reuse is not None:
         try:
             args.encoder_reuse.key_steps(args.steps)
@@ -109,6 +116,9 @@ def check_model(info: ModelInfo, args: argparse.Namespace) -> None:
     check_size(info, args.model, args.height, args.width)
     if args.encoder_reuse is not None and info.denoiser != "unet":
         fail(f"--encoder-reuse needs a UNet pipeline (Stable Diffusion, SDXL); {args.model} has a "
+             f"{info.denoiser or 'different denoiser'}: try --delta-cache")
+    if args.preset is not None and info.denoiser != "unet":
+        fail(f"--preset: presets exist for UNet pipelines (Stable Diffusion, SDXL) only so far; {args.model} has a "
              f"{info.denoiser or 'different denoiser'}: try --delta-cache")
     if args.search in FLOW_SEARCH_METHODS and not info.flow:
         fail(f"--search {args.search} is for flow-matching models (Flux, SD3, LTX, Wan); "
@@ -151,7 +161,9 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
     image.save(args.out)
     print(f"saved {args.out} ({image.width}x{image.height})")
     lines = pipe.acceleration_stats.summary().split("\n")
-    if "encoder_reuse" not in pipe.acceleration_stats.features:
+    if args.preset is not None:
+        lines.insert(1, f"preset: {args.preset}")
+    elif "encoder_reuse" not in pipe.acceleration_stats.features:
         lines.insert(1, f"UNet evaluations: {args.steps} full (encoder reuse off)")
     print("\n".join(lines))
     stats = pipe.acceleration_stats.to_dict()

@@ -63,12 +63,14 @@ def warn_ignored_options(args: argparse.Namespace, needs: dict[str, tuple[str, .
 
 
 def feature_configs(args: argparse.Namespace, *, builtin: bool) -> list[Any]:
-    """The feature configs of ``--encoder-reuse`` (``generate`` only), ``--quantize`` and
+    """The feature configs of ``--preset`` or ``--encoder-reuse`` (``generate`` only), ``--quantize`` and
     ``--delta-cache``; a value a config refuses is a one-line error."""
     import diffaccel
 
     configs: list[Any] = []
     try:
+        if getattr(args, "preset", None) is not None:
+            configs.append(args.preset)  # diffaccel.accelerate expands it for the pipeline's family
         if getattr(args, "encoder_reuse", None) is not None:
             configs.append(diffaccel.EncoderReuseConfig(
                 schedule=args.encoder_reuse, parallel=args.parallel, max_parallel_steps=args.max_parallel_steps,

@@ -190,7 +190,9 @@ class EncoderReuseStats:
                 f"UNet encoder evaluations: {self.encoder_evaluations}/{self.num_steps}, "
                 f"{decoder} evaluations: {self.decoder_evaluations} in {self.batched_decoder_calls} calls"
                 f"{' (parallel)' if self.parallel else ''}")
-        return text + (f", {self.forecasts} forecast features" if self.forecasts else "")
+        text += f", {self.forecasts} forecast features" if self.forecasts else ""
+        return text + (f"\nguidance reused (conditional half only) at {self.guidance_reused} steps"
+                       if self.guidance_reused else "")
 
 
 @dataclass
