@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Issue 19's figures: diffaccel's UNet presets and deep reuse against DeepCache (intervals 2 to 5) in the same
 # `diffaccel eval` run on the bundled micro-SD (held-out ShapeWorld single-object and relation prompts, seeds 0
-# and 1) at 25 and 50 DDIM steps and 20 DPM-Solver steps, the composition of "fast" with the delta cache,
+# to 3) at 25 and 50 DDIM steps and 20 DPM-Solver steps, the composition of "fast" with the delta cache,
 # quantized weights and quantized attention, and the SD1.5-layout random-weight CPU speed table. Needs
-# DeepCache: pip install -e ".[eval]". One torch thread per run (a shared CPU). Rerunning resumes; the run
+# DeepCache: pip install -e ".[eval]". One torch thread, one run at a time (a shared CPU; about 35 minutes). Rerunning resumes; the run
 # folders go to out/eval/, their summaries, reports and plots to bench/results/eval/unet-*/, and the paired
 # differences against DeepCache interval 3 to paired.json beside them. Arguments pick steps by name (default: all,
 # in this order): ddim-25 dpm-20 ddim-50 composition-25 sd15-speed.
@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 PROMPTS=${PROMPTS:-shapeworld:single+relation:heldout:16}
-SEEDS=${SEEDS:-0,1}
+SEEDS=${SEEDS:-0,1,2,3}
 OUT=${OUT:-out/eval}
 run() {  # run NAME ARGS...: one eval run, then its figures copied to bench/results/eval/NAME
     local name=$1; shift

@@ -185,7 +185,8 @@ class EncoderReuseStats:
             key steps: [0, 2]
             UNet encoder evaluations: 2/4, decoder evaluations: 4 in 2 calls (parallel)
         """
-        decoder = "decoder" if self.shallow_layers is None else f"shallow-path ({self.shallow_layers} decoder layers)"
+        layers = self.shallow_layers
+        decoder = "decoder" if layers is None else f"shallow-path ({layers} decoder layer{'s' if layers > 1 else ''})"
         text = (f"key steps: {list(self.key_steps)}\n"
                 f"UNet encoder evaluations: {self.encoder_evaluations}/{self.num_steps}, "
                 f"{decoder} evaluations: {self.decoder_evaluations} in {self.batched_decoder_calls} calls"
