@@ -38,32 +38,31 @@ class ReplayedModule:
     boundary: bool
 
 
-def _down_layers(unet: torch.nn.Module) -> list[tuple[int, list[tuple[str, torch.nn.Module]]]]:
-    """The encoder's layers in forward order: (down block index, [(key, module), ...])."""
+def _layers(blocks: torch.nn.ModuleList, prefix: str, samplers: str | None = None
+            ) -> list[tuple[int, list[tuple[str, torch.nn.Module]]]]:
+    """The layers of ``blocks`` in forward order: (block index, [(key, module), ...]); a layer is a
+    resnet with its attention, and each of a block's ``samplers`` (if named) is a layer of its own."""
     layers = []
-    for b, block in enumerate(unet.down_blocks):
+    for b, block in enumerate(blocks):
         attentions = getattr(block, "attentions", None)
         for j, resnet in enumerate(block.resnets):
-            modules = [(f"down_blocks.{b}.resnets.{j}", resnet)]
+            modules = [(f"{prefix}.{b}.resnets.{j}", resnet)]
             if attentions is not None and j < len(attentions):
-                modules.append((f"down_blocks.{b}.attentions.{j}", attentions[j]))
+                modules.append((f"{prefix}.{b}.attentions.{j}", attentions[j]))
             layers.append((b, modules))
-        for j, sampler in enumerate(getattr(block, "downsamplers", None) or []):
-            layers.append((b, [(f"down_blocks.{b}.downsamplers.{j}", sampler)]))
+        for j, sampler in enumerate((getattr(block, samplers, None) if samplers else None) or []):
+            layers.append((b, [(f"{prefix}.{b}.{samplers}.{j}", sampler)]))
     return layers
+
+
+def _down_layers(unet: torch.nn.Module) -> list[tuple[int, list[tuple[str, torch.nn.Module]]]]:
+    """The encoder's layers in forward order (downsamplers are layers of their own)."""
+    return _layers(unet.down_blocks, "down_blocks", "downsamplers")
 
 
 def _up_layers(unet: torch.nn.Module) -> list[tuple[int, list[tuple[str, torch.nn.Module]]]]:
     """The decoder's layers in forward order (upsamplers belong to their block, not to a layer)."""
-    layers = []
-    for b, block in enumerate(unet.up_blocks):
-        attentions = getattr(block, "attentions", None)
-        for j, resnet in enumerate(block.resnets):
-            modules = [(f"up_blocks.{b}.resnets.{j}", resnet)]
-            if attentions is not None and j < len(attentions):
-                modules.append((f"up_blocks.{b}.attentions.{j}", attentions[j]))
-            layers.append((b, modules))
-    return layers
+    return _layers(unet.up_blocks, "up_blocks")
 
 
 def max_shallow_layers(unet: torch.nn.Module) -> int:
