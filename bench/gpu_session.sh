@@ -11,13 +11,13 @@
 # Prepare here (the machine has torch/triton/transformers, not diffusers): `echo /.whl/ >> .git/info/exclude`,
 # then download diffusers==0.42.1, importlib_metadata and DeepCache==0.1.1 into .whl/ as the device README
 # shows. Carry: .whl.
-# Usage there: bash bench/gpu_session.sh      (about 8 minutes with the defaults)
+# Usage there: bash bench/gpu_session.sh      (about 9 minutes with the defaults; the step limits sum to 755 s)
 # Check it here on CPU in a minute: DEVICE=cpu OUT=/tmp/gpu-session bash bench/gpu_session.sh
 #   (PY=/path/to/venv/bin/python picks another Python; train/device_env.sh installs diffaccel into it)
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 DEVICE=${DEVICE:-cuda} OUT=${OUT:-out/gpu-session}
-TESTS_S=${TESTS_S:-150} KERNELS_S=${KERNELS_S:-200} DIT_S=${DIT_S:-180} UNET_S=${UNET_S:-150} UNET_COMPILE_S=${UNET_COMPILE_S:-90}
+TESTS_S=${TESTS_S:-150} KERNELS_S=${KERNELS_S:-200} DIT_S=${DIT_S:-180} UNET_S=${UNET_S:-150} UNET_COMPILE_S=${UNET_COMPILE_S:-75}
 DIT_FRAMES=${DIT_FRAMES:-17} DIT_STEPS=${DIT_STEPS:-10}
 mkdir -p "$OUT"
 source train/device_env.sh  # $PY, the carried wheels, PYTHONPATH, diffaccel installed from this tree
@@ -46,6 +46,8 @@ UNET_ARGS=(--device cuda --steps 50 --seeds 0 --rounds 3)
 timeout -s TERM "$UNET_S" $PY bench/encoder_reuse.py "${UNET_ARGS[@]}" --out "$OUT/unet.json" 2>&1 \
   | tr '\r' '\n' | grep -v "it/s\|s/it" | tee -a "$OUT/unet.log"
 echo "== bench/encoder_reuse.py --compile (the presets inside a torch.compile'd SD1.5 UNet) ==" | tee "$OUT/unet_compiled.log"
-timeout -s TERM "$UNET_COMPILE_S" $PY bench/encoder_reuse.py "${UNET_ARGS[@]}" --compile --no-deepcache \
+COMPILE_ARGS=(--device cuda --steps 25 --seeds 0 --rounds 2)
+[ "$DEVICE" = cpu ] && COMPILE_ARGS=(--quick)
+timeout -s TERM "$UNET_COMPILE_S" $PY bench/encoder_reuse.py "${COMPILE_ARGS[@]}" --compile \
   --out "$OUT/unet_compiled.json" 2>&1 | tr '\r' '\n' | grep -v "it/s\|s/it" | tee -a "$OUT/unet_compiled.log"
 ls -la "$OUT"
