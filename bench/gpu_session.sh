@@ -11,13 +11,15 @@
 # Prepare here (the machine has torch/triton/transformers, not diffusers): `echo /.whl/ >> .git/info/exclude`,
 # then download diffusers==0.42.1, importlib_metadata and DeepCache==0.1.1 into .whl/ as the device README
 # shows. Carry: .whl.
-# Usage there: bash bench/gpu_session.sh      (about 9 minutes with the defaults; the step limits sum to 755 s)
+# Usage there: bash bench/gpu_session.sh      (about 9 minutes with the defaults; the step limits sum to 800 s;
+#   the compiled step is last: it compiles a graph per region between the features' decisions, and a time-out
+#   there loses only its own JSON)
 # Check it here on CPU in a minute: DEVICE=cpu OUT=/tmp/gpu-session bash bench/gpu_session.sh
 #   (PY=/path/to/venv/bin/python picks another Python; train/device_env.sh installs diffaccel into it)
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 DEVICE=${DEVICE:-cuda} OUT=${OUT:-out/gpu-session}
-TESTS_S=${TESTS_S:-150} KERNELS_S=${KERNELS_S:-200} DIT_S=${DIT_S:-180} UNET_S=${UNET_S:-150} UNET_COMPILE_S=${UNET_COMPILE_S:-75}
+TESTS_S=${TESTS_S:-150} KERNELS_S=${KERNELS_S:-200} DIT_S=${DIT_S:-180} UNET_S=${UNET_S:-150} UNET_COMPILE_S=${UNET_COMPILE_S:-120}
 DIT_FRAMES=${DIT_FRAMES:-17} DIT_STEPS=${DIT_STEPS:-10}
 mkdir -p "$OUT"
 source train/device_env.sh  # $PY, the carried wheels, PYTHONPATH, diffaccel installed from this tree
