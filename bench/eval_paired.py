@@ -21,27 +21,34 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchkit import paired_difference, write_report  # noqa: E402
 
+from diffaccel.evaluation import RunFolder  # noqa: E402
 
-def per_sample(run: pathlib.Path, metric: str) -> dict[str, dict[tuple[int, int], float]]:
-    """variant -> (prompt index, seed) -> the metric's value, from the run's ``samples.jsonl``
-    (and, for runs over several processes, its shards' files)."""
+
+def run_records(run: pathlib.Path) -> list[dict[str, Any]]:
+    """The sample records of a run folder, through :class:`~diffaccel.evaluation.RunFolder` (its
+    shards merged, a torn last line dropped), opened with the folder's own ``run.json``."""
+    spec = run / "run.json"
+    if not spec.is_file():
+        raise SystemExit(f"{run}: not a diffaccel eval run folder (no run.json)")
+    return RunFolder(run, json.loads(spec.read_text(encoding="utf-8"))).records()
+
+
+def per_sample(records: list[dict[str, Any]], metric: str) -> dict[str, dict[tuple[int, int], float]]:
+    """variant -> (prompt index, seed) -> the metric's value, for the records that have one."""
     values: dict[str, dict[tuple[int, int], float]] = {}
-    for path in sorted(run.glob("samples*.jsonl")):
-        for line in path.read_text().splitlines():
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            value = record.get(metric)
-            if value is not None:
-                values.setdefault(record["variant"], {})[(record["prompt_index"], record["seed"])] = float(value)
+    for record in records:
+        value = record.get(metric)
+        if value is not None:
+            values.setdefault(record["variant"], {})[(record["prompt_index"], record["seed"])] = float(value)
     return values
 
 
 def compare(run: pathlib.Path, against: str, metrics: list[str]) -> dict[str, Any]:
     """For each metric and variant: the paired difference ``variant - against`` over their shared samples."""
+    records = run_records(run)
     table: dict[str, Any] = {}
     for metric in metrics:
-        values = per_sample(run, metric)
+        values = per_sample(records, metric)
         if against not in values:
             raise SystemExit(f"{run}: no {metric!r} values for the reference variant {against!r}")
         reference = values[against]
