@@ -39,6 +39,7 @@ __all__ = [
     "CLIP_VOCAB_SIZE",
     "T5_DEFAULT_VOCAB_SIZE",
     "clip_tokenizer",
+    "clip_tokenizer_for_words",
     "t5_tokenizer",
     "t5_vocabulary",
 ]
@@ -148,6 +149,83 @@ def clip_tokenizer(model_max_length: int = 77, pad_token: str = "<|endoftext|>")
         model_max_length=model_max_length,
         pad_token=pad_token,
     )
+
+
+def _bpe_merges_used(word: str, ranks: dict[tuple[str, str], int]) -> list[tuple[str, str]]:
+    """The merges CLIP's BPE applies, in order, to one pre-tokenized (lower-case) ``word``."""
+    byte_chars = _bytes_to_unicode()
+    symbols = [byte_chars[b] for b in word.encode("utf-8")]
+    symbols[-1] += "</w>"
+    used: list[tuple[str, str]] = []
+    while len(symbols) > 1:
+        pairs = {(a, b) for a, b in zip(symbols, symbols[1:])}
+        best = min(pairs, key=lambda pair: ranks.get(pair, math.inf))
+        if best not in ranks:
+            break
+        used.append(best)
+        merged: list[str] = []
+        i = 0
+        while i < len(symbols):
+            if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                merged.append(symbols[i] + symbols[i + 1])
+                i += 2
+            else:
+                merged.append(symbols[i])
+                i += 1
+        symbols = merged
+    return used
+
+
+def clip_tokenizer_for_words(
+    words: list[str], model_max_length: int = 77, pad_token: str = "<|endoftext|>"
+) -> tuple[CLIPTokenizer, list[int]]:
+    """CLIP's BPE tokenizer cut down to the merges that spell ``words``, and the map to CLIP's ids.
+
+    The vocabulary keeps the 512 byte-level symbols, the results of every merge CLIP applies to
+    ``words`` (in CLIP's merge order) and the two special tokens. Since BPE always applies the
+    lowest-ranked merge present, and every merge that fires on ``words`` is kept, these words get
+    exactly CLIP's tokens; any other word still tokenizes, into shorter pieces. Gathering a CLIP
+    text encoder's token-embedding rows with the returned ids gives a text encoder that is
+    bit-identical to the original on prompts made of ``words`` (the micro models ship that way:
+    a few hundred rows instead of 49408).
+
+    Args:
+        words: Lower-case words, as CLIP pre-tokenizes them (letters only, or single digits).
+        model_max_length: The tokenizer's padded length.
+        pad_token: ``"<|endoftext|>"`` or ``"!"``.
+
+    Returns:
+        ``(tokenizer, clip_ids)``: ``clip_ids[i]`` is the full CLIP vocabulary's id of token ``i``.
+
+    Example::
+
+        >>> from diffaccel.tokenizers import clip_tokenizer, clip_tokenizer_for_words
+        >>> tok, clip_ids = clip_tokenizer_for_words(["a", "red", "circle"])
+        >>> [clip_ids[i] for i in tok("a red circle").input_ids] == clip_tokenizer()("a red circle").input_ids
+        True
+        >>> len(tok)
+        521
+    """
+    from transformers import CLIPTokenizer
+
+    full_vocab, full_merges = _clip_vocab_and_merges()
+    ranks = {merge: rank for rank, merge in enumerate(full_merges)}
+    used: set[tuple[str, str]] = set()
+    for word in words:
+        if not word or word != word.lower() or word.split() != [word]:
+            raise ValueError(f"words must be single lower-case words, got {word!r}")
+        used.update(_bpe_merges_used(word, ranks))
+    merges = sorted(used, key=ranks.__getitem__)
+    byte_chars = list(_bytes_to_unicode().values())
+    tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    tokenizer = CLIPTokenizer(
+        vocab={tok: i for i, tok in enumerate(tokens)},
+        merges=merges,
+        model_max_length=model_max_length,
+        pad_token=pad_token,
+    )
+    return tokenizer, [full_vocab[tok] for tok in tokens]
 
 
 # --------------------------------------------------------------------------------------------------

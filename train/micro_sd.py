@@ -50,29 +50,6 @@ def unet_config(cross_attention_dim: int, size: str = "micro", sample_size: int 
     }
 
 
-class LatentCache:
-    """Rendered items (``trainkit.render_cache``) encoded once by the VAE: the latent mean and std
-    of every item stay on ``device``. Fast data for a GPU, where rendering on the fly would be
-    the bottleneck; step ``s`` reads items ``batch_indices(s) mod n``."""
-
-    def __init__(self, pixels: torch.Tensor, captions: list[str], vae, device: str,
-                 chunk: int = 512) -> None:
-        n, self.captions = len(pixels), captions
-        means, stds = [], []
-        with torch.no_grad():
-            for start in range(0, n, chunk):
-                x = pixels[start:start + chunk].to(device).float().div(127.5).sub(1)
-                dist = vae.encode(x).latent_dist
-                means.append(dist.mean)
-                stds.append(dist.std)
-        self.mean, self.std, self.n = torch.cat(means), torch.cat(stds), n
-
-    def batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        idx = [i % self.n for i in trainkit.batch_indices(step, batch_size)]
-        index = torch.tensor(idx, device=self.mean.device)
-        return self.mean[index], self.std[index], [self.captions[i] for i in idx]
-
-
 def load_text_encoder(clip_path: pathlib.Path):
     """micro-CLIP's text tower as a stand-alone ``CLIPTextModel`` (what SD pipelines hold)."""
     from transformers import CLIPModel, CLIPTextModel
@@ -127,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     scheduler = DDPMScheduler.from_config(SD_SCHEDULER_CONFIG)
     tokenizer = clip_tokenizer()
     if args.cache:  # keep the latent distributions of the rendered items
-        data = LatentCache(*cached, vae, args.device)
+        data = trainkit.LatentCache(*cached, vae, args.device)
     timer = trainkit.Timer(args.save_every)
     warmup = min(500, max(1, args.steps // 20))
     for step in (bar := trainkit.train_loop(args, start, "micro-sd")):

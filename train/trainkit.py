@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 __all__ = [
-    "Checkpoint", "Rendered", "Timer", "batch_indices", "collate", "export_fp16", "parse_args", "render_cache",
+    "Checkpoint", "LatentCache", "Rendered", "Timer", "batch_indices", "collate", "export_fp16", "parse_args", "render_cache",
     "step_generator", "train_loop",
 ]
 
@@ -130,6 +130,29 @@ class Rendered:
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         index %= self.n
         return self.pixels[index].float().div(127.5).sub(1), self.captions[index]
+
+
+class LatentCache:
+    """Rendered items (``trainkit.render_cache``) encoded once by the VAE: the latent mean and std
+    of every item stay on ``device``. Fast data for a GPU, where rendering on the fly would be
+    the bottleneck; step ``s`` reads items ``batch_indices(s) mod n``."""
+
+    def __init__(self, pixels: torch.Tensor, captions: list[str], vae: Any, device: str,
+                 chunk: int = 512) -> None:
+        n, self.captions = len(pixels), captions
+        means, stds = [], []
+        with torch.no_grad():
+            for start in range(0, n, chunk):
+                x = pixels[start:start + chunk].to(device).float().div(127.5).sub(1)
+                dist = vae.encode(x).latent_dist
+                means.append(dist.mean)
+                stds.append(dist.std)
+        self.mean, self.std, self.n = torch.cat(means), torch.cat(stds), n
+
+    def batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        idx = [i % self.n for i in batch_indices(step, batch_size)]
+        index = torch.tensor(idx, device=self.mean.device)
+        return self.mean[index], self.std[index], [self.captions[i] for i in idx]
 
 
 class Checkpoint:
@@ -235,7 +258,7 @@ def export_pipeline_fp16(pipe: Any, path: pathlib.Path) -> None:
     config says ``float32``, and ``StableDiffusionPipeline.from_pretrained(path)`` works as is.
     """
     pipe.to(torch.float16).save_pretrained(str(path), safe_serialization=True)
-    config_path = path / "text_encoder" / "config.json"
-    config = json.loads(config_path.read_text())
-    config["dtype"] = "float32"
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for config_path in sorted(path.glob("text_encoder*/config.json")):
+        config = json.loads(config_path.read_text())
+        config["dtype"] = "float32"
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

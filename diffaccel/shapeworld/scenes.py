@@ -57,6 +57,15 @@ HELDOUT_PAIRS: frozenset[tuple[str, str]] = frozenset(
 """(color, shape) pairs that only ever appear in the ``"heldout"`` split."""
 
 NUMBERS: dict[int, str] = {1: "one", 2: "two", 3: "three"}
+
+WORDS: tuple[str, ...] = tuple(sorted(
+    set(SHAPES) | {s + "s" for s in SHAPES} | set(COLORS) | set(MOTIONS) | set(NUMBERS.values())
+    | {w for phrase in (*RELATIONS, *BACKGROUNDS) for w in phrase.split()}
+    | set("a an the of to is are there one picture image photo drawing moving moves sliding on and with "
+          "background next beside small large big".split())
+))
+"""Every word of a ShapeWorld caption or prompt, and a few more: the vocabulary the micro models'
+text encoders keep whole (:func:`diffaccel.tokenizers.clip_tokenizer_for_words`)."""
 MOTION_DISTANCE = 0.4
 """How far a moving object travels from the first to the last frame, as a fraction of the image."""
 
