@@ -17,6 +17,7 @@ Rectified-flow objective (velocity ``noise - x0``, logit-normal timesteps as in 
 dropped to "" for guidance, EMA of the transformer and T5 exported.
 
     python train/micro_dit.py --cache 120000 --resume --export assets/models/micro-dit
+    python train/micro_dit.py --init DIR --steps 3000 --lr 2e-4 ...   # fine-tune an export
 
 The export is a ``StableDiffusion3Pipeline`` folder (fp16 safetensors, flow-matching Euler
 scheduler) that loads offline with ``StableDiffusion3Pipeline.from_pretrained``.
@@ -35,9 +36,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import trainkit
-from diffaccel.shapeworld import ShapeWorldImages
-from diffaccel.shapeworld import WORDS
-from diffaccel.tokenizers import clip_tokenizer_for_words, t5_tokenizer
+from diffaccel.shapeworld import WORDS, ShapeWorldImages
+from diffaccel.tokenizers import t5_tokenizer
 
 IMAGE_SIZE = 64
 CAPTION_DROPOUT = 0.1
@@ -62,18 +62,12 @@ def load_text_encoder(clip_path: pathlib.Path):
     from transformers import CLIPModel, CLIPTextModelWithProjection
 
     clip = CLIPModel.from_pretrained(str(clip_path), dtype=torch.float32)
-    tokenizer, clip_ids = clip_tokenizer_for_words(WORDS, model_max_length=TEXT_TOKENS)
     config = clip.config.text_config
     config.projection_dim = clip.config.projection_dim
-    config.vocab_size = len(clip_ids)
-    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
-    config.pad_token_id = tokenizer.pad_token_id
     tower = CLIPTextModelWithProjection(config)
-    state = {f"text_model.{k}": v for k, v in clip.text_model.state_dict().items()}
-    key = "text_model.embeddings.token_embedding.weight"
-    state[key] = state[key][torch.tensor(clip_ids)]
-    state["text_projection.weight"] = clip.text_projection.weight
-    tower.load_state_dict(state)
+    tower.text_model.load_state_dict(clip.text_model.state_dict())
+    tower.text_projection.load_state_dict(clip.text_projection.state_dict())
+    tokenizer = trainkit.cut_clip_vocab(tower, WORDS, model_max_length=TEXT_TOKENS)
     return tower.eval().requires_grad_(False), tokenizer
 
 
@@ -116,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     from diffusers.training_utils import EMAModel
 
     args = trainkit.parse_args(
-        "micro-dit", argv, batch_size=64, steps=7000, lr=4e-4, ema_decay=0.999, cache=0,
+        "micro-dit", argv, batch_size=64, steps=7000, lr=4e-4, ema_decay=0.999, cache=0, init="",
         clip=str(trainkit.REPO / "assets/models/micro-clip"),
         vae=str(trainkit.REPO / "assets/models/micro-sd/vae"))
     data = ShapeWorldImages("train", IMAGE_SIZE, length=trainkit.DATA_LENGTH, seed=args.seed)
@@ -134,6 +128,11 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     transformer = SD3Transformer2DModel(**transformer_config(args.config, latent_size, text_dim))
     text_encoder_3, tokenizer_3 = t5_encoder(args.config, text_dim)
+    if args.init:  # fine-tune an exported micro-DiT (its transformer and T5) instead
+        from transformers import T5EncoderModel
+
+        transformer = SD3Transformer2DModel.from_pretrained(args.init, subfolder="transformer", dtype=torch.float32)
+        text_encoder_3 = T5EncoderModel.from_pretrained(args.init, subfolder="text_encoder_3", dtype=torch.float32)
     trained = torch.nn.ModuleDict({"transformer": transformer, "text_encoder_3": text_encoder_3})
     trained = trained.to(args.device).train()
     ema = EMAModel(trained.parameters(), decay=args.ema_decay, use_ema_warmup=True, power=0.75)
@@ -200,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
         trainkit.export_pipeline_fp16(pipe, args.export)
         (args.export / "training.json").write_text(json.dumps(
             {"steps": max(start, args.steps), "batch_size": args.batch_size, "lr": args.lr,
-             "ema_decay": args.ema_decay, "seed": args.seed, "clip": args.clip, "vae": args.vae,
+             "ema_decay": args.ema_decay, "seed": args.seed, "init": args.init or None, "clip": args.clip, "vae": args.vae,
              "t5_tokens": T5_TOKENS, "long_text_fraction": LONG_TEXT_FRACTION},
             indent=2) + "\n")
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import trainkit
-from diffaccel.shapeworld import ShapeWorldImages
+from diffaccel.shapeworld import WORDS, ShapeWorldImages
 from diffaccel.testing.components import SD_SCHEDULER_CONFIG
 from diffaccel.tokenizers import clip_tokenizer
 
@@ -61,11 +61,13 @@ def load_text_encoder(clip_path: pathlib.Path):
 
 
 def build_pipeline(unet, vae, text_encoder):
-    """The ``StableDiffusionPipeline`` that is exported (DDIM on SD1.5's schedule)."""
+    """The ``StableDiffusionPipeline`` that is exported (DDIM on SD1.5's schedule), its text
+    encoder's vocabulary cut to the ShapeWorld words (bit-identical on ShapeWorld prompts)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+    tokenizer = trainkit.cut_clip_vocab(text_encoder, WORDS)
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
         scheduler=DDIMScheduler.from_config(SD_SCHEDULER_CONFIG), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False)
 
