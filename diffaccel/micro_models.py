@@ -5,6 +5,9 @@
   feature extractor of FID (:class:`MicroClipFeatures`).
 * ``micro-sd`` -- a ``StableDiffusionPipeline`` (SD1.5's UNet block layout at small width, a 4x
   ``AutoencoderKL``, micro-CLIP's text tower) drawing 64x64 ShapeWorld scenes.
+* ``micro-dit`` -- a ``StableDiffusion3Pipeline`` (a 12-block ``SD3Transformer2DModel`` trained with
+  flow matching, micro-SD's VAE, micro-CLIP's text tower in both CLIP slots, a small trained T5)
+  drawing the same 64x64 scenes: the image DiT that DiT caches and flow-model steering are measured on.
 * ``micro-video`` -- a ``WanPipeline`` (``WanTransformer3DModel``, a 4x ``AutoencoderKLWan``, a small
   UMT5 text encoder) drawing 9-frame 64x64 clips of a ShapeWorld object in motion.
 
@@ -17,7 +20,7 @@ Example::
 
     >>> from diffaccel.micro_models import MICRO_MODELS, micro_model_path
     >>> MICRO_MODELS
-    ('micro-clip', 'micro-sd', 'micro-video')
+    ('micro-clip', 'micro-sd', 'micro-dit', 'micro-video')
     >>> pipe = load_micro_sd()                    # doctest: +SKIP
     >>> pipe("a red circle above a blue square", num_inference_steps=25).images[0]  # doctest: +SKIP
 """
@@ -30,13 +33,14 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
-    from diffusers import StableDiffusionPipeline, WanPipeline
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, WanPipeline
     from transformers import CLIPModel, CLIPTokenizer
 
 __all__ = [
     "MICRO_MODELS",
     "MicroClipFeatures",  # noqa: F822 (defined on first use, by __getattr__)
     "load_micro_clip",
+    "load_micro_dit",
     "load_micro_sd",
     "load_micro_video",
     "micro_model_path",
@@ -44,8 +48,9 @@ __all__ = [
     "resolve_folder",
 ]
 
-MICRO_MODELS: tuple[str, ...] = ("micro-clip", "micro-sd", "micro-video")
-_SCRIPTS = {"micro-clip": "micro_clip.py", "micro-sd": "micro_sd.py", "micro-video": "micro_video.py"}
+MICRO_MODELS: tuple[str, ...] = ("micro-clip", "micro-sd", "micro-dit", "micro-video")
+_SCRIPTS = {"micro-clip": "micro_clip.py", "micro-sd": "micro_sd.py", "micro-dit": "micro_dit.py",
+            "micro-video": "micro_video.py"}
 
 
 def models_dir() -> pathlib.Path:
@@ -69,7 +74,7 @@ def micro_model_path(name: str) -> pathlib.Path:
         >>> micro_model_path("micro-gan")
         Traceback (most recent call last):
         ...
-        ValueError: name must be one of ('micro-clip', 'micro-sd', 'micro-video'), got 'micro-gan'
+        ValueError: name must be one of ('micro-clip', 'micro-sd', 'micro-dit', 'micro-video'), got 'micro-gan'
     """
     if name not in MICRO_MODELS:
         raise ValueError(f"name must be one of {MICRO_MODELS}, got {name!r}")
@@ -106,6 +111,26 @@ def load_micro_sd(device: str | torch.device = "cpu", dtype: torch.dtype | None 
 
     path = micro_model_path("micro-sd")
     pipe = StableDiffusionPipeline.from_pretrained(str(path), torch_dtype=_dtype(dtype), local_files_only=True)
+    pipe.set_progress_bar_config(disable=None)
+    return pipe.to(device)
+
+
+def load_micro_dit(device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+                   ) -> StableDiffusion3Pipeline:
+    """micro-DiT as a stock ``StableDiffusion3Pipeline`` (64x64 images), offline; ``dtype`` None: float32.
+
+    Its defaults (28 flow-matching Euler steps, guidance 7, T5 read at 256 tokens) work as is; it
+    was also trained at ``max_sequence_length=16``, which reads 16 T5 tokens instead of 256.
+
+    Example::
+
+        >>> pipe = load_micro_dit()                   # doctest: +SKIP
+        >>> pipe("a red circle above a blue square").images[0]  # doctest: +SKIP
+    """
+    from diffusers import StableDiffusion3Pipeline
+
+    path = micro_model_path("micro-dit")
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(path), torch_dtype=_dtype(dtype), local_files_only=True)
     pipe.set_progress_bar_config(disable=None)
     return pipe.to(device)
 

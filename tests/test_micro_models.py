@@ -17,6 +17,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "train"))
 
 import micro_clip
+import micro_dit
 import micro_sd
 import micro_vae
 import micro_video
@@ -143,6 +144,79 @@ def test_sd_fine_tunes_from_an_exported_pipeline(tmp_path, tiny_exports):
     tuned = UNet2DConditionModel.from_pretrained(str(tmp_path / "tuned"), subfolder="unet", torch_dtype=torch.float32)
     deltas = [(a - b).abs().max() for a, b in zip(start.state_dict().values(), tuned.state_dict().values())]
     assert max(deltas) > 0 and max(deltas) < 0.1  # one small step away from the start, not a fresh init
+
+
+def _dit_args(tiny_exports, *extra: str) -> tuple[str, ...]:
+    return ("--batch-size", "2", "--clip", str(tiny_exports["clip"]), "--vae", str(tiny_exports["vae"]), *extra)
+
+
+def test_dit_training_resumes_identically(tmp_path, tiny_exports):
+    _assert_resumes_identically(micro_dit, tmp_path, *_dit_args(tiny_exports))
+    weights = load_file(str(tmp_path / "straight" / "last.safetensors"))
+    # the transformer and the T5 encoder train together; both are in the EMA
+    assert any(k.startswith("model.text_encoder_3.") for k in weights)
+    assert any(k.startswith("ema.") for k in weights)
+
+
+def test_dit_export_loads_with_the_stock_sd3_pipeline_and_fine_tunes(tmp_path, tiny_exports):
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPModel
+
+    from diffaccel.tokenizers import clip_tokenizer
+
+    micro_dit.main(_tiny(tmp_path / "run", 2, *_dit_args(tiny_exports, "--export", str(tmp_path / "dit"))))
+    for file in (tmp_path / "dit").rglob("*.safetensors"):
+        assert all(t.dtype == torch.float16 for t in load_file(str(file)).values()), file
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(tmp_path / "dit"), local_files_only=True)
+    assert _module_dtypes(pipe) == {torch.float32}  # the stock class, no dtype argument
+    assert pipe.transformer.config.num_layers == 2 and pipe.vae.config.shift_factor == 0.0
+    prompt = "a red circle to the left of a blue square"
+    image = pipe(prompt, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+    # both CLIP slots are the tiny CLIP's text tower, its vocabulary cut to the ShapeWorld words
+    clip = CLIPModel.from_pretrained(str(tiny_exports["clip"]), dtype=torch.float32)
+    ids = pipe.tokenizer(prompt, return_tensors="pt").input_ids
+    full_ids = clip_tokenizer()(prompt, return_tensors="pt").input_ids
+    assert ids.shape == full_ids.shape and not torch.equal(ids, full_ids)
+    with torch.no_grad():
+        features = clip.get_text_features(input_ids=full_ids)
+        features = features if isinstance(features, torch.Tensor) else features.pooler_output
+        for encoder in (pipe.text_encoder, pipe.text_encoder_2):
+            out = encoder(ids)
+            torch.testing.assert_close(out.last_hidden_state, clip.text_model(full_ids).last_hidden_state,
+                                       atol=2e-3, rtol=0)  # fp16 storage
+            torch.testing.assert_close(out.text_embeds, features, atol=2e-3, rtol=0)  # SD3's pooled input
+    start = SD3Transformer2DModel.from_pretrained(str(tmp_path / "dit"), subfolder="transformer", torch_dtype=torch.float32)
+    micro_dit.main(_tiny(tmp_path / "ft", 1, *_dit_args(tiny_exports, "--init", str(tmp_path / "dit"),
+                                                         "--export", str(tmp_path / "tuned"))))
+    tuned = SD3Transformer2DModel.from_pretrained(str(tmp_path / "tuned"), subfolder="transformer",
+                                                  torch_dtype=torch.float32)
+    deltas = [(a - b).abs().max() for a, b in zip(start.state_dict().values(), tuned.state_dict().values())]
+    assert max(deltas) > 0 and max(deltas) < 0.1  # one small step away from the start, not a fresh init
+
+
+def test_cut_clip_vocab_keeps_the_encoder_bit_identical_on_shapeworld_prompts():
+    import trainkit
+    from transformers import CLIPTextModel
+
+    from diffaccel.shapeworld import WORDS, eval_prompts
+    from diffaccel.tokenizers import clip_tokenizer
+
+    torch.manual_seed(0)
+    encoder = CLIPTextModel(micro_clip.clip_config("tiny").text_config).eval()
+    prompts = [p for kind in ("single", "count", "relation", "motion") for p in eval_prompts(kind, 6)]
+    full = clip_tokenizer()
+    with torch.no_grad():
+        before = encoder(full(prompts, padding="max_length", return_tensors="pt").input_ids)
+        tokenizer = trainkit.cut_clip_vocab(encoder, WORDS)
+        ids = tokenizer(prompts, padding="max_length", return_tensors="pt").input_ids
+        after = encoder(ids)
+    assert encoder.config.vocab_size == len(tokenizer) < 1000
+    assert torch.equal(before.last_hidden_state, after.last_hidden_state)
+    assert torch.equal(before.pooler_output, after.pooler_output)  # read at the moved end-of-text id
+    # a word outside the list still tokenizes (into shorter pieces), within the cut vocabulary
+    other = tokenizer("a photograph of a zebra").input_ids
+    assert max(other) < len(tokenizer) and len(other) > len(full("a photograph of a zebra").input_ids)
 
 
 def test_video_training_resumes_identically(tmp_path):
@@ -383,8 +457,23 @@ def test_bundled_micro_video_draws_the_object():
     assert sum(r.criteria["object_0_color"] for r in results) >= 3
 
 
+@pytest.mark.skipif(not (micro_models.models_dir() / "micro-dit" / "model_index.json").is_file(),
+                    reason="micro-DiT has not been exported to assets/models yet")
+def test_bundled_micro_dit_draws_single_objects():
+    from diffaccel.shapeworld import Verifier, eval_prompts
+
+    pipe = micro_models.load_micro_dit()
+    pipe.set_progress_bar_config(disable=True)
+    prompts = eval_prompts("single", 8, seed=0, split="train")
+    images = pipe(prompts, num_inference_steps=12, max_sequence_length=16, output_type="pt",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (8, 3, 64, 64) and torch.isfinite(images).all()
+    scores = [r.score for r in Verifier().verify(images, prompts)]
+    assert sum(scores) / len(scores) > 0.5  # random weights draw no object at all (score ~0)
+
+
 _BUNDLED = all((micro_models.models_dir() / name).is_dir() for name in micro_models.MICRO_MODELS)
-_README_LOADER = re.compile(r'`((?:StableDiffusionPipeline|WanPipeline|CLIPModel)\.from_pretrained\("assets/models/[\w-]+"\))`')
+_README_LOADER = re.compile(r'`((?:StableDiffusionPipeline|StableDiffusion3Pipeline|WanPipeline|CLIPModel)\.from_pretrained\("assets/models/[\w-]+"\))`')
 
 
 def _module_dtypes(obj) -> set[torch.dtype]:
@@ -404,19 +493,23 @@ def test_readme_loaders_run_with_the_stock_classes(monkeypatch):
     load every component in one dtype and run (the text encoders loaded fp16 next to an fp32 UNet/VAE:
     the first call failed with "mat1 and mat2 must have the same dtype"). micro-SD draws the image
     of ``load_micro_sd(dtype=float32)``."""
-    from diffusers import StableDiffusionPipeline, WanPipeline
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, WanPipeline
     from transformers import CLIPModel
 
     calls = _README_LOADER.findall((REPO / "README.md").read_text(encoding="utf-8"))
-    assert len(calls) == 3, calls
+    assert len(calls) == 4, calls
     monkeypatch.chdir(REPO)
     for call in calls:
         loaded = eval(call, {"StableDiffusionPipeline": StableDiffusionPipeline, "WanPipeline": WanPipeline,
-                             "CLIPModel": CLIPModel})
+                             "StableDiffusion3Pipeline": StableDiffusion3Pipeline, "CLIPModel": CLIPModel})
         assert len(_module_dtypes(loaded)) == 1, (call, _module_dtypes(loaded))
         if isinstance(loaded, StableDiffusionPipeline):
             assert _module_dtypes(loaded) == {torch.float32}
             np.testing.assert_array_equal(_draw_sd(loaded), _draw_sd(micro_models.load_micro_sd(dtype=torch.float32)))
+        elif isinstance(loaded, StableDiffusion3Pipeline):
+            assert _module_dtypes(loaded) == {torch.float32}
+            image = loaded("a red circle above a blue square", num_inference_steps=2, output_type="np").images
+            assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
         elif isinstance(loaded, WanPipeline):
             frames = loaded("a red circle moving left", height=64, width=64, num_frames=9, num_inference_steps=2,
                             output_type="np").frames

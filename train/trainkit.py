@@ -263,6 +263,9 @@ def cut_clip_vocab(text_encoder: Any, words: Any, model_max_length: int = 77) ->
     config.vocab_size = len(clip_ids)
     config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     config.pad_token_id = tokenizer.pad_token_id
+    for module in text_encoder.modules():  # the pooled output reads the id the model was built with
+        if hasattr(module, "eos_token_id"):
+            module.eos_token_id = tokenizer.eos_token_id
     return tokenizer
 
 
