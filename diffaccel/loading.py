@@ -167,6 +167,8 @@ def _spatial_factor(vae: Mapping[str, Any]) -> int | None:
 
 #: The bundled micro-SD (``assets/models/micro-sd``), trained on ShapeWorld scenes.
 DEFAULT_MODEL = "micro-sd"
+#: The bundled micro-DiT (``assets/models/micro-dit``), a flow-matching SD3 transformer.
+MICRO_DIT = "micro-dit"
 #: A tiny Stable Diffusion pipeline with RANDOM weights, built in code.
 RANDOM_MODEL = "diffaccel/tiny-random-sd"
 #: What is known of :data:`RANDOM_MODEL` (``tiny_pipeline("sd", sample_size=32)``) without building it.
@@ -258,8 +260,8 @@ def from_pretrained(model: str, dtype: Any) -> Any:
 
 
 def load_pipeline(model: str, device: str, dtype: Any) -> Any:
-    """Load the image pipeline ``model`` (a local folder, a hub id, :data:`DEFAULT_MODEL` or
-    :data:`RANDOM_MODEL`) on ``device`` in ``dtype``.
+    """Load the image pipeline ``model`` (a local folder, a hub id, :data:`DEFAULT_MODEL`,
+    :data:`MICRO_DIT` or :data:`RANDOM_MODEL`) on ``device`` in ``dtype``.
 
     Example:
         >>> import torch
@@ -272,6 +274,10 @@ def load_pipeline(model: str, device: str, dtype: Any) -> Any:
         from .micro_models import load_micro_sd
 
         return load_micro_sd(device, dtype)
+    if model == MICRO_DIT:
+        from .micro_models import load_micro_dit
+
+        return load_micro_dit(device, dtype)
     if model == RANDOM_MODEL:
         from .testing import tiny_pipeline
 

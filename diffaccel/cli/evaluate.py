@@ -39,7 +39,7 @@ def add_parser(commands: Any) -> None:
     parser = commands.add_parser("eval", help="evaluate variants side by side (speed, fidelity, FID, CLIP, rewards)",
                                  description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="micro-sd",
-                        help="a diffusers folder or hub id, micro-sd (default), micro-video, diffaccel/tiny-random-sd")
+                        help="a diffusers folder or hub id, micro-sd (default), micro-dit, micro-video, diffaccel/tiny-random-sd")
     parser.add_argument("--prompts", required=True,
                         help="a .txt/.jsonl/.csv/.tsv prompt file or shapeworld:KIND[:SPLIT][:N] "
                              "(KIND single, count, relation, motion; SPLIT train or heldout)")

@@ -323,10 +323,27 @@ def _hook_count(models: Iterable[torch.nn.Module]) -> int:
                if getattr(m, "_diffusers_hook", None) is not None)
 
 
+#: The diffusers hook function ``CacheMixin.enable_cache`` calls for each cache kind.
+_DIFFUSERS_CACHE_APPLY = {
+    "FirstBlockCache": "apply_first_block_cache",
+    "TaylorSeer": "apply_taylorseer_cache",
+    "MagCache": "apply_mag_cache",
+    "FasterCache": "apply_faster_cache",
+    "PyramidAttentionBroadcast": "apply_pyramid_attention_broadcast",
+}
+
+
 def _diffusers_cache(pipe: Any, variant: Variant) -> PeerAttachment:
     """diffusers' ``denoiser.enable_cache(<KIND>Config(...))`` / ``disable_cache()`` on every denoiser;
-    FasterCache and PyramidAttentionBroadcast read the step from ``pipe.current_timestep``."""
+    FasterCache and PyramidAttentionBroadcast read the step from ``pipe.current_timestep``.
+
+    A denoiser that is not a ``CacheMixin`` (SD3's and PixArt's transformers in diffusers 0.42, whose
+    pipelines set no cache context either) gets the same hooks from the ``apply_*`` function
+    ``enable_cache`` would call (removed by ``CacheMixin.disable_cache``), runs under one cache context (SD3 batches its CFG branches), and has the hooks' state
+    reset at each call's first denoiser call (the scheduler's ``step_index`` still None), as a
+    ``CacheMixin`` pipeline's ``maybe_free_model_hooks`` does after each call."""
     import diffusers.hooks
+    from diffusers.hooks.hooks import CacheContext, HookRegistry, _set_cache_context
     from diffusers.models.cache_utils import CacheMixin
 
     kind = variant.peer_options["kind"]
@@ -341,19 +358,42 @@ def _diffusers_cache(pipe: Any, variant: Variant) -> PeerAttachment:
     except (TypeError, ValueError) as err:
         raise _error(variant, f"bad {config_class.__name__}: {err}") from None
     models = list(seams.denoisers(pipe).values())
-    for model in models:
-        if not isinstance(model, CacheMixin):
-            raise _error(variant, f"{type(model).__name__} has no diffusers enable_cache (not a CacheMixin)")
+    if kind in ("FirstBlockCache", "MagCache"):
+        for model in models:
+            tail = [blocks[-1] for blocks in seams.block_lists(model).values()]
+            if any(getattr(block, "context_pre_only", False) for block in tail):
+                raise _error(variant, f"{kind} cannot cache {type(pipe).__name__}: the last block of "
+                                      f"{type(model).__name__} returns no encoder stream (context_pre_only), "
+                                      "which diffusers' tail-block hook subtracts (TypeError at the first call)")
     before = _hook_count(models)
+    handles: list[Any] = []
+
+    def reset_at_first_step(model: torch.nn.Module, args: Any) -> None:
+        if getattr(pipe.scheduler, "step_index", 0) is None:  # (a reset clears the context too)
+            HookRegistry.check_if_exists_or_initialize(model).reset_stateful_hooks(recurse=True)
+        _set_cache_context(model, CacheContext("cond"))
+
+    apply = getattr(diffusers.hooks, _DIFFUSERS_CACHE_APPLY[kind])
 
     def enable() -> None:
         for model in models:
-            model.enable_cache(config)
+            if isinstance(model, CacheMixin):
+                model.enable_cache(config)
+                continue
+            apply(model, config)
+            HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
+            model._cache_config = config  # what CacheMixin.disable_cache reads
+            handles.append(model.register_forward_pre_hook(reset_at_first_step))
 
     def disable() -> None:
+        for handle in handles:
+            handle.remove()
+        handles.clear()
         for model in models:
-            if model.is_cache_enabled:
-                model.disable_cache()
+            if getattr(model, "_cache_config", None) is not None:
+                if not isinstance(model, CacheMixin):
+                    _set_cache_context(model, None)
+                CacheMixin.disable_cache(model)
 
     def check() -> str | None:
         if _hook_count(models) == before:
@@ -361,6 +401,8 @@ def _diffusers_cache(pipe: Any, variant: Variant) -> PeerAttachment:
         return None
 
     settings = {"kind": kind, **_fields(config, skip=("current_timestep_callback",))}
+    if not all(isinstance(model, CacheMixin) for model in models):
+        settings["applied"] = f"{_DIFFUSERS_CACHE_APPLY[kind]} on a non-CacheMixin denoiser, one cache context, reset per call"
     return _Patch(pipe, variant, settings, enable, disable, check)
 
 

@@ -27,6 +27,24 @@ transformer block ``b``, per CFG branch ``c`` (see below) and per denoising step
 * Otherwise the block is computed and its cache refreshed. ``threshold = 0`` never skips and
   caches nothing: the output is bit-identical to the untouched pipeline.
 
+**Forecast** (``forecast=1``). A skipped block adds, instead of its last residual ``r2`` (computed
+at step ``s2``), the first-order extrapolation from its last two computed residuals, as TaylorSeer
+extrapolates whole features: ``r2 + (s - s2) / (s2 - s1) * (r2 - r1)``; with one computed residual
+so far it adds ``r2``. ``forecast=0`` is the rule above.
+
+**Spans** (``front_blocks >= 1``, DBCache's F/B split). The denoiser's blocks, in call order, split
+into the first ``front_blocks`` (always computed), the last ``back_blocks`` (always computed) and
+the middle span, skipped or computed as one. The span is skipped when the conditions of 1-2 above
+hold for it and the relative L1 change of the *front residual* (the front blocks' output minus their
+input, FirstBlockCache's signal) against its value at the step the span was last computed is below
+``threshold``. A skipped span's first block returns its input plus the span's cached (or forecast)
+residual, the others pass their inputs on. Transformer denoisers only (a UNet's transformer
+blocks sit at different resolutions).
+
+**Shared decisions** (``share_branches=True``). Where the CFG branches are separate calls (Wan,
+Flux with ``true_cfg_scale``), the first branch to reach a block (or span) at a step decides for
+every branch at that step, so the conditional and unconditional predictions skip together.
+
 The step index comes from the pipeline's ``cache_context(..., step_index=...)`` when it passes one
 (Wan), else it counts the denoiser's calls in the branch; ``N`` comes from the context's
 ``num_inference_steps``, else the pipeline's ``_num_timesteps``, else ``len(scheduler.timesteps)``.
@@ -110,11 +128,22 @@ class DeltaCacheConfig(FeatureConfig, attach_order=40):
         last_steps: the last this many steps compute every block (>= 0).
         blocks: names of the denoiser's block lists to cache (e.g. ``("single_transformer_blocks",)``
             for Flux); ``None`` (default): every transformer block list.
+        forecast: ``0`` replays a skipped block's last residual, ``1`` extrapolates it from the
+            last two (first-order Taylor).
+        front_blocks: ``0`` decides per block; ``>= 1`` always computes this many first blocks and
+            decides for the blocks after them as one span, from the change of their residual.
+        back_blocks: with ``front_blocks``, the last this many blocks are always computed too.
+        share_branches: CFG branches that are separate calls follow one decision per step.
 
     Example:
         >>> DeltaCacheConfig(threshold=0.1, blocks=["transformer_blocks"]).to_dict()
         {'threshold': 0.1, 'max_consecutive_skips': 2, 'first_steps': 1, 'last_steps': 1,
-         'blocks': ['transformer_blocks']}
+         'blocks': ['transformer_blocks'], 'forecast': 0, 'front_blocks': 0, 'back_blocks': 0,
+         'share_branches': False}
+        >>> DeltaCacheConfig(back_blocks=1)
+        Traceback (most recent call last):
+        ...
+        ValueError: DeltaCacheConfig.back_blocks needs front_blocks >= 1 (blocks are decided one by one otherwise)
         >>> DeltaCacheConfig(max_consecutive_skips=0)
         Traceback (most recent call last):
         ...
@@ -128,6 +157,10 @@ class DeltaCacheConfig(FeatureConfig, attach_order=40):
     first_steps: int = 1
     last_steps: int = 1
     blocks: tuple[str, ...] | None = None
+    forecast: int = 0
+    front_blocks: int = 0
+    back_blocks: int = 0
+    share_branches: bool = False
 
     def __post_init__(self) -> None:
         threshold = self.threshold
@@ -135,8 +168,16 @@ class DeltaCacheConfig(FeatureConfig, attach_order=40):
         if not number or math.isnan(threshold) or threshold < 0:
             raise ValueError(f"DeltaCacheConfig.threshold must be a number in [0, inf], got {threshold!r}")
         object.__setattr__(self, "threshold", float(threshold))
-        for name, minimum in (("max_consecutive_skips", 1), ("first_steps", 0), ("last_steps", 0)):
+        for name, minimum in (("max_consecutive_skips", 1), ("first_steps", 0), ("last_steps", 0),
+                              ("front_blocks", 0), ("back_blocks", 0)):
             check_int("DeltaCacheConfig", name, getattr(self, name), minimum)
+        if self.forecast not in (0, 1) or isinstance(self.forecast, bool):
+            raise ValueError(f"DeltaCacheConfig.forecast must be 0 or 1, got {self.forecast!r}")
+        if not isinstance(self.share_branches, bool):
+            raise ValueError(f"DeltaCacheConfig.share_branches must be a bool, got {self.share_branches!r}")
+        if self.back_blocks and not self.front_blocks:
+            raise ValueError("DeltaCacheConfig.back_blocks needs front_blocks >= 1 (blocks are decided one by one "
+                             "otherwise)")
         if self.blocks is not None:
             blocks = (self.blocks,) if isinstance(self.blocks, str) else self.blocks
             if (
@@ -203,13 +244,16 @@ class DeltaCacheStats:
 
 @dataclass
 class _BlockCache:
-    """A block's input and residual at the step it was last computed."""
+    """A block's (or span's) input and residual at the step it was last computed, and the residual
+    of the computed step before that (for the forecast)."""
 
     hidden: torch.Tensor
     residual: torch.Tensor
     encoder: torch.Tensor | None
     encoder_residual: torch.Tensor | None
     template: tuple[Any, ...] | None  # the tuple output with its two streams blanked; None: a tensor output
+    step: int = 0
+    previous: tuple[int, torch.Tensor, torch.Tensor | None] | None = None  # (step, residual, encoder residual)
     skips: int = 0
 
     def matches(self, hidden: torch.Tensor, encoder: torch.Tensor | None) -> bool:
@@ -224,6 +268,44 @@ class _BlockCache:
         if encoder is not None:
             change = max(change, _relative_l1(encoder, self.encoder))
         return change
+
+    def succeeded_by(self, new: "_BlockCache") -> "_BlockCache":
+        """``new`` (computed later), remembering this cache's residuals as the previous ones."""
+        new.previous = (self.step, self.residual, self.encoder_residual)
+        return new
+
+    def residuals(self, step: int, order: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The residuals to add at ``step``: the cached ones (order 0, or no previous step yet) or
+        their first-order extrapolation from the previous computed step."""
+        if order == 0 or self.previous is None:
+            return self.residual, self.encoder_residual
+        previous_step, previous, previous_encoder = self.previous
+        slope = (step - self.step) / (self.step - previous_step)
+        residual = self.residual + slope * (self.residual - previous)
+        encoder = self.encoder_residual
+        if encoder is not None and previous_encoder is not None:
+            encoder = encoder + slope * (encoder - previous_encoder)
+        return residual, encoder
+
+    def reindexed(self, indices: torch.Tensor) -> None:
+        """Reorder the cached samples (particle resampling)."""
+        self.hidden, self.residual, self.encoder, self.encoder_residual = reindex_batch(
+            (self.hidden, self.residual, self.encoder, self.encoder_residual), indices)
+        if self.previous is not None:
+            step, residual, encoder = self.previous
+            self.previous = (step, *reindex_batch((residual, encoder), indices))
+
+
+@dataclass
+class _SpanState:
+    """One branch's span during a call: the front input of the step in progress, the span's cache
+    (its input stands for the front residual it was decided on) and the step's decision."""
+
+    front_input: torch.Tensor | None = None
+    front_residual: torch.Tensor | None = None
+    entry: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    cache: _BlockCache | None = None
+    skip: bool = False
 
 
 def _relative_l1(current: torch.Tensor, reference: torch.Tensor) -> float:
@@ -243,6 +325,8 @@ class _BranchState:
         self.step = 0
         self.num_steps = 0
         self.blocks: dict[str, _BlockCache] = {}
+        self.span = _SpanState()
+        self.templates: dict[str, tuple[Any, ...] | None] = {}  # each span block's output format
 
 
 class _BranchStates(StateManager):
@@ -278,10 +362,18 @@ class _Runtime:
     branch: _BranchState | None = None  # the branch of the denoiser call in progress
     branches: list[str] = field(default_factory=list)
     stats: DeltaCacheStats = field(default_factory=DeltaCacheStats)
+    decisions: dict[tuple[str, int], bool] = field(default_factory=dict)  # (block or "span", step) -> skip
 
     def start(self, pipe: Any, blocks: int) -> None:
         self.active, self.pipe, self.loop_length, self.branch, self.branches = True, pipe, None, None, []
         self.stats = DeltaCacheStats(blocks=blocks)
+        self.decisions = {}
+
+    def decide(self, key: str, step: int, skip: bool) -> bool:
+        """``skip``, or with ``share_branches`` the decision the first branch took for ``key`` at ``step``."""
+        if not self.config.share_branches:
+            return skip
+        return self.decisions.setdefault((key, step), skip)
 
     def finish(self) -> DeltaCacheStats:
         stats = self.stats
@@ -347,11 +439,13 @@ class _DenoiserHook(ModelHook):
 
 
 class _BlockHook(ModelHook):
-    """On a transformer block: skip it (input + cached residual) or compute it and cache."""
+    """On a transformer block: skip it (input + cached residual) or compute it and cache; in span
+    mode, play its part of the span (``index`` is its place among the denoiser's ``count`` blocks)."""
 
-    def __init__(self, runtime: _Runtime, key: str, metadata: Any) -> None:
+    def __init__(self, runtime: _Runtime, key: str, metadata: Any, index: int = 0, count: int = 1) -> None:
         super().__init__()
         self.runtime, self.key, self.metadata = runtime, key, metadata
+        self.index, self.count = index, count
         self._parameters: list[str] = []
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -375,53 +469,120 @@ class _BlockHook(ModelHook):
             if runtime.active:
                 runtime.record(None, skipped=False)
             return original(*args, **kwargs)
-        config, step = runtime.config, branch.step
         encoder = None
         if meta.return_encoder_hidden_states_index is not None:
             encoder = self._argument(meta.encoder_hidden_states_argument_name, args, kwargs)
+        if runtime.config.front_blocks:
+            return self._span_forward(branch, hidden, encoder, args, kwargs)
+        return self._block_forward(branch, hidden, encoder, args, kwargs)
+
+    def _may_skip(self, branch: _BranchState, cache: _BlockCache | None) -> bool:
+        """Conditions 1-2 of the rule (the step window, the consecutive skips, a cache)."""
+        config, step = self.runtime.config, branch.step
+        return (cache is not None and config.threshold > 0
+                and config.first_steps <= step < branch.num_steps - config.last_steps
+                and cache.skips < config.max_consecutive_skips)
+
+    def _keeps_caches(self, branch: _BranchState) -> bool:
+        """Whether a later step of this call may skip (else nothing is cached)."""
+        config = self.runtime.config
+        return config.threshold > 0 and branch.step + 1 < branch.num_steps - config.last_steps
+
+    def _block_forward(self, branch: _BranchState, hidden: torch.Tensor, encoder: torch.Tensor | None,
+                       args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        runtime, config, step = self.runtime, self.runtime.config, branch.step
         cache = branch.blocks.get(self.key)
-        if (
-            cache is not None
-            and config.first_steps <= step < branch.num_steps - config.last_steps
-            and cache.skips < config.max_consecutive_skips
-            and cache.matches(hidden, encoder)
-            and cache.change(hidden, encoder) < config.threshold
-        ):
+        feasible = self._may_skip(branch, cache) and cache.matches(hidden, encoder)
+        wanted = feasible and cache.change(hidden, encoder) < config.threshold
+        if feasible and runtime.decide(self.key, step, wanted):
             cache.skips += 1
             runtime.record(step, skipped=True)
-            return self._replay(cache, hidden, encoder)
-        output = original(*args, **kwargs)
+            return self._replay(cache.template, hidden, encoder, *cache.residuals(step, config.forecast))
+        output = self.fn_ref.original_forward(*args, **kwargs)
         runtime.record(step, skipped=False)
-        if config.threshold > 0 and step + 1 < branch.num_steps - config.last_steps:
-            branch.blocks[self.key] = self._capture(hidden, encoder, output)
+        if self._keeps_caches(branch):
+            new = self._capture(hidden, encoder, output, step)
+            branch.blocks[self.key] = cache.succeeded_by(new) if cache is not None and cache.matches(hidden, encoder) else new
         else:  # no later step of this call can skip: keep nothing
             branch.blocks.pop(self.key, None)
         return output
 
-    def _capture(self, hidden: torch.Tensor, encoder: torch.Tensor | None, output: Any) -> _BlockCache:
+    def _span_forward(self, branch: _BranchState, hidden: torch.Tensor, encoder: torch.Tensor | None,
+                      args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        runtime, config, step, span = self.runtime, self.runtime.config, branch.step, branch.span
+        entry, back = config.front_blocks, self.count - config.back_blocks
+        if self.index == 0:
+            span.front_input = hidden
+        if self.index == entry:  # the span's first block decides for the span
+            front_residual = hidden - span.front_input
+            cache = span.cache
+            feasible = (self._may_skip(branch, cache) and cache.matches(front_residual, None)
+                        and cache.residual.shape == hidden.shape)
+            wanted = feasible and _relative_l1(front_residual, cache.hidden) < config.threshold
+            span.skip = feasible and runtime.decide("span", step, wanted)
+            if span.skip:
+                cache.skips += 1
+                runtime.record(step, skipped=True)
+                residual, encoder_residual = cache.residuals(step, config.forecast)
+                return self._replay(branch.templates.get(self.key), hidden, encoder, residual, encoder_residual)
+            span.front_residual, span.entry = front_residual, (hidden, encoder)
+        if entry <= self.index < back and span.skip:  # inside a skipped span: pass the inputs on
+            runtime.record(step, skipped=True)
+            return self._replay(branch.templates.get(self.key), hidden, encoder, None, None)
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        runtime.record(step, skipped=False)
+        if entry <= self.index < back:
+            branch.templates[self.key] = self._template(output)
+        if self.index == back - 1:  # the span's last block: cache the span's residual
+            if self._keeps_caches(branch):
+                entry_hidden, entry_encoder = span.entry
+                exit_cache = self._capture(entry_hidden, entry_encoder, output, step)
+                new = _BlockCache(span.front_residual, exit_cache.residual, None, exit_cache.encoder_residual,
+                                  None, step)
+                old = span.cache
+                span.cache = old.succeeded_by(new) if old is not None and old.residual.shape == new.residual.shape else new
+            else:
+                span.cache = None
+            span.entry = span.front_residual = None
+        return output
+
+    def _template(self, output: Any) -> tuple[Any, ...] | None:
+        """The block's tuple output with its two streams blanked; None for a tensor output."""
+        if not isinstance(output, tuple):
+            return None
+        meta, template = self.metadata, list(output)
+        template[meta.return_hidden_states_index] = None
+        if meta.return_encoder_hidden_states_index is not None:
+            template[meta.return_encoder_hidden_states_index] = None
+        return tuple(template)
+
+    def _capture(self, hidden: torch.Tensor, encoder: torch.Tensor | None, output: Any, step: int) -> _BlockCache:
         meta = self.metadata
         if not isinstance(output, tuple):
-            return _BlockCache(hidden, output - hidden, None, None, None)
-        out_hidden = output[meta.return_hidden_states_index]
-        template = list(output)
-        template[meta.return_hidden_states_index] = None
+            return _BlockCache(hidden, output - hidden, None, None, None, step)
         encoder_residual = None
         if meta.return_encoder_hidden_states_index is not None:
             out_encoder = output[meta.return_encoder_hidden_states_index]
-            template[meta.return_encoder_hidden_states_index] = None
             if out_encoder is not None and encoder is not None:
                 encoder_residual = out_encoder - encoder
-        return _BlockCache(hidden, out_hidden - hidden, encoder, encoder_residual, tuple(template))
+        return _BlockCache(hidden, output[meta.return_hidden_states_index] - hidden, encoder, encoder_residual,
+                           self._template(output), step)
 
-    def _replay(self, cache: _BlockCache, hidden: torch.Tensor, encoder: torch.Tensor | None) -> Any:
+    def _replay(self, template: tuple[Any, ...] | None, hidden: torch.Tensor, encoder: torch.Tensor | None,
+                residual: torch.Tensor | None, encoder_residual: torch.Tensor | None) -> Any:
+        """The block's output format holding ``hidden + residual`` (and ``encoder + encoder_residual``);
+        a None residual passes that stream on unchanged."""
         meta = self.metadata
-        out_hidden = hidden + cache.residual
-        if cache.template is None:
+        out_hidden = hidden if residual is None else hidden + residual
+        if template is None:
             return out_hidden
-        output = list(cache.template)
+        output = list(template)
         output[meta.return_hidden_states_index] = out_hidden
-        if meta.return_encoder_hidden_states_index is not None and cache.encoder_residual is not None:
-            output[meta.return_encoder_hidden_states_index] = encoder + cache.encoder_residual
+        if meta.return_encoder_hidden_states_index is not None and encoder is not None:
+            if encoder_residual is not None:
+                output[meta.return_encoder_hidden_states_index] = encoder + encoder_residual
+            elif residual is None:  # passing on
+                output[meta.return_encoder_hidden_states_index] = encoder
         return tuple(output)
 
 
@@ -441,14 +602,17 @@ class DeltaCache(AttachedFeature):
         self.denoisers = _denoisers(pipe)
         plan = {attribute: self._chosen_blocks(attribute, denoiser) for attribute, denoiser in self.denoisers.items()}
         self.num_blocks = sum(len(blocks) for blocks in next(iter(plan.values())).values())
+        if config.front_blocks:
+            _check_span(config, self.denoisers, plan)
         try:
             for attribute, lists in plan.items():
                 denoiser = self.denoisers[attribute]
                 detach_from_modules(denoiser)
-                for list_name, blocks in lists.items():
-                    for index, block in enumerate(blocks):
-                        hook = _BlockHook(self.runtime, f"{list_name}.{index}", block_metadata(block))
-                        self._hook(block, hook, BLOCK_HOOK)
+                count = sum(len(blocks) for blocks in lists.values())
+                flat = [(f"{name}.{i}", block) for name, blocks in lists.items() for i, block in enumerate(blocks)]
+                for position, (key, block) in enumerate(flat):
+                    hook = _BlockHook(self.runtime, key, block_metadata(block), position, count)
+                    self._hook(block, hook, BLOCK_HOOK)
                 hook = _DenoiserHook(self.runtime)
                 self._hook(denoiser, hook, DENOISER_HOOK)
                 self._denoiser_hooks.append(hook)
@@ -491,10 +655,9 @@ class DeltaCache(AttachedFeature):
         """Reorder every branch's cached inputs and residuals with the samples (particle resampling)."""
         for hook in self._denoiser_hooks:
             for branch in hook.states.branches.values():
-                for cache in branch.blocks.values():
-                    cache.hidden, cache.residual, cache.encoder, cache.encoder_residual = reindex_batch(
-                        (cache.hidden, cache.residual, cache.encoder, cache.encoder_residual), indices
-                    )
+                caches = [*branch.blocks.values(), *([branch.span.cache] if branch.span.cache is not None else [])]
+                for cache in caches:
+                    cache.reindexed(indices)
 
     def detach(self, pipe: Any) -> None:
         """Remove every hook this feature installed."""
@@ -505,6 +668,24 @@ class DeltaCache(AttachedFeature):
             if registry is not None:
                 registry.invalidate_child_registries_cache()
         self._modules, self._denoiser_hooks = [], []
+
+
+def _check_span(config: DeltaCacheConfig, denoisers: Mapping[str, torch.nn.Module],
+                plan: Mapping[str, Mapping[str, torch.nn.ModuleList]]) -> None:
+    """Span mode needs a transformer denoiser with at least one block between the front and back."""
+    from diffusers import UNet2DConditionModel
+
+    for attribute, lists in plan.items():
+        denoiser = denoisers[attribute]
+        if isinstance(denoiser, UNet2DConditionModel):
+            raise UnsupportedCombinationError(
+                "DeltaCacheConfig.front_blocks (span mode) needs a transformer denoiser; a UNet's transformer blocks "
+                "sit at different resolutions: use front_blocks=0")
+        count = sum(len(blocks) for blocks in lists.values())
+        if config.front_blocks + config.back_blocks >= count:
+            raise UnsupportedCombinationError(
+                f"DeltaCacheConfig.front_blocks={config.front_blocks} + back_blocks={config.back_blocks} leave no "
+                f"block to skip in {attribute} ({type(denoiser).__name__}, {count} cached blocks)")
 
 
 def _denoisers(pipe: Any) -> dict[str, torch.nn.Module]:
