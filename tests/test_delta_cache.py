@@ -561,3 +561,109 @@ def test_replaced_transformer_gets_the_cache_at_the_next_call():
     assert not hasattr(original, "_diffusers_hook")  # detached from the transformer it replaced
     diffaccel.restore(pipe)
     assert not hasattr(pipe.transformer, "_diffusers_hook")
+
+
+# ---- forecast, spans (F/B split) and shared branch decisions
+
+
+@pytest.mark.parametrize("case", ["sd3", "flux", "wan", "pixart-sigma"])
+@pytest.mark.parametrize("extra", [{"forecast": 1}, {"front_blocks": 1}, {"front_blocks": 1, "forecast": 1},
+                                   {"share_branches": True}])
+def test_threshold_zero_is_bit_identical_in_every_mode(case, extra):
+    pipe = diffaccel.accelerate(tiny_pipeline(CASES[case][0]), DeltaCacheConfig(threshold=0.0, **extra))
+    output = _run(case, pipe=pipe)  # a fresh pipeline: earlier tests reconfigure the shared Wan one
+    assert _stats(pipe).blocks_skipped == 0
+    assert torch.equal(output, _baseline(case))
+
+
+@pytest.mark.parametrize("case", ["sd3", "flux", "flux-true-cfg", "wan", "cogvideox"])
+@pytest.mark.parametrize("front,back", [(1, 0), (1, 1), (2, 1)])
+def test_a_span_skips_its_middle_blocks_only(case, front, back):
+    name, _, branches = CASES[case]
+    blocks = _num_blocks(name)
+    if front + back >= blocks:
+        pytest.skip(f"{name} has {blocks} blocks")
+    config = DeltaCacheConfig(threshold=INF, max_consecutive_skips=2, front_blocks=front, back_blocks=back)
+    with _accelerated(name, config) as pipe:
+        output = _run(case, steps=6, pipe=pipe)
+        stats = _stats(pipe)
+    middle = (blocks - front - back) * len(branches)
+    skip_steps = expected_skip_steps(6, 1, 1, 2)
+    assert stats.skipped_per_step == [middle if s in skip_steps else 0 for s in range(6)]
+    assert stats.blocks_computed == blocks * len(branches) * 6 - middle * len(skip_steps)
+    assert not torch.equal(output, _baseline(case)) and torch.isfinite(output).all()
+
+
+def test_a_span_follows_the_front_residual_change():
+    """A threshold between the front residual's changes skips at some steps and not others."""
+    with _accelerated("sd3", DeltaCacheConfig(threshold=INF, front_blocks=1, max_consecutive_skips=9)) as pipe:
+        _run("sd3", steps=8, pipe=pipe)
+        everything = _stats(pipe).blocks_skipped
+    with _accelerated("sd3", DeltaCacheConfig(threshold=1e-6, front_blocks=1)) as pipe:
+        assert torch.equal(_run("sd3", steps=8, pipe=pipe), _baseline("sd3", 8))  # every step changes more
+        assert _stats(pipe).blocks_skipped == 0
+    assert everything > 0
+
+
+@pytest.mark.parametrize("front", [0, 1])
+def test_forecast_extrapolates_the_residual_and_order_zero_replays_it(front, monkeypatch):
+    """With a forecast, a skipped block adds r2 + (s - s2)/(s2 - s1) * (r2 - r1): different from the
+    replay, and on a denoiser whose residuals change linearly in the step exactly right."""
+    config = dict(threshold=INF, max_consecutive_skips=1, front_blocks=front)
+    outputs = {}
+    for order in (0, 1):
+        with _accelerated("sd3", DeltaCacheConfig(forecast=order, **config)) as pipe:
+            outputs[order] = _run("sd3", steps=8, pipe=pipe)
+    assert not torch.equal(outputs[0], outputs[1])
+    assert torch.isfinite(outputs[1]).all()
+    from diffaccel.features.delta_cache import _BlockCache
+
+    cache = _BlockCache(torch.zeros(2), torch.tensor([3.0, 5.0]), None, None, None, step=4,
+                        previous=(2, torch.tensor([1.0, 1.0]), None))
+    torch.testing.assert_close(cache.residuals(5, 1)[0], torch.tensor([4.0, 7.0]))  # linear in the step
+    torch.testing.assert_close(cache.residuals(5, 0)[0], torch.tensor([3.0, 5.0]))
+
+
+def test_shared_decisions_make_the_branches_skip_together():
+    """Wan runs its CFG branches as two calls; a threshold that only the conditional branch meets at
+    a step skips both when shared."""
+    config = dict(max_consecutive_skips=9)
+    counts = {}
+    for shared in (False, True):
+        with _accelerated("wan", DeltaCacheConfig(threshold=INF, front_blocks=1, share_branches=shared, **config)) as pipe:
+            _run("wan", steps=6, pipe=pipe)
+            counts[shared] = _stats(pipe).skipped_per_step
+    assert counts[True] == counts[False]  # inf: both branches skip anyway
+    from diffaccel.features.delta_cache import _Runtime
+
+    shared, own = _Runtime(DeltaCacheConfig(share_branches=True)), _Runtime(DeltaCacheConfig())
+    for runtime in (shared, own):
+        runtime.start(None, 2)
+    assert shared.decide("span", 3, True) and shared.decide("span", 3, False)  # the first branch decided
+    assert not shared.decide("span", 4, False) and not shared.decide("span", 4, True)
+    assert own.decide("span", 3, True) and not own.decide("span", 3, False)  # each branch its own
+    shared.start(None, 2)
+    assert not shared.decide("span", 3, False)  # a new call forgets the last one's decisions
+
+
+@pytest.mark.parametrize(
+    ("name", "config", "why"),
+    [("sd", DeltaCacheConfig(front_blocks=1), "needs a transformer denoiser"),
+     ("sd3", DeltaCacheConfig(front_blocks=2, back_blocks=1), "leave no block to skip")],
+)
+def test_spans_that_cannot_apply_are_refused(name, config, why):
+    if name == "sd3" and _num_blocks("sd3") > 3:
+        config = DeltaCacheConfig(front_blocks=_num_blocks("sd3"))
+    with pytest.raises(UnsupportedCombinationError, match=why):
+        diffaccel.accelerate(tiny_pipeline(name), config)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"forecast": 2}, "forecast must be 0 or 1"),
+    ({"back_blocks": 1}, "back_blocks needs front_blocks"),
+    ({"front_blocks": -1}, "front_blocks must be an int >= 0"),
+    ({"share_branches": "yes"}, "share_branches must be a bool"),
+])
+def test_bad_forecast_and_span_settings_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DeltaCacheConfig(**kwargs)
