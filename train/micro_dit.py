@@ -174,13 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         pred = transformer(noisy, encoder_hidden_states=states, pooled_projections=pooled,
                            timestep=sigma * 1000).sample
         loss = F.mse_loss(pred, noise - latents)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
-        optimizer.step()
-        ema.step(trained.parameters())
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+        trainkit.optimizer_step(loss, trained.parameters(), optimizer, ema, bar, step)
         if timer.due():
             ckpt.save(step + 1, trained, optimizer, ema, clip=args.clip, vae=args.vae)
             if timer.stop:

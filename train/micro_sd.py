@@ -133,13 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         noisy = scheduler.add_noise(latents, noise, t.to(args.device))
         pred = unet(noisy, t.to(args.device), encoder_hidden_states=states).sample
         loss = F.mse_loss(pred, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        ema.step(unet.parameters())
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+        trainkit.optimizer_step(loss, unet.parameters(), optimizer, ema, bar, step)
         if timer.due():
             ckpt.save(step + 1, unet, optimizer, ema, clip=args.clip, vae=args.vae)
             if timer.stop:

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 __all__ = [
     "Checkpoint", "LatentCache", "Rendered", "Timer", "batch_indices", "collate", "cut_clip_vocab", "export_fp16",
-    "parse_args", "render_cache", "step_generator", "train_loop",
+    "optimizer_step", "parse_args", "render_cache", "step_generator", "train_loop",
 ]
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -240,6 +240,21 @@ class Timer:
             self.last = time.monotonic()
             return True
         return False
+
+
+def optimizer_step(loss: torch.Tensor, parameters: Any, optimizer: Any, ema: Any, bar: Any, step: int) -> None:
+    """Backward, clip the gradient norm to 1, step the optimizer and the EMA; show the loss every 20 steps.
+
+        optimizer_step(F.mse_loss(pred, target), model.parameters(), optimizer, ema, bar, step)
+    """
+    parameters = list(parameters)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+    optimizer.step()
+    ema.step(parameters)
+    if step % 20 == 0:
+        bar.set_postfix(loss=f"{loss.item():.4f}")
 
 
 def cut_clip_vocab(text_encoder: Any, words: Any, model_max_length: int = 77) -> Any:
