@@ -339,9 +339,14 @@ def test_exports_are_fp16_and_load_offline(tiny_exports):
     assert [b for b in pipe.unet.config.down_block_types] == ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
     assert pipe.unet.config.mid_block_type == "UNetMidBlock2DCrossAttn"
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
-    # the text encoder is micro-CLIP's text tower, weight for weight
+    # the text encoder is micro-CLIP's text tower, weight for weight (its vocabulary cut to the ShapeWorld words)
+    from diffaccel.shapeworld import WORDS
+    from diffaccel.tokenizers import clip_tokenizer_for_words
+
+    tokenizer, clip_ids = clip_tokenizer_for_words(list(WORDS))
+    assert pipe.tokenizer.get_vocab() == tokenizer.get_vocab()
     torch.testing.assert_close(pipe.text_encoder.embeddings.token_embedding.weight,
-                               clip.text_model.embeddings.token_embedding.weight.float())
+                               clip.text_model.embeddings.token_embedding.weight.float()[torch.tensor(clip_ids)])
     image = pipe("a red circle", num_inference_steps=2, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images
     assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
