@@ -31,7 +31,8 @@ QUICK=""
 
 echo "== kernel tests (compiled on the GPU; CPU: interpreter) ==" | tee "$OUT/tests.log"
 timeout -s TERM "$TESTS_S" $PY -m pytest -q -p no:cacheprovider tests/test_kernels_int8.py \
-  tests/test_kernels_nvfp4.py tests/test_kernels_nvfp4_w4a4.py tests/test_kernels_attention.py 2>&1 \
+  tests/test_kernels_nvfp4.py tests/test_kernels_nvfp4_w4a4.py tests/test_kernels_w8a16.py \
+  tests/test_kernels_attention.py 2>&1 \
   | tail -25 | tee -a "$OUT/tests.log"
 
 echo "== bench/kernel_speed.py ==" | tee "$OUT/kernels.log"

@@ -1,9 +1,10 @@
 """Benchmark: diffaccel's Triton kernels against cuBLAS bf16 and the fastest SDPA backend.
 
 Side by side in one run, per shape: the W8A8 GEMM (quantization of the activations included),
-the NVFP4-weight GEMM (W4A16), on GPUs with FP4 tensor cores (Blackwell) also the native NVFP4
-GEMM (W4A4, activations quantized in the call), and ``torch.matmul`` in bf16; quantized attention and every SDPA
-backend that runs on the GPU (flash, memory-efficient, cuDNN; the fastest is the baseline).
+the NVFP4-weight GEMM (W4A16), the INT8-weight GEMM (W8A16, per-channel scales), on GPUs with
+FP4 tensor cores (Blackwell) also the native NVFP4 GEMM (W4A4, activations quantized in the call),
+and ``torch.matmul`` in bf16; quantized attention and every SDPA backend that runs on the GPU
+(flash, memory-efficient, cuDNN; the fastest is the baseline).
 Times are medians of ``triton.testing.do_bench``; throughput counts ``2*M*N*K`` (GEMM) and
 ``4*B*H*Sq*Skv*D`` (attention) operations. Results go to ``bench/results/kernels/kernels_<device>.json``.
 
@@ -38,6 +39,7 @@ from diffaccel.kernels.nvfp4 import nvfp4_quantize
 from diffaccel.kernels.nvfp4_gemm import nvfp4_linear
 from diffaccel.kernels.nvfp4_w4a4_gemm import native_fp4_supported, nvfp4_w4a4_linear
 from diffaccel.kernels.quantized_attention import quantized_sdpa
+from diffaccel.kernels.w8a16_gemm import w8a16_linear
 
 # (label, M, K, N): y = x (M, K) @ W^T (N, K)
 GEMMS = [
@@ -132,6 +134,7 @@ def bench_gemm(label: str, m: int, k: int, n: int, device: str, reps: int) -> di
         ("bf16 matmul", lambda: torch.matmul(x, w.T)),
         ("w8a8", lambda: int8_linear(x, qw, w_scale)),
         ("w4a16 nvfp4", lambda: nvfp4_linear(x, w4)),
+        ("w8a16 int8", lambda: w8a16_linear(x, qw, w_scale)),  # weight-only, per-channel scales
     ]
     if cuda and native_fp4_supported():  # Blackwell: FP4 tensor cores (activations quantized too)
         candidates.append(("w4a4 nvfp4 native", lambda: nvfp4_w4a4_linear(x, w4)))
@@ -221,6 +224,8 @@ def summary(gemms: list[dict[str, Any]], attentions: list[dict[str, Any]]) -> di
         "attention vs fastest SDPA at >= 8k tokens": med(
             [r["speedup_vs_fastest_sdpa"] for r in long]
         ),
+        # no target in the issue
+        "w8a16 vs bf16 at M <= 16": med([r["speedup"]["w8a16 int8"] for r in small]),
         # no target in the issue; measured only where the GPU has FP4 tensor cores
         "w4a4 native vs bf16 at M >= 4096": med(
             [r["speedup"]["w4a4 nvfp4 native"] for r in big if "w4a4 nvfp4 native" in r["speedup"]]
@@ -257,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
 
     gemms = []
     print(
-        f"{'GEMM':<28}{'bf16 TFLOPS':>12}{'W8A8 TOPS':>11}{'x':>7}{'W4A16 TFLOPS':>14}{'x':>7}{'err8':>8}{'err4':>8}"
+        f"{'GEMM':<28}{'bf16 TFLOPS':>12}{'W8A8 TOPS':>11}{'x':>7}{'W4A16 TFLOPS':>14}{'x':>7}"
+        f"{'W8A16 TFLOPS':>14}{'x':>7}{'err8':>8}{'err4':>8}{'errw8':>8}"
     )
     for shape in gemm_shapes:
         r = bench_gemm(*shape, args.device, args.reps)
@@ -265,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         t, s, e = r["tops"], r["speedup"], r["rel_err"]
         print(
             f"{r['label']:<28}{t['bf16 matmul']:>12.3g}{t['w8a8']:>11.3g}{s['w8a8']:>6.2f}x"
-            f"{t['w4a16 nvfp4']:>14.3g}{s['w4a16 nvfp4']:>6.2f}x{e['w8a8']:>8.4f}{e['w4a16 nvfp4']:>8.4f}"
+            f"{t['w4a16 nvfp4']:>14.3g}{s['w4a16 nvfp4']:>6.2f}x{t['w8a16 int8']:>14.3g}{s['w8a16 int8']:>6.2f}x"
+            f"{e['w8a8']:>8.4f}{e['w4a16 nvfp4']:>8.4f}{e['w8a16 int8']:>8.4f}"
             + (f"  W4A4 native {t['w4a4 nvfp4 native']:.3g} TFLOPS {s['w4a4 nvfp4 native']:.2f}x"
                f" err {e['w4a4 nvfp4 native']:.4f}" if "w4a4 nvfp4 native" in t else "")
         )
@@ -286,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     for key, want in TARGETS.items():
         got = measured[key]
         print(f"{key:<47}{want:<14}{'-' if got is None else f'{got:.2f}x'}")
+    w8a16 = measured["w8a16 vs bf16 at M <= 16"]
+    print(f"{'w8a16 vs bf16 at M <= 16':<47}{'(no target)':<14}{'-' if w8a16 is None else f'{w8a16:.2f}x'}")
     native = measured["w4a4 native vs bf16 at M >= 4096"]
     if native is not None:
         print(f"{'w4a4 native vs bf16 at M >= 4096':<47}{'(no target)':<14}{native:.2f}x")

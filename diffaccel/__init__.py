@@ -28,8 +28,9 @@ _LAZY_NAMES: dict[str, str] = {
     **dict.fromkeys(("DeltaCacheConfig", "DeltaCacheStats"), ".features.delta_cache"),
     **dict.fromkeys(("EncoderReuseConfig", "EncoderReuseStats"), ".features.encoder_reuse"),
     **dict.fromkeys(
-        ("DynamicPrecisionConfig", "MemoryReport", "QuantizationConfig", "QuantizationStats", "QuantizedLinear",
-         "allocate_dynamic", "allocate_static", "calibrate", "load_quantized", "memory_report", "quantize_"),
+        ("DynamicPrecisionConfig", "MemoryReport", "QuantizationConfig", "QuantizationStats", "QuantizedConv2d",
+         "QuantizedLinear", "allocate_dynamic", "allocate_static", "calibrate", "load_quantized", "measure_sensitivity", "memory_report",
+         "quantize_"),
         ".quantization",
     ),
     **dict.fromkeys(
@@ -69,6 +70,7 @@ __all__ = [
     "QuantizationStats",
     "QuantizedAttention",
     "QuantizedAttentionConfig",
+    "QuantizedConv2d",
     "QuantizedLinear",
     "UniformSchedule",
     "UnsupportedCombinationError",
@@ -79,6 +81,7 @@ __all__ = [
     "calibrate",
     "evaluate",
     "load_quantized",
+    "measure_sensitivity",
     "memory_report",
     "parse_schedule",
     "preset_configs",

@@ -11,6 +11,8 @@ optional (pyproject installs it on Linux only): without it every op runs its ref
   Blackwell's FP4 tensor cores (``native_fp4_supported``).
 * :mod:`~diffaccel.kernels.int8_quant`: INT8 per-channel weights, per-token activations.
 * :mod:`~diffaccel.kernels.int8_gemm`: ``y = x @ W^T + b`` in W8A8 with INT32 accumulation.
+* :mod:`~diffaccel.kernels.w8a16_gemm`: ``y = x @ W^T + b`` with INT8 weights only (W8A16), per
+  channel or per group of columns.
 * :mod:`~diffaccel.kernels.int8_blocks`: per-block INT8 of attention's Q and smoothed K.
 * :mod:`~diffaccel.kernels.quantized_attention`: ``quantized_sdpa``, SageAttention-style.
 
@@ -24,11 +26,14 @@ from .nvfp4 import NVFP4Tensor, nvfp4_dequantize, nvfp4_quantize
 from .nvfp4_gemm import nvfp4_linear
 from .nvfp4_w4a4_gemm import native_fp4_supported, nvfp4_w4a4_linear
 from .quantized_attention import quantized_sdpa
+from .w8a16_gemm import int8_dequantize_per_group, int8_quantize_per_group, w8a16_linear
 
 __all__ = [
     "NVFP4Tensor",
+    "int8_dequantize_per_group",
     "int8_linear",
     "int8_quantize_per_channel",
+    "int8_quantize_per_group",
     "int8_quantize_per_token",
     "native_fp4_supported",
     "nvfp4_dequantize",
@@ -36,4 +41,5 @@ __all__ = [
     "nvfp4_quantize",
     "nvfp4_w4a4_linear",
     "quantized_sdpa",
+    "w8a16_linear",
 ]

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from diffaccel.evaluation import report
-from diffaccel.evaluation.report import pareto_front, plot_pareto, plot_reward_vs_nfe, render_report, write_report
+from diffaccel.evaluation.report import pareto_front, plot_memory, plot_pareto, plot_reward_vs_nfe, render_report, write_report
 
 TIMING = ("one process; a warm-up call per variant, then the variants interleaved batch by batch on the same inputs; "
           "speedup = median over batches of untouched seconds / variant seconds")
@@ -169,8 +169,9 @@ def test_a_pareto_plot_without_any_finite_point_is_refused(tmp_path):
 def test_write_report_writes_the_report_and_valid_pngs_for_the_metrics_with_two_finite_points(tmp_path):
     written = write_report(tmp_path, _summary())
     assert [path.name for path in written] == [
-        "pareto_verifier.png", "reward_vs_nfe_verifier.png", "pareto_verifier.color.png", "reward_vs_nfe_verifier.color.png",
-        "pareto_clip_score.png", "reward_vs_nfe_clip_score.png", "pareto_psnr.png", "report.md"]  # PSNR is no reward
+        "pareto_verifier.png", "memory_verifier.png", "reward_vs_nfe_verifier.png", "pareto_verifier.color.png",
+        "reward_vs_nfe_verifier.color.png", "pareto_clip_score.png", "memory_clip_score.png", "reward_vs_nfe_clip_score.png",
+        "pareto_psnr.png", "memory_psnr.png", "report.md"]  # PSNR is no reward; verifier.color has one weight size
     assert all(path.parent == tmp_path for path in written)
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(path.name for path in written)  # no temp files left
     for path in written[:-1]:
@@ -211,7 +212,8 @@ def test_without_steering_variants_no_reward_vs_nfe_plot_is_written(tmp_path):
     assert plot_reward_vs_nfe(summary, tmp_path / "reward_vs_nfe_verifier.png", "verifier") is None
     assert not (tmp_path / "reward_vs_nfe_verifier.png").exists()
     written = write_report(tmp_path, summary)
-    assert [path.name for path in written] == ["pareto_verifier.png", "pareto_clip_score.png", "pareto_psnr.png", "report.md"]
+    assert [path.name for path in written] == ["pareto_verifier.png", "memory_verifier.png", "pareto_clip_score.png",
+                                               "memory_clip_score.png", "pareto_psnr.png", "memory_psnr.png", "report.md"]
     assert not list(tmp_path.glob("reward_vs_nfe_*"))
 
 
@@ -230,4 +232,19 @@ def test_main_metrics_choose_the_table_columns_and_the_plots(tmp_path):
     summary = dict(_summary(), main_metrics=["psnr"])
     header = render_report(summary).splitlines()[2]
     assert "psnr" in header and "verifier" not in header and "clip_score" not in header
-    assert [path.name for path in write_report(tmp_path, summary)] == ["pareto_psnr.png", "report.md"]
+    assert [path.name for path in write_report(tmp_path, summary)] == ["pareto_psnr.png", "memory_psnr.png", "report.md"]
+
+
+def test_the_memory_plot_puts_quality_against_weight_bytes_with_the_front(tmp_path, monkeypatch):
+    figures = _captured_figures(monkeypatch)
+    summary = _summary()
+    summary["variants"]["worse"]["weight_bytes"] = 999_999  # smaller still, and worse: on the front too
+    plot_memory(summary, tmp_path / "memory_psnr.png", "psnr")
+    axes = figures[-1].axes[0]
+    xs = sorted(x for container in axes.containers for x in container.lines[0].get_xdata())
+    assert xs == pytest.approx([0.999999, 1.234567, 3.456789])  # MB; the untouched PSNR (inf) is left out
+    front = next(line for line in axes.lines if line.get_label() == "front")
+    assert list(front.get_xdata()) == pytest.approx([0.999999, 1.234567])  # dc3: bigger and worse than zz_ours
+    for variant in summary["variants"].values():
+        variant["weight_bytes"] = 5
+    assert plot_memory(summary, tmp_path / "same.png", "psnr") is None and not (tmp_path / "same.png").exists()

@@ -2,8 +2,10 @@
 
 :func:`write_report` puts at the top of a run folder ``report.md`` (:func:`render_report`: one
 table row per variant, the run's notes, links to the plots), ``pareto_<metric>.png`` per quality
-metric (:func:`plot_pareto`: quality against speedup, with the :func:`pareto_front`) and, when the
-run has steering variants, ``reward_vs_nfe_<metric>.png`` (:func:`plot_reward_vs_nfe`).
+metric (:func:`plot_pareto`: quality against speedup, with the :func:`pareto_front`), when the
+variants' weights differ in size (quantization, weight peers), ``memory_<metric>.png``
+(:func:`plot_memory`: quality against weight bytes) and, when the run has steering variants,
+``reward_vs_nfe_<metric>.png`` (:func:`plot_reward_vs_nfe`).
 
 The plots need matplotlib (``pip install matplotlib``), imported when a plot is first drawn and
 used through its Agg canvas only (no pyplot, no change to the process's backend). Every file is
@@ -31,12 +33,12 @@ import pathlib
 import re
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .runs import _atomic_write
 
-__all__ = ["pareto_front", "plot_pareto", "plot_reward_vs_nfe", "render_report", "write_report"]
+__all__ = ["pareto_front", "plot_memory", "plot_pareto", "plot_reward_vs_nfe", "render_report", "write_report"]
 
 # marker, colour and size of each variant kind on the plots; other kinds get _OTHER_STYLE
 _KIND_STYLES = {"untouched": ("*", "black", 14), "diffaccel": ("o", "tab:blue", 7), "peer": ("s", "tab:orange", 7),
@@ -155,6 +157,37 @@ def plot_pareto(summary: Mapping[str, Any], path: str | os.PathLike[str], metric
     return _save(figure, axes, path)
 
 
+def plot_memory(summary: Mapping[str, Any], path: str | os.PathLike[str], metric: str) -> pathlib.Path | None:
+    """Draw ``metric``'s mean (its interval as error bars) against the denoiser's weight megabytes
+    for every variant with both finite, to the PNG ``path``, with the front of the variants no
+    other beats in both (smaller and better) as a step line. None, writing nothing, when the
+    variants' weights do not differ in size (no quantized variant: nothing to compare).
+
+    Example::
+
+        >>> import pathlib, tempfile
+        >>> summary = {"model": "micro-sd", "variants": {
+        ...     "untouched": {"kind": "untouched", "weight_bytes": 8e6, "metrics": {"psnr": {"mean": float("inf")}}},
+        ...     "q8": {"kind": "peer", "weight_bytes": 4e6, "metrics": {"psnr": {"mean": 45.0}}},
+        ...     "mixed": {"kind": "diffaccel", "weight_bytes": 3e6, "metrics": {"psnr": {"mean": 46.0}}}}}
+        >>> plot_memory(summary, pathlib.Path(tempfile.mkdtemp()) / "memory_psnr.png", "psnr").name
+        'memory_psnr.png'
+    """
+    points = [replace(point, x=point.x / 1e6) for point in _points(summary, metric, "weight_bytes", kinds=None)]
+    if len({point.x for point in points}) < 2:
+        return None
+    figure = _new_figure()
+    axes = figure.add_subplot()
+    _scatter(axes, points)
+    front = sorted((points[i] for i in pareto_front([(-point.x, point.mean) for point in points])), key=lambda p: p.x)
+    axes.step([point.x for point in front], [point.mean for point in front], where="post", color="gray",
+              linestyle="--", linewidth=1, marker="o", markersize=14, markerfacecolor="none", label="front")
+    axes.set_xlabel("denoiser weights (MB, as stored)")
+    axes.set_ylabel(f"{metric} (mean, interval as error bars)")
+    axes.set_title(f"{metric} vs weight bytes: {summary.get('model', '?')}")
+    return _save(figure, axes, path)
+
+
 def plot_reward_vs_nfe(summary: Mapping[str, Any], path: str | os.PathLike[str], metric: str) -> pathlib.Path | None:
     """Draw ``metric``'s mean (its interval as error bars) against the mean number of network
     evaluations per sample for the steering variants and the untouched one (a black star), to the
@@ -194,7 +227,8 @@ def write_report(run_dir: str | os.PathLike[str], summary: Mapping[str, Any]) ->
     written (plots first, in ``summary["metrics"]`` order, then ``report.md``).
 
     Each metric of ``summary["main_metrics"]`` (default: ``summary["metrics"]``) that at least two
-    variants have with a finite mean and a finite speedup gets ``pareto_<metric>.png``; when some
+    variants have with a finite mean and a finite speedup gets ``pareto_<metric>.png`` (and
+    ``memory_<metric>.png`` when the variants' weight bytes differ, see :func:`plot_memory`); when some
     steering variant has it with a finite NFE (and it is not PSNR or SSIM), also
     ``reward_vs_nfe_<metric>.png``. Characters of a metric's name outside letters,
     digits, ``.``, ``_`` and ``-`` become ``_`` in file names. Without matplotlib only
@@ -228,6 +262,9 @@ def write_report(run_dir: str | os.PathLike[str], summary: Mapping[str, Any]) ->
                 continue
             stem = re.sub(r"[^\w.-]", "_", metric)
             written.append(plot_pareto(summary, folder / f"pareto_{stem}.png", metric))
+            memory = plot_memory(summary, folder / f"memory_{stem}.png", metric)
+            if memory is not None:
+                written.append(memory)
             if metric in _FIDELITY:  # how far steering moves a sample is not a reward
                 continue
             reward = plot_reward_vs_nfe(summary, folder / f"reward_vs_nfe_{stem}.png", metric)

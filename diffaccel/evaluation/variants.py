@@ -7,9 +7,11 @@ A SPEC is ``none`` (the untouched pipeline), diffaccel parts joined by ``+``, or
   deep reuse with ``,shallow_layers=1``), ``preset:fast|balanced|quality`` (the UNet presets of
   :mod:`diffaccel.presets`),
   ``delta-cache:THRESHOLD``, a :class:`~diffaccel.QuantizationConfig` precision (``nvfp4``,
-  ``nvfp4+residual``, ``int8``), ``quantized-attention``; e.g. ``encoder-reuse:uniform:2+delta-cache:0.05``;
-  each may end in ``,key=value`` options, the int, float and bool fields of its config
-  (``delta-cache:0.2,max_consecutive_skips=4``, ``int8:min_weight_numel=0``);
+  ``nvfp4+residual``, ``int8``, ``w8a16``), ``quantization-file:PATH`` (a ``QuantizationConfig``
+  saved as JSON, e.g. a budget allocation's), ``quantized-attention``; e.g.
+  ``encoder-reuse:uniform:2+delta-cache:0.05``; each may end in ``,key=value`` options, the int,
+  float and bool fields of its config (``delta-cache:0.2,max_consecutive_skips=4``,
+  ``int8:min_weight_numel=0``) and, for the precisions, the string fields too (``w8a16:scope=all``);
 * steering, at most one part, joinable with diffaccel parts (``encoder-reuse:uniform:2+fk:particles=4``):
   ``fk:particles=K[,key=value,...]`` (the fields of :class:`~diffaccel.FKSteeringConfig`, e.g.
   ``potential=max,lmbda=10,resample_every=2,resample_start=12``), ``best-of:N`` (N samples, the
@@ -70,6 +72,7 @@ DIFFACCEL_PARTS: tuple[str, ...] = (
     "encoder-reuse:SCHEDULE",
     "delta-cache:THRESHOLD",
     *PRECISIONS,
+    "quantization-file:PATH",
     "quantized-attention",
     "preset:NAME",
 )
@@ -290,6 +293,7 @@ _BUILDERS: dict[str, tuple[bool, Callable[..., FeatureConfig]]] = {
     "delta-cache": (True, lambda arg, **options: DeltaCacheConfig(threshold=_number(arg), **options)),
     "quantized-attention": (False, lambda arg, **options: QuantizedAttentionConfig(**options)),
     "preset": (True, lambda arg, **options: unet_preset(arg)),
+    "quantization-file": (True, lambda arg, **options: _quantization_file(arg)),
     **{p: (False, lambda arg, p=p, **options: QuantizationConfig(precision=p, **options)) for p in PRECISIONS},
 }
 
@@ -305,11 +309,25 @@ _PART_CONFIGS: dict[str, type] = {
 _POSITIONAL = {"encoder-reuse": "schedule", "delta-cache": "threshold", **dict.fromkeys(PRECISIONS, "precision")}
 
 
+def _quantization_file(path: str) -> QuantizationConfig:
+    """The ``QuantizationConfig`` saved as JSON at ``path`` (``to_dict``'s form)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return QuantizationConfig.from_dict(json.load(handle))
+    except OSError as err:
+        raise ValueError(f"cannot read {path}: {err.strerror}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not JSON: {err}") from None
+
+
 def _part_options(key: str) -> dict[str, type]:
-    """The ``key=value`` options of the diffaccel part ``key``: its config's int, float and bool fields."""
+    """The ``key=value`` options of the diffaccel part ``key``: its config's int, float and bool fields
+    (and a precision's string fields: ``scope``, ``fallback``, ``impl``)."""
     if key not in _PART_CONFIGS:  # a preset takes no options
         return {}
-    fields = ((f.name, _scalar_type(f.type)) for f in dataclasses.fields(_PART_CONFIGS[key]))
+    config = _PART_CONFIGS[key]
+    fields = ((f.name, _scalar_type(f.type) or (str if config is QuantizationConfig and str(f.type) == "str" else None))
+              for f in dataclasses.fields(config))
     return {name: kind for name, kind in fields if kind is not None and name != _POSITIONAL.get(key)}
 
 

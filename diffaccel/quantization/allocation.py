@@ -1,5 +1,12 @@
-"""Per-block precision allocation from a calibration: static (fixed per layer) or dynamic (per
-block and timestep band).
+"""Precision allocation from a calibration: static (fixed per layer, by block fraction or by a
+memory budget) or dynamic (per block and timestep band).
+
+* :func:`allocate_static` with ``bits_per_weight=`` or ``max_bytes=`` fills a memory budget from
+  measured per-layer sensitivities (:func:`~diffaccel.quantization.measure_sensitivity`, or
+  ``calibrate(..., sensitivity=True)``): every layer starts in its cheapest format (NVFP4) and
+  the upgrade (to INT8, then to bf16, per layer, across Linear and Conv2d layers) that saves the
+  most measured output error per extra byte is taken while it fits, until none does. The budget
+  is never exceeded; its :class:`BudgetAllocation` gives the ``QuantizationConfig`` that realises it.
 
 Both read the predictor of :mod:`diffaccel.quantization.calibration` (``error = slope *
 difference + intercept``) and spend the 8-bit precision where the predicted NVFP4 error is
@@ -36,12 +43,17 @@ from typing import Any, Mapping
 
 import numpy as np
 
+import heapq
+
 from .calibration import (
     CalibrationData,
     PrecisionPredictor,
 )
 from .config import QuantizationConfig
 from .dynamic import DynamicPrecisionConfig
+from .sensitivity import LayerSensitivity
+
+_BF16_BYTES = 2
 
 
 def _check_budget(fraction: float | None, threshold: float | None, name: str) -> None:
@@ -91,25 +103,167 @@ class StaticAllocation:
                 "int8_blocks": list(self.int8_blocks)}
 
 
+@dataclass(frozen=True)
+class BudgetAllocation:
+    """A precision per layer that fits a memory budget (from :func:`allocate_static` with a budget).
+
+    ``precisions`` maps every candidate layer to ``"nvfp4"``, ``"w8a16"``, ``"int8"`` or
+    ``"bf16"``; ``nbytes`` / ``bits_per_weight`` are the whole denoiser's storage as
+    :func:`~diffaccel.quantization.memory_report` will count it (unquantized parameters at bf16);
+    ``predicted_error`` is the sum of the chosen formats' measured errors; ``budget_nbytes`` the budget.
+    """
+
+    precisions: Mapping[str, str]
+    nbytes: int
+    total_numel: int
+    budget_nbytes: int
+    predicted_error: float
+    config: QuantizationConfig
+
+    @property
+    def bits_per_weight(self) -> float:
+        """``nbytes * 8 / total_numel``."""
+        return self.nbytes * 8 / self.total_numel
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Layers per precision."""
+        counts: dict[str, int] = {}
+        for precision in self.precisions.values():
+            counts[precision] = counts.get(precision, 0) + 1
+        return counts
+
+    def quantization_config(self) -> QuantizationConfig:
+        """The config that makes :func:`~diffaccel.quantization.quantize_` realise exactly this allocation
+        (every candidate layer named in ``overrides``; everything else stays as it is)."""
+        overrides = {name: precision for name, precision in self.precisions.items() if precision != "bf16"}
+        return replace(self.config, precision="bf16", overrides=overrides, min_weight_numel=0, residual=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form."""
+        return {"precisions": dict(self.precisions), "nbytes": self.nbytes, "total_numel": self.total_numel,
+                "bits_per_weight": self.bits_per_weight, "budget_nbytes": self.budget_nbytes,
+                "predicted_error": self.predicted_error, "counts": self.counts, "config": self.config.to_dict()}
+
+
+def _layer_options(error: np.ndarray, nbytes: np.ndarray, formats: tuple[str, ...], numel: int) -> list[tuple[int, float, str]]:
+    """A layer's (bytes, error, format) options on their lower convex hull, cheapest first; bf16 last."""
+    options = [(int(b), float(e), f) for f, e, b in zip(formats, error, nbytes) if np.isfinite(e)]
+    options.append((numel * _BF16_BYTES, 0.0, "bf16"))
+    options.sort(key=lambda o: (o[0], o[1]))
+    hull: list[tuple[int, float, str]] = []
+    for option in options:
+        if hull and option[1] >= hull[-1][1]:  # costs at least as much, no better: never worth it
+            continue
+        while len(hull) >= 2:  # drop a middle point above the segment from its neighbours
+            (b0, e0, _), (b1, e1, _) = hull[-2], hull[-1]
+            if (e0 - e1) * (option[0] - b0) <= (e0 - option[1]) * (b1 - b0):
+                hull.pop()
+            else:
+                break
+        hull.append(option)
+    return hull
+
+
+def _allocate_budget(sensitivity: LayerSensitivity, budget: int, formats: tuple[str, ...]) -> BudgetAllocation:
+    columns = [sensitivity.formats.index(f) for f in formats]
+    hulls = [_layer_options(sensitivity.error[i, columns], sensitivity.nbytes[i, columns], formats, int(n))
+             for i, n in enumerate(sensitivity.numel)]
+    other = (sensitivity.total_numel - int(sensitivity.numel.sum())) * _BF16_BYTES
+    level = [0] * len(hulls)
+    total = other + sum(h[0][0] for h in hulls)
+    if total > budget:
+        raise ValueError(
+            f"the budget ({budget * 8 / sensitivity.total_numel:.3f} bits per weight, {budget} bytes) is below the "
+            f"smallest allocation ({total * 8 / sensitivity.total_numel:.3f} bits per weight, {total} bytes: every "
+            f"candidate layer in its cheapest format of {formats})"
+        )
+    heap = [(-(h[0][1] - h[1][1]) / (h[1][0] - h[0][0]), i) for i, h in enumerate(hulls) if len(h) > 1]
+    heapq.heapify(heap)
+    while heap:
+        _, i = heapq.heappop(heap)
+        hull, current = hulls[i], level[i]
+        extra = hull[current + 1][0] - hull[current][0]
+        if total + extra > budget:
+            continue  # its later upgrades cost more still
+        total += extra
+        level[i] = current + 1
+        if level[i] + 1 < len(hull):
+            step = hull[level[i] + 1]
+            heapq.heappush(heap, (-(hull[level[i]][1] - step[1]) / (step[0] - hull[level[i]][0]), i))
+    precisions = {name: hulls[i][level[i]][2] for i, name in enumerate(sensitivity.layers)}
+    error = sum(hulls[i][level[i]][1] for i in range(len(hulls)))
+    return BudgetAllocation(precisions, total, sensitivity.total_numel, budget, float(error), sensitivity.config)
+
+
 def allocate_static(
-    data: CalibrationData,
+    data: CalibrationData | LayerSensitivity,
     *,
     int8_fraction: float | None = None,
     error_threshold: float | None = None,
+    bits_per_weight: float | None = None,
+    max_bytes: int | None = None,
+    formats: tuple[str, ...] | None = None,
     predictor: PrecisionPredictor | None = None,
     by: str = "predicted",
-) -> StaticAllocation:
-    """Give INT8 to the blocks with the largest predicted NVFP4 error.
+) -> StaticAllocation | BudgetAllocation:
+    """A fixed precision per layer: by block (6Bit-Diffusion's predictor) or to fill a memory budget.
+
+    By block (``int8_fraction`` or ``error_threshold``; ``data`` a :class:`CalibrationData`): INT8
+    for the blocks with the largest predicted NVFP4 error, NVFP4 for the rest; a :class:`StaticAllocation`.
+
+    By budget (``bits_per_weight`` or ``max_bytes``; ``data`` a
+    :class:`~diffaccel.quantization.LayerSensitivity` or a calibration made with
+    ``sensitivity=True``): the greedy fill described in this module; a :class:`BudgetAllocation`.
 
     Args:
-        data: a calibration (:func:`~diffaccel.quantization.calibration.calibrate`).
+        data: a calibration (:func:`~diffaccel.quantization.calibrate`) or a sensitivity measurement.
         int8_fraction: this fraction of the blocks (rounded up) takes INT8; or
-        error_threshold: blocks whose predicted error exceeds it take INT8.
-        predictor: defaults to the one fitted on ``data``.
+        error_threshold: blocks whose predicted error exceeds it take INT8; or
+        bits_per_weight: the whole denoiser's average storage (every parameter counted, those left
+            unquantized at bf16); or
+        max_bytes: the same budget in bytes.
+        formats: the quantized formats a budget allocation may use (default: every format measured
+            but ``"int8"``, i.e. ``("nvfp4", "w8a16")``: W8A16 keeps more quality than W8A8 at the
+            same bytes; pass ``("nvfp4", "int8")`` for W8A8 layers, the INT8 tensor cores' fast path). bf16 is
+            always an option.
+        predictor: defaults to the one fitted on ``data`` (by block).
         by: ``"predicted"`` ranks blocks by the predictor applied to their mean difference (the
             paper's recipe); ``"measured"`` by the calibration's measured mean error, which a
             static allocation has at hand anyway (``predicted_error`` then holds those errors).
+
+    Example:
+        >>> import numpy as np
+        >>> from diffaccel.quantization.sensitivity import LayerSensitivity
+        >>> data = LayerSensitivity(("a", "b"), ("nvfp4", "w8a16"), np.array([[1e-2, 1e-4], [1e-3, 1e-5]]),
+        ...                         np.array([[600, 1100], [600, 1100]]), np.array([1024, 1024]), 2048,
+        ...                         QuantizationConfig(scope="all"))
+        >>> allocation = allocate_static(data, max_bytes=1800)
+        >>> dict(allocation.precisions), allocation.nbytes
+        ({'a': 'w8a16', 'b': 'nvfp4'}, 1700)
     """
+    budgets = [v is not None for v in (bits_per_weight, max_bytes)]
+    if any(budgets):
+        if sum(budgets) > 1 or int8_fraction is not None or error_threshold is not None:
+            raise ValueError("give exactly one of int8_fraction, error_threshold, bits_per_weight and max_bytes")
+        sensitivity = data if isinstance(data, LayerSensitivity) else getattr(data, "sensitivity", None)
+        if sensitivity is None:
+            raise ValueError("a budget allocation needs measured layer sensitivities: pass measure_sensitivity(...)'s "
+                             "result, or a calibration made with calibrate(..., sensitivity=True)")
+        measured = tuple(f for f in sensitivity.formats if f != "int8") or sensitivity.formats
+        formats = measured if formats is None else tuple(formats)
+        unknown = [f for f in formats if f not in sensitivity.formats]
+        if not formats or unknown:
+            raise ValueError(f"formats must be measured ones {sensitivity.formats}, got {formats!r}")
+        if bits_per_weight is not None:
+            if isinstance(bits_per_weight, bool) or not isinstance(bits_per_weight, (int, float)) or not bits_per_weight > 0:
+                raise ValueError(f"bits_per_weight must be a number > 0, got {bits_per_weight!r}")
+            max_bytes = math.floor(bits_per_weight * sensitivity.total_numel / 8)
+        elif isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+            raise ValueError(f"max_bytes must be an int >= 1, got {max_bytes!r}")
+        return _allocate_budget(sensitivity, max_bytes, formats)
+    if isinstance(data, LayerSensitivity):
+        raise ValueError("a sensitivity measurement allocates by budget: pass bits_per_weight or max_bytes")
     _check_budget(int8_fraction, error_threshold, "int8_fraction")
     if by not in ("predicted", "measured"):
         raise ValueError(f"by must be 'predicted' or 'measured', got {by!r}")

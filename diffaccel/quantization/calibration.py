@@ -52,6 +52,7 @@ from ..shapeworld import sample_scene
 from .config import QuantizationConfig
 from .quantize import quantization_plan
 from .safety import check_weights, quantize_layer
+from .sensitivity import LayerSensitivity, measure_sensitivity
 
 #: File that :meth:`CalibrationData.save` writes (beside a saved model, for instance).
 CALIBRATION_FILE = "diffaccel_calibration.json"
@@ -204,13 +205,16 @@ class CalibrationData:
     """What :func:`calibrate` measured: arrays of shape ``(prompts, steps, blocks)``.
 
     ``difference`` holds the blocks' relative input-output differences, ``error`` their relative
-    output errors with NVFP4 weights.
+    output errors with NVFP4 weights; ``sensitivity`` the per-layer measurement of
+    :func:`~diffaccel.quantization.measure_sensitivity` when ``calibrate(..., sensitivity=True)``
+    made it (what a budget allocation reads), else None.
     """
 
     blocks: tuple[str, ...]
     prompts: tuple[str, ...]
     difference: np.ndarray
     error: np.ndarray
+    sensitivity: LayerSensitivity | None = None
 
     @property
     def num_steps(self) -> int:
@@ -219,14 +223,17 @@ class CalibrationData:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form (JSON-serialisable; NaN for a block a step did not run)."""
-        return {"blocks": list(self.blocks), "prompts": list(self.prompts),
+        data = {"blocks": list(self.blocks), "prompts": list(self.prompts),
                 "difference": self.difference.tolist(), "error": self.error.tolist()}
+        return data if self.sensitivity is None else {**data, "sensitivity": self.sensitivity.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CalibrationData":
         """Rebuild from :meth:`to_dict`'s output."""
+        sensitivity = data.get("sensitivity")
         return cls(tuple(data["blocks"]), tuple(data["prompts"]),
-                   np.asarray(data["difference"], dtype=np.float64), np.asarray(data["error"], dtype=np.float64))
+                   np.asarray(data["difference"], dtype=np.float64), np.asarray(data["error"], dtype=np.float64),
+                   None if sensitivity is None else LayerSensitivity.from_dict(sensitivity))
 
     def save(self, path: str | os.PathLike) -> str:
         """Write JSON to ``path`` (a folder gets :data:`CALIBRATION_FILE` inside it); returns the file."""
@@ -255,10 +262,17 @@ def calibrate(
     seed: int = 0,
     config: QuantizationConfig | None = None,
     progress: bool = True,
+    sensitivity: bool = False,
+    sensitivity_config: QuantizationConfig | None = None,
     **call_kwargs: Any,
 ) -> CalibrationData:
     """Run ``pipe`` on ``prompts`` and measure, per block and step, the relative input-output
     difference and the block's output error with NVFP4 weights.
+
+    ``sensitivity=True`` also measures every candidate layer's output error per format
+    (:func:`~diffaccel.quantization.measure_sensitivity` on the same prompts, steps and seeds, with
+    ``sensitivity_config``, default every Linear and Conv2d: ``QuantizationConfig(scope="all",
+    min_weight_numel=0)``), which ``allocate_static(data, bits_per_weight=...)`` allocates by.
 
     The denoiser must still hold float ``nn.Linear`` layers (calibrate before
     :func:`~diffaccel.quantization.quantize_`). ``config`` (default ``QuantizationConfig()``) names
@@ -308,7 +322,11 @@ def calibrate(
         for block in hooked:
             remove_hook(block, _BLOCK_HOOK)
         remove_hook(model, _STEP_HOOK)
-    return CalibrationData(tuple(names), tuple(prompts), np.stack(differences), np.stack(errors))
+    layers = None
+    if sensitivity:
+        layers = measure_sensitivity(pipe, prompts, config=sensitivity_config, num_inference_steps=num_inference_steps,
+                                     seed=seed, progress=progress, **call_kwargs)
+    return CalibrationData(tuple(names), tuple(prompts), np.stack(differences), np.stack(errors), layers)
 
 
 @dataclass(frozen=True)

@@ -1,19 +1,24 @@
-"""``QuantizationConfig``: which Linear layers of a denoiser get which weight format.
+"""``QuantizationConfig``: which Linear (and Conv2d) layers of a denoiser get which weight format.
 
 Per layer, in this order:
 
-1. Only Linear layers in the model's *scope* are considered: every ``nn.Linear`` of a diffusers
-   transformer; for a ``UNet2DConditionModel`` only those inside its transformer blocks (the
-   ``attentions`` of the down/mid/up blocks), not the time embedding or the resnets' ``time_emb_proj``.
+1. Only layers in the model's *scope* are considered. ``scope="blocks"`` (the default): every
+   ``nn.Linear`` of a diffusers transformer; for a ``UNet2DConditionModel`` only those inside its
+   transformer blocks (the ``attentions`` of the down/mid/up blocks), not the time embedding or the
+   resnets. ``scope="all"``: every ``nn.Linear`` and ``nn.Conv2d`` of the model (a UNet's
+   resnets and samplers hold most of its weights).
 2. A layer matching an ``exclude`` pattern, or with fewer than ``min_weight_numel`` weights, stays
    as it is.
 3. Otherwise the first ``overrides`` pattern that matches decides its precision, else ``precision``.
 
-Precisions: ``"nvfp4"`` (4.5 bits per weight; see :class:`~diffaccel.quantization.QuantizedLinear`),
+Precisions: ``"nvfp4"`` (4.5 bits per weight, W4A16; see :class:`~diffaccel.quantization.QuantizedLinear`),
 ``"nvfp4+residual"`` (nested NVFP4: 9 bits per weight, about 8-bit precision; the residual is
 applied from the start, ``refine=False`` stores it for :class:`~diffaccel.quantization.DynamicPrecisionConfig`
-to switch per step; ``residual=True`` makes every ``"nvfp4"`` layer nested), ``"int8"`` (W8A8)
-and ``"bf16"`` (leave the layer as it is).
+to switch per step; ``residual=True`` makes every ``"nvfp4"`` layer nested), ``"int8"`` (W8A8: the
+activations are quantized too, the format INT8 tensor cores run fast), ``"w8a16"`` (INT8 weights,
+activations in their dtype: the better quality per byte; per channel, or per ``group_size`` input
+columns) and ``"bf16"`` (leave the layer as it is). Convolutions are weight-only: a Conv2d planned
+``"int8"`` gets ``"w8a16"``, one planned ``"nvfp4+residual"`` gets ``"nvfp4"``.
 
 4. A layer whose weights would mostly round to zero in its precision (a few outliers push the
    other blocks' E4M3 scales below their smallest value: NVFP4 then zeroes whole blocks) is kept
@@ -34,7 +39,9 @@ transformers and the UNet:
   12B weights, 3.2B): pass ``exclude=EMBEDDING_EXCLUDE`` (or your own tuple) to quantize them too;
 * ``*time_emb_proj*``: the UNet resnets' time projections (outside the UNet scope anyway);
 * ``proj_in`` and ``proj_out``: the model-level input patch projection (LTX) and the final output
-  projection (only the top-level modules: ``single_transformer_blocks.0.proj_out`` is quantized).
+  projection (only the top-level modules: ``single_transformer_blocks.0.proj_out`` is quantized);
+* ``conv_in`` and ``conv_out``: a UNet's first and last convolutions (``scope="all"``), tiny and
+  the closest to the pixels.
 
 Example:
     >>> config = QuantizationConfig("nvfp4", overrides={"*.ff.*": "int8"}, min_weight_numel=0)
@@ -60,7 +67,10 @@ from ..features.checks import check_bool, check_choice, check_int
 from ..kernels._triton import IMPLS
 
 #: Values of ``QuantizationConfig.precision`` and of its ``overrides``.
-CONFIG_PRECISIONS: tuple[str, ...] = ("nvfp4", "nvfp4+residual", "int8", "bf16")
+CONFIG_PRECISIONS: tuple[str, ...] = ("nvfp4", "nvfp4+residual", "int8", "w8a16", "bf16")
+
+#: Values of ``QuantizationConfig.scope``.
+SCOPES: tuple[str, ...] = ("blocks", "all")
 
 #: Values of ``QuantizationConfig.fallback``.
 FALLBACKS: tuple[str, ...] = ("auto", "int8", "bf16", "none")
@@ -72,6 +82,8 @@ EMBEDDING_EXCLUDE: tuple[str, ...] = (
     "*time_emb_proj*",
     "proj_in",
     "proj_out",
+    "conv_in",
+    "conv_out",
 )
 
 #: The default ``exclude``: embeddings and projections plus the adaLN / norm modulation Linears.
@@ -91,7 +103,7 @@ class QuantizationConfig(FeatureConfig, attach_order=10):
 
     Args:
         precision: format of the eligible layers no override names: ``"nvfp4"``, ``"nvfp4+residual"``,
-            ``"int8"`` or ``"bf16"``.
+            ``"int8"``, ``"w8a16"`` or ``"bf16"``.
         overrides: ``{pattern: precision}`` (or ``(pattern, precision)`` pairs), first match wins;
             stored as a tuple of pairs so the config stays hashable.
         exclude: patterns of layers that stay unquantized (default :data:`DEFAULT_EXCLUDE`).
@@ -110,12 +122,16 @@ class QuantizationConfig(FeatureConfig, attach_order=10):
         impl: kernel choice, ``"auto"`` (Triton on CUDA), ``"triton"`` or ``"reference"``.
         fp4_activations: run the nvfp4 layers in W4A4 (activations quantized to NVFP4 per call) on
             Blackwell's FP4 tensor cores (the reference elsewhere); costs accuracy, off by default.
+        scope: ``"blocks"`` (default: a UNet's attention Linears, a transformer's every Linear) or
+            ``"all"`` (every Linear and Conv2d of the model).
+        group_size: the ``"w8a16"`` layers' scale groups (input columns per scale; None, the
+            default: one scale per output channel); ignored by the other formats.
 
     Example:
         >>> QuantizationConfig(precision="fp8")
         Traceback (most recent call last):
         ...
-        ValueError: QuantizationConfig.precision must be one of ('nvfp4', 'nvfp4+residual', 'int8', 'bf16'), got 'fp8'
+        ValueError: QuantizationConfig.precision must be one of ('nvfp4', 'nvfp4+residual', 'int8', 'w8a16', 'bf16'), got 'fp8'
     """
 
     name = "quantization"
@@ -129,6 +145,8 @@ class QuantizationConfig(FeatureConfig, attach_order=10):
     fp4_activations: bool = False
     refine: bool = True
     fallback: str = "auto"
+    scope: str = "blocks"
+    group_size: int | None = None
 
     def __post_init__(self) -> None:
         check_choice("QuantizationConfig", "precision", self.precision, CONFIG_PRECISIONS)
@@ -159,6 +177,8 @@ class QuantizationConfig(FeatureConfig, attach_order=10):
             check_bool("QuantizationConfig", name, getattr(self, name))
         check_choice("QuantizationConfig", "impl", self.impl, IMPLS)
         check_choice("QuantizationConfig", "fallback", self.fallback, FALLBACKS)
+        check_choice("QuantizationConfig", "scope", self.scope, SCOPES)
+        check_int("QuantizationConfig", "group_size", self.group_size, minimum=1, optional=True)
 
     @property
     def quantizes_anything(self) -> bool:

@@ -1,4 +1,4 @@
-"""``QuantizedLinear``: a drop-in ``nn.Linear`` with NVFP4 (W4A16) or INT8 (W8A8) weights.
+"""``QuantizedLinear``: a drop-in ``nn.Linear`` with NVFP4 (W4A16), INT8 (W8A8) or weight-only INT8 (W8A16) weights.
 
 The quantized weight lives in buffers, so ``state_dict()`` holds it and safetensors saves it:
 
@@ -9,16 +9,20 @@ The quantized weight lives in buffers, so ``state_dict()`` holds it and safetens
   ``residual_tensor_scale`` (the *nested* format: about 8-bit precision at 9 bits per weight).
   The residual is applied only while :attr:`QuantizedLinear.refine` is True, so precision can be
   raised or lowered per layer at run time without touching the weights.
-* ``"int8"``: ``weight_int8`` (int8) and ``weight_scale`` (float32 per output channel); the
+* ``"int8"`` (W8A8): ``weight_int8`` (int8) and ``weight_scale`` (float32 per output channel); the
   activations are quantized per token on the fly, or with the static ``act_scale`` buffer
-  (float32, 0-d) when calibration set one.
+  (float32, 0-d) when calibration set one. The format that buys speed on INT8 tensor cores.
+* ``"w8a16"`` (weight-only INT8): the same buffers, ``weight_scale`` per output channel or, with
+  ``group_size``, per group of that many input columns (``(out, ceil(in / group_size))``); the
+  activations stay in their dtype, so the only error is the weights' rounding. The format for
+  quality per byte (what optimum-quanto's ``qint8`` and torchao's ``int8wo`` store).
 
 ``fp4_activations=True`` (nvfp4 layers) quantizes the activations to NVFP4 too and runs
 :func:`~diffaccel.kernels.nvfp4_w4a4_linear` (W4A4): the FP4 tensor cores of Blackwell GPUs, the
 plain-torch reference elsewhere. It costs accuracy (both operands are 4-bit) and is off by default.
 
-The forward runs :func:`~diffaccel.kernels.nvfp4_linear` / :func:`~diffaccel.kernels.int8_linear`
-(Triton on CUDA, the plain-torch reference elsewhere, or as ``impl`` says). The output has the
+The forward runs :func:`~diffaccel.kernels.nvfp4_linear` / :func:`~diffaccel.kernels.int8_linear` /
+:func:`~diffaccel.kernels.w8a16_linear` (Triton on CUDA, the plain-torch reference elsewhere, or as ``impl`` says). The output has the
 activation's dtype. ``bias`` stays an ``nn.Parameter`` in the original dtype. Casting the module
 (``.to(torch.bfloat16)``, ``.half()``) casts the bias only: the quantized buffers keep their
 dtypes and only follow device moves.
@@ -46,22 +50,21 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..kernels import (
-    NVFP4Tensor,
-    int8_linear,
-    int8_quantize_per_channel,
-    nvfp4_dequantize,
-    nvfp4_linear,
-    nvfp4_quantize,
-    nvfp4_w4a4_linear,
-)
+from ..kernels import NVFP4Tensor, int8_linear, nvfp4_dequantize, nvfp4_linear, nvfp4_quantize, nvfp4_w4a4_linear, w8a16_linear
 from ..kernels._triton import IMPLS
-from ..kernels.nvfp4 import BLOCK_SIZE
+from .formats import (
+    WEIGHT_FORMATS,
+    check_group_size,
+    decode_weight,
+    encode_weight,
+    nvfp4_of,
+    register_weight,
+    set_nvfp4,
+    weight_tensors,
+)
 
 #: Precisions a :class:`QuantizedLinear` can hold.
-PRECISIONS: tuple[str, ...] = ("nvfp4", "int8")
-
-_NVFP4_FIELDS = ("packed", "block_scale", "tensor_scale")
+PRECISIONS: tuple[str, ...] = WEIGHT_FORMATS
 
 
 def _check_impl(impl: str) -> None:
@@ -73,8 +76,8 @@ class QuantizedLinear(nn.Module):
     """A Linear layer whose weight is stored in NVFP4 (optionally nested) or INT8.
 
     Build one with :meth:`from_linear`. Attributes: ``in_features``, ``out_features``,
-    ``precision`` (``"nvfp4"`` or ``"int8"``), ``has_residual``, ``refine``, ``fp4_activations``,
-    ``bias``, ``impl``.
+    ``precision`` (``"nvfp4"``, ``"int8"`` or ``"w8a16"``), ``group_size`` (W8A16's scale groups, None:
+    per channel), ``has_residual``, ``refine``, ``fp4_activations``, ``bias``, ``impl``.
 
     Example:
         >>> import torch
@@ -99,6 +102,7 @@ class QuantizedLinear(nn.Module):
         device: torch.device | str | None = None,
         impl: str = "auto",
         fp4_activations: bool = False,
+        group_size: int | None = None,
     ) -> None:
         """An *empty* layer of the given layout (buffers uninitialised), to load a state dict into.
 
@@ -110,42 +114,32 @@ class QuantizedLinear(nn.Module):
         if residual and precision != "nvfp4":
             raise ValueError(f"residual=True needs precision 'nvfp4', got {precision!r}")
         _check_impl(impl)
+        check_group_size(precision, group_size)
         self.in_features = in_features
         self.out_features = out_features
         self.precision = precision
+        self.group_size = group_size
         self.has_residual = residual
         self.impl = impl
         self._refine = False
         self.fp4_activations = fp4_activations
-        padded = in_features + (-in_features % BLOCK_SIZE)
-        if precision == "nvfp4":
-            for prefix in ("weight_",) + (("residual_",) if residual else ()):
-                self.register_buffer(
-                    prefix + "packed",
-                    torch.empty(out_features, padded // 2, dtype=torch.uint8, device=device),
-                )
-                self.register_buffer(
-                    prefix + "block_scale",
-                    torch.empty(out_features, padded // BLOCK_SIZE, dtype=torch.float8_e4m3fn, device=device),
-                )
-                self.register_buffer(prefix + "tensor_scale", torch.empty((), dtype=torch.float32, device=device))
-        else:
-            self.register_buffer(
-                "weight_int8", torch.empty(out_features, in_features, dtype=torch.int8, device=device)
-            )
-            self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32, device=device))
+        for prefix in ("weight_",) + (("residual_",) if residual else ()):
+            register_weight(self, precision, out_features, in_features, group_size=group_size, prefix=prefix,
+                            device=device)
+        if precision == "int8":
             self.register_buffer("act_scale", None)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
 
     @classmethod
     def from_linear(
         cls, linear: nn.Linear, precision: str, *, residual: bool = False, impl: str = "auto",
-        fp4_activations: bool = False,
+        fp4_activations: bool = False, group_size: int | None = None,
     ) -> QuantizedLinear:
-        """Quantize ``linear``'s weight to ``precision`` (``"nvfp4"`` or ``"int8"``).
+        """Quantize ``linear``'s weight to ``precision`` (``"nvfp4"``, ``"int8"`` or ``"w8a16"``).
 
         ``residual=True`` (nvfp4 only) also stores the NVFP4 residual, applied while ``refine``;
-        ``fp4_activations=True`` (nvfp4 only) runs the layer in W4A4.
+        ``fp4_activations=True`` (nvfp4 only) runs the layer in W4A4; ``group_size`` (w8a16 only)
+        keeps one scale per that many input columns instead of one per output channel.
 
         Example:
             >>> import torch
@@ -168,25 +162,18 @@ class QuantizedLinear(nn.Module):
             device=weight.device,
             impl=impl,
             fp4_activations=fp4_activations,
+            group_size=group_size,
         )
-        if precision == "nvfp4":
-            q = nvfp4_quantize(weight, impl=impl)
-            module._set_nvfp4("weight_", q)
-            if residual:
-                remainder = weight.float() - nvfp4_dequantize(q, impl=impl)
-                module._set_nvfp4("residual_", nvfp4_quantize(remainder, impl=impl))
-        else:
-            module.weight_int8, module.weight_scale = int8_quantize_per_channel(weight)
+        encode_weight(module, precision, weight, group_size=group_size, impl=impl)
+        if residual:
+            remainder = weight.float() - nvfp4_dequantize(module.weight_nvfp4, impl=impl)
+            set_nvfp4(module, nvfp4_quantize(remainder, impl=impl), "residual_")
         if linear.bias is not None:
             module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
         return module
 
-    def _set_nvfp4(self, prefix: str, q: NVFP4Tensor) -> None:
-        for field in _NVFP4_FIELDS:
-            setattr(self, prefix + field, getattr(q, field))
-
     def _nvfp4(self, prefix: str) -> NVFP4Tensor:
-        return NVFP4Tensor(*(getattr(self, prefix + f) for f in _NVFP4_FIELDS), (self.out_features, self.in_features))
+        return nvfp4_of(self, self.out_features, self.in_features, prefix)
 
     @property
     def refine(self) -> bool:
@@ -237,6 +224,8 @@ class QuantizedLinear(nn.Module):
         """``x @ W^T + bias`` with the quantized weight; output dtype = ``x``'s dtype."""
         if self.precision == "int8":
             return int8_linear(x, self.weight_int8, self.weight_scale, self.bias, self.act_scale, impl=self.impl)
+        if self.precision == "w8a16":
+            return w8a16_linear(x, self.weight_int8, self.weight_scale, self.bias, impl=self.impl)
         linear = nvfp4_w4a4_linear if self.fp4_activations else nvfp4_linear
         y = linear(x, self.weight_nvfp4, self.bias, impl=self.impl)
         if self._refine:
@@ -252,19 +241,13 @@ class QuantizedLinear(nn.Module):
             >>> q.dequantized_weight(torch.bfloat16).dtype
             torch.bfloat16
         """
-        if self.precision == "int8":
-            weight = self.weight_int8.float() * self.weight_scale[:, None]
-        else:
-            weight = nvfp4_dequantize(self.weight_nvfp4, impl=self.impl)
-            if self._refine:
-                weight = weight + nvfp4_dequantize(self.residual_nvfp4, impl=self.impl)
+        weight = decode_weight(self, self.precision, self.out_features, self.in_features, impl=self.impl)
+        if self._refine:
+            weight = weight + nvfp4_dequantize(self.residual_nvfp4, impl=self.impl)
         return weight.to(dtype)
 
     def _weight_tensors(self) -> list[torch.Tensor]:
-        if self.precision == "int8":
-            return [self.weight_int8, self.weight_scale]
-        prefixes = ("weight_",) + (("residual_",) if self.has_residual else ())
-        return [getattr(self, p + f) for p in prefixes for f in _NVFP4_FIELDS]
+        return weight_tensors(self, self.precision, ("weight_",) + (("residual_",) if self.has_residual else ()))
 
     @property
     def weight_nbytes(self) -> int:
@@ -272,8 +255,13 @@ class QuantizedLinear(nn.Module):
         return sum(t.numel() * t.element_size() for t in self._weight_tensors())
 
     @property
+    def weight_numel(self) -> int:
+        """Weights of the float layer: ``out_features * in_features``."""
+        return self.out_features * self.in_features
+
+    @property
     def bits_per_weight(self) -> float:
-        """``weight_nbytes * 8 / (in_features * out_features)``: 4.5 (+ a little) for nvfp4, 9 nested."""
+        """``weight_nbytes * 8 / (in_features * out_features)``: 4.5 (+ a little) for nvfp4, 9 nested, 8 (+ scales) for INT8."""
         return self.weight_nbytes * 8 / (self.in_features * self.out_features)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QuantizedLinear:
@@ -293,6 +281,7 @@ class QuantizedLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, precision={self.precision}, "
             f"residual={self.has_residual}, refine={self._refine}, bias={self.bias is not None}"
             + (", fp4_activations=True" if self._fp4_activations else "")
+            + (f", group_size={self.group_size}" if self.group_size is not None else "")
         )
 
     def layout(self) -> dict[str, Any]:
@@ -302,11 +291,14 @@ class QuantizedLinear(nn.Module):
             >>> import torch
             >>> QuantizedLinear.from_linear(torch.nn.Linear(16, 4), "nvfp4").layout()
             {'precision': 'nvfp4', 'residual': False, 'refine': False, 'act_scale': False, 'fp4_activations': False}
+            >>> QuantizedLinear.from_linear(torch.nn.Linear(64, 4), "w8a16", group_size=32).layout()["group_size"]
+            32
         """
-        return {
+        layout = {
             "precision": self.precision,
             "residual": self.has_residual,
             "refine": self._refine,
             "act_scale": getattr(self, "act_scale", None) is not None,
             "fp4_activations": self._fp4_activations,
         }
+        return layout if self.group_size is None else {**layout, "group_size": self.group_size}

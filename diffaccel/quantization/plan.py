@@ -7,6 +7,8 @@ Example:
     >>> from diffaccel.testing import tiny_pipeline
     >>> supported_class(tiny_pipeline("sd").unet), in_scope("UNet2DConditionModel", "time_embedding.linear_1")
     ('UNet2DConditionModel', False)
+    >>> in_scope("UNet2DConditionModel", "down_blocks.0.resnets.0.conv1", "all")
+    True
 """
 
 from __future__ import annotations
@@ -17,9 +19,14 @@ import diffusers
 from torch import nn
 
 from ..errors import UnsupportedPipelineError
+from .conv import QuantizedConv2d
 from .linear import QuantizedLinear
 
-#: Model classes :func:`~diffaccel.quantization.quantize_` accepts (diffusers class names), and their Linear scope.
+#: Module types :func:`~diffaccel.quantization.quantize_` swaps in.
+QUANTIZED_TYPES = (QuantizedLinear, QuantizedConv2d)
+
+#: Model classes :func:`~diffaccel.quantization.quantize_` accepts (diffusers class names), and their
+#: layers in ``QuantizationConfig.scope="blocks"`` (``"all"``: every Linear and Conv2d of any of them).
 SUPPORTED_MODELS: dict[str, str] = {
     "FluxTransformer2DModel": "every Linear",
     "SD3Transformer2DModel": "every Linear",
@@ -52,20 +59,36 @@ def supported_class(model: nn.Module) -> str:
     )
 
 
-def in_scope(model_class: str, name: str) -> bool:
-    """Whether the Linear ``name`` of a ``model_class`` model may be quantized (a UNet's only inside its attentions)."""
-    return model_class != "UNet2DConditionModel" or "attentions" in name.split(".")
+def in_scope(model_class: str, name: str, scope: str = "blocks") -> bool:
+    """Whether the layer ``name`` of a ``model_class`` model may be quantized in ``scope``
+    (``"blocks"``: a UNet's Linears only inside its attentions; ``"all"``: any)."""
+    return scope == "all" or model_class != "UNet2DConditionModel" or "attentions" in name.split(".")
 
 
-def quantized_layers(model: nn.Module) -> dict[str, QuantizedLinear]:
-    """The model's :class:`QuantizedLinear` modules by qualified name.
+def scope_layers(model: nn.Module, scope: str) -> dict[str, nn.Module]:
+    """The float layers ``scope`` considers, by name: ``nn.Linear`` (``"all"``: and ``nn.Conv2d``) in scope.
+
+    Example:
+        >>> from diffaccel.testing import tiny_pipeline
+        >>> unet = tiny_pipeline("sd").unet
+        >>> len(scope_layers(unet, "blocks")), len(scope_layers(unet, "all"))
+        (70, 132)
+    """
+    model_class = supported_class(model)
+    types = (nn.Linear, nn.Conv2d) if scope == "all" else (nn.Linear,)
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, types) and in_scope(model_class, name, scope)}
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantizedLinear | QuantizedConv2d]:
+    """The model's :class:`QuantizedLinear` and :class:`QuantizedConv2d` modules by qualified name.
 
     Example:
         >>> from diffaccel.testing import tiny_pipeline
         >>> quantized_layers(tiny_pipeline("wan").transformer)
         {}
     """
-    return {name: module for name, module in model.named_modules() if isinstance(module, QuantizedLinear)}
+    return {name: module for name, module in model.named_modules() if isinstance(module, QUANTIZED_TYPES)}
 
 
 def is_quantized(model: nn.Module) -> bool:

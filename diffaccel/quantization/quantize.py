@@ -9,7 +9,9 @@ layout}, "fallbacks": {name: precision}}`` and ``model.save_pretrained`` then al
 
 Supported models (:data:`~diffaccel.quantization.plan.SUPPORTED_MODELS`): the transformers of Flux, SD3, PixArt, Wan,
 CogVideoX and LTX (every ``nn.Linear`` is in scope) and ``UNet2DConditionModel`` (only the Linear
-layers inside its ``attentions`` transformer blocks).
+layers inside its ``attentions`` transformer blocks); with ``QuantizationConfig(scope="all")`` every
+``nn.Linear`` and ``nn.Conv2d`` of any of them (convolutions become
+:class:`~diffaccel.quantization.QuantizedConv2d`).
 
 Example:
     >>> import torch
@@ -34,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import QuantizationConfig
-from .plan import in_scope, is_quantized, supported_class
+from .plan import is_quantized, scope_layers
 from .safety import check_weights, coverage_warning, fallback_warning, quantize_layer
 from .serialization import record_plan
 
@@ -42,25 +44,34 @@ M = TypeVar("M", bound=nn.Module)
 
 
 def quantization_plan(model: nn.Module, config: QuantizationConfig) -> dict[str, str]:
-    """The precision :func:`quantize_` would give each in-scope Linear layer.
+    """The precision :func:`quantize_` would give each in-scope layer.
 
-    Values are ``"nvfp4"``, ``"nvfp4+residual"``, ``"int8"`` or ``"bf16"`` (left untouched), the
-    names :func:`~diffaccel.quantization.memory_report` uses.
+    Values are ``"nvfp4"``, ``"nvfp4+residual"``, ``"int8"``, ``"w8a16"`` or ``"bf16"`` (left
+    untouched), the names :func:`~diffaccel.quantization.memory_report` uses. Convolutions are
+    weight-only: ``"int8"`` becomes ``"w8a16"`` and ``"nvfp4+residual"`` ``"nvfp4"`` for them.
 
     Example:
         >>> from diffaccel.testing import tiny_pipeline
         >>> plan = quantization_plan(tiny_pipeline("sd").unet, QuantizationConfig("int8", min_weight_numel=0))
         >>> plan["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"], "time_embedding.linear_1" in plan
         ('int8', False)
+        >>> plan = quantization_plan(tiny_pipeline("sd").unet, QuantizationConfig("int8", min_weight_numel=0, scope="all"))
+        >>> plan["down_blocks.0.resnets.0.conv1"]
+        'w8a16'
     """
     if not isinstance(config, QuantizationConfig):
         raise TypeError(f"config must be a QuantizationConfig, got {type(config).__name__}")
-    model_class = supported_class(model)
-    return {
-        name: config.precision_for(name, module.weight.numel())
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and in_scope(model_class, name)
-    }
+    plan = {}
+    for name, module in scope_layers(model, config.scope).items():
+        precision = config.precision_for(name, module.weight.numel())
+        if isinstance(module, nn.Conv2d):
+            precision = _CONV_PRECISION.get(precision, precision)
+        plan[name] = precision
+    return plan
+
+
+#: What a convolution gets for a precision that has no convolution path (weight-only formats only).
+_CONV_PRECISION = {"int8": "w8a16", "nvfp4+residual": "nvfp4"}
 
 
 def quantize_(model: M, config: QuantizationConfig | None = None) -> M:

@@ -1,6 +1,7 @@
-"""``memory_report(model)``: bits per weight and weight bytes per Linear layer, and in total.
+"""``memory_report(model)``: bits per weight and weight bytes per Linear (and Conv2d) layer, and in total.
 
-Every parameter of the model is counted. Quantized layers count their stored weight tensors
+Every parameter of the model is counted. Layers are listed per Linear, and per Conv2d too for a
+model quantized with ``QuantizationConfig(scope="all")`` (or planned with such a config). Quantized layers count their stored weight tensors
 (codes, residual, scales; see :attr:`QuantizedLinear.weight_nbytes`); every other parameter
 (unquantized Linear layers, biases, norms, convolutions, embeddings) counts at bf16, 16 bits, the
 dtype a quantized model is deployed in, whatever dtype it has now. The baseline is the same model
@@ -30,7 +31,10 @@ from typing import Any
 from torch import nn
 
 from .config import QuantizationConfig
+from .conv import QuantizedConv2d
+from .formats import planned_nbytes
 from .linear import QuantizedLinear
+from .plan import PLAN_ATTR
 from .quantize import quantization_plan
 
 _BF16_BYTES = 2
@@ -38,7 +42,7 @@ _BF16_BYTES = 2
 
 @dataclass(frozen=True)
 class LayerMemory:
-    """One Linear layer: ``precision`` is ``"nvfp4"``, ``"nvfp4+residual"``, ``"int8"`` or ``"bf16"``."""
+    """One Linear or Conv2d layer: ``precision`` is ``"nvfp4"``, ``"nvfp4+residual"``, ``"int8"``, ``"w8a16"`` or ``"bf16"``."""
 
     name: str
     precision: str
@@ -64,6 +68,7 @@ class MemoryReport:
     bf16_nbytes: int
     numel: int
     counts: dict[str, int] = field(default_factory=dict)
+    kind: str = "Linear"
 
     @property
     def ratio(self) -> float:
@@ -77,12 +82,12 @@ class MemoryReport:
 
     @property
     def quantized_layers(self) -> int:
-        """How many Linear layers are quantized (0: the config matched none)."""
+        """How many listed layers are quantized (0: the config matched none)."""
         return sum(layer.precision != "bf16" for layer in self.layers)
 
     @property
     def quantized_fraction(self) -> float:
-        """The quantized layers' share of all Linear weights (0.0 to 1.0; 0.0 without Linear layers)."""
+        """The quantized layers' share of the listed layers' weights (0.0 to 1.0; 0.0 without any)."""
         total = sum(layer.numel for layer in self.layers)
         return sum(layer.numel for layer in self.layers if layer.precision != "bf16") / total if total else 0.0
 
@@ -105,6 +110,7 @@ class MemoryReport:
             "bits_per_weight": self.bits_per_weight,
             "numel": self.numel,
             "counts": dict(self.counts),
+            "kind": self.kind,
             "quantized_layers": self.quantized_layers,
             "quantized_fraction": self.quantized_fraction,
             "layers": [dict(asdict(layer), bits_per_weight=layer.bits_per_weight) for layer in self.layers],
@@ -122,18 +128,26 @@ class MemoryReport:
             f"{self.bits_per_weight:.2f} bits per weight"
         )
         lines.append(
-            f"quantized: {self.quantized_layers} of {len(self.layers)} Linear layers, "
-            f"{self.quantized_fraction:.1%} of the Linear weights"
+            f"quantized: {self.quantized_layers} of {len(self.layers)} {self.kind} layers, "
+            f"{self.quantized_fraction:.1%} of the {self.kind} weights"
         )
         return "\n".join(lines)
 
 
-def _precision(module: QuantizedLinear) -> str:
+def _precision(module: QuantizedLinear | QuantizedConv2d) -> str:
     return "nvfp4+residual" if module.has_residual else module.precision
 
 
+def _listed_types(scope: str) -> tuple[type, ...]:
+    return (nn.Linear, nn.Conv2d) if scope == "all" else (nn.Linear,)
+
+
+def _kind(scope: str) -> str:
+    return "Linear and Conv2d" if scope == "all" else "Linear"
+
+
 def memory_report(model: nn.Module) -> MemoryReport:
-    """Weight storage of ``model`` (any ``nn.Module``), per Linear layer and in total.
+    """Weight storage of ``model`` (any ``nn.Module``), per Linear (and Conv2d) layer and in total.
 
     Example:
         >>> import torch
@@ -143,16 +157,20 @@ def memory_report(model: nn.Module) -> MemoryReport:
         >>> r.layers[0].precision, r.layers[0].nbytes, r.bf16_nbytes
         ('nvfp4', 2308, 8192)
     """
+    plan = getattr(model, PLAN_ATTR, None)
+    scope = plan["config"].scope if plan else "blocks"
+    if any(isinstance(m, QuantizedConv2d) for m in model.modules()):
+        scope = "all"
     layers: list[LayerMemory] = []
     counts: dict[str, int] = {}
     quantized_numel = quantized_nbytes = 0
     for name, module in model.named_modules():
-        if isinstance(module, QuantizedLinear):
-            numel = module.in_features * module.out_features
+        if isinstance(module, (QuantizedLinear, QuantizedConv2d)):
+            numel = module.weight_numel
             layer = LayerMemory(name, _precision(module), numel, module.weight_nbytes)
             quantized_numel += numel
             quantized_nbytes += module.weight_nbytes
-        elif isinstance(module, nn.Linear):
+        elif isinstance(module, _listed_types(scope)):
             layer = LayerMemory(name, "bf16", module.weight.numel(), module.weight.numel() * _BF16_BYTES)
         else:
             continue
@@ -166,16 +184,8 @@ def memory_report(model: nn.Module) -> MemoryReport:
         bf16_nbytes=numel * _BF16_BYTES,
         numel=numel,
         counts=counts,
+        kind=_kind(scope),
     )
-
-
-def _planned_nbytes(precision: str, out_features: int, in_features: int) -> int:
-    """Weight bytes :class:`QuantizedLinear` stores for a layer of this shape and precision."""
-    if precision == "int8":
-        return out_features * in_features + 4 * out_features  # int8 codes, float32 scale per channel
-    padded = -(-in_features // 16) * 16
-    nvfp4 = out_features * padded // 2 + out_features * padded // 16 + 4  # codes, E4M3 scales, FP32 scale
-    return 2 * nvfp4 if precision == "nvfp4+residual" else nvfp4
 
 
 def planned_memory(model: nn.Module, config: QuantizationConfig | None = None) -> MemoryReport:
@@ -200,16 +210,18 @@ def planned_memory(model: nn.Module, config: QuantizationConfig | None = None) -
     counts: dict[str, int] = {}
     quantized_numel = quantized_nbytes = 0
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, _listed_types(config.scope)):
             continue
         precision = plan.get(name, "bf16")
-        if precision == "nvfp4" and config.residual:
+        if precision == "nvfp4" and config.residual and isinstance(module, nn.Linear):
             precision = "nvfp4+residual"
-        numel = module.in_features * module.out_features
+        out_features, numel = module.weight.shape[0], module.weight.numel()
         if precision == "bf16":
             layer = LayerMemory(name, "bf16", numel, numel * _BF16_BYTES)
         else:
-            layer = LayerMemory(name, precision, numel, _planned_nbytes(precision, module.out_features, module.in_features))
+            group_size = config.group_size if precision == "w8a16" else None
+            nbytes = planned_nbytes(precision, out_features, numel // out_features, group_size)
+            layer = LayerMemory(name, precision, numel, nbytes)
             quantized_numel += numel
             quantized_nbytes += layer.nbytes
         layers.append(layer)
@@ -221,4 +233,5 @@ def planned_memory(model: nn.Module, config: QuantizationConfig | None = None) -
         bf16_nbytes=params * _BF16_BYTES,
         numel=params,
         counts=counts,
+        kind=_kind(config.scope),
     )

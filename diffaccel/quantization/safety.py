@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .config import QuantizationConfig
+from .conv import QuantizedConv2d
 from .linear import QuantizedLinear
 
 #: A layer whose quantized weights are zero for more than this fraction of its nonzero weights falls back.
@@ -76,20 +77,26 @@ def zeroed_fraction(weight: torch.Tensor, dequantized: torch.Tensor) -> float:
     return int((nonzero & (dequantized == 0)).sum()) / count if count else 0.0
 
 
-def _build(linear: nn.Linear, precision: str, config: QuantizationConfig) -> QuantizedLinear:
+def _build(linear: nn.Linear | nn.Conv2d, precision: str, config: QuantizationConfig) -> QuantizedLinear | QuantizedConv2d:
+    group_size = config.group_size if precision == "w8a16" else None
+    if isinstance(linear, nn.Conv2d):
+        return QuantizedConv2d.from_conv(linear, precision, impl=config.impl, group_size=group_size)
     layer = QuantizedLinear.from_linear(
         linear,
         "nvfp4" if precision == "nvfp4+residual" else precision,
         residual=precision == "nvfp4+residual",
         impl=config.impl,
-        fp4_activations=config.fp4_activations and precision != "int8",
+        fp4_activations=config.fp4_activations and precision in ("nvfp4", "nvfp4+residual"),
+        group_size=group_size,
     )
     layer.refine = layer.has_residual and config.refine  # a stored residual is used unless config.refine is False
     return layer
 
 
-def _zeroed(linear: nn.Linear, layer: QuantizedLinear) -> float:
+def _zeroed(linear: nn.Linear | nn.Conv2d, layer: QuantizedLinear | QuantizedConv2d) -> float:
     """The fraction of ``linear``'s nonzero weights ``layer`` zeroes (its base weight: a residual not applied)."""
+    if isinstance(layer, QuantizedConv2d):
+        return zeroed_fraction(linear.weight.detach(), layer.dequantized_weight(torch.float32))
     refine, layer.refine = layer.refine, False
     try:
         return zeroed_fraction(linear.weight.detach(), layer.dequantized_weight(torch.float32))
@@ -116,8 +123,11 @@ class Fallback:
         return f"{self.name!r} ({self.planned} would zero {self.zeroed:.1%} of its nonzero weights; {kept})"
 
 
-def quantize_layer(name: str, linear: nn.Linear, planned: str, config: QuantizationConfig) -> tuple[nn.Module, Fallback | None]:
-    """The module that replaces ``linear`` (``planned``: ``"nvfp4"``, ``"nvfp4+residual"`` or ``"int8"``).
+def quantize_layer(name: str, linear: nn.Linear | nn.Conv2d, planned: str,
+                   config: QuantizationConfig) -> tuple[nn.Module, Fallback | None]:
+    """The module that replaces ``linear`` (a Linear or a Conv2d; ``planned``: ``"nvfp4"``,
+    ``"nvfp4+residual"``, ``"int8"`` or ``"w8a16"``, a convolution's as
+    :func:`~diffaccel.quantization.quantization_plan` maps them).
 
     A :class:`QuantizedLinear` in ``planned``, unless ``planned`` would zero more than
     :data:`MAX_ZEROED_FRACTION` of the nonzero weights (nested layers are judged by their base
@@ -133,12 +143,13 @@ def quantize_layer(name: str, linear: nn.Linear, planned: str, config: Quantizat
     zeroed = _zeroed(linear, layer)
     if zeroed <= MAX_ZEROED_FRACTION or config.fallback == "none":
         return layer, None if zeroed <= MAX_ZEROED_FRACTION else Fallback(name, planned, planned, zeroed)
-    if config.fallback == "bf16" or (planned == "int8" and config.fallback == "auto"):
+    eight_bit = planned if planned in ("int8", "w8a16") else "w8a16" if isinstance(linear, nn.Conv2d) else "int8"
+    if config.fallback == "bf16" or (planned == eight_bit and config.fallback == "auto"):
         return linear, Fallback(name, planned, "bf16", zeroed)
-    int8 = layer if planned == "int8" else _build(linear, "int8", config)
+    int8 = layer if planned == eight_bit else _build(linear, eight_bit, config)
     if config.fallback == "auto" and _zeroed(linear, int8) > MAX_ZEROED_FRACTION:
         return linear, Fallback(name, planned, "bf16", zeroed)
-    return int8, Fallback(name, planned, "int8", zeroed)
+    return int8, Fallback(name, planned, eight_bit, zeroed)
 
 
 def fallback_warning(fallbacks: list[Fallback], config: QuantizationConfig) -> str:
@@ -164,16 +175,18 @@ def coverage_warning(model: nn.Module, plan: dict[str, str], config: Quantizatio
     """
     if not config.quantizes_anything or not plan:
         return None
-    numel = {name: module.weight.numel() for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    types = (nn.Linear, nn.Conv2d) if config.scope == "all" else (nn.Linear,)
+    numel = {name: module.weight.numel() for name, module in model.named_modules() if isinstance(module, types)}
     quantized = [name for name, precision in plan.items() if precision != "bf16"]
     fraction = sum(numel[name] for name in quantized) / max(sum(numel.values()), 1)
     reasons = [config.skip_reason(name, numel[name]) for name, precision in plan.items() if precision == "bf16"]
     small, excluded = reasons.count("min_weight_numel"), reasons.count("exclude")
     if quantized and (fraction >= 0.5 or not small):  # exclusions alone are the config's explicit choice
         return None
+    kind = "Linear and Conv2d" if config.scope == "all" else "Linear"
     return (
-        f"quantize_ quantizes {len(quantized)} of {len(plan)} in-scope Linear layers of {type(model).__name__} "
-        f"({fraction:.1%} of its Linear weights): {small} have fewer than min_weight_numel={config.min_weight_numel} "
+        f"quantize_ quantizes {len(quantized)} of {len(plan)} in-scope {kind} layers of {type(model).__name__} "
+        f"({fraction:.1%} of its {kind} weights): {small} have fewer than min_weight_numel={config.min_weight_numel} "
         f"weights, {excluded} match QuantizationConfig.exclude; lower min_weight_numel (0 quantizes every size) or "
         "narrow exclude to quantize more"
     )

@@ -47,6 +47,7 @@ from torch import nn
 
 from ..errors import DiffaccelError
 from .config import QuantizationConfig
+from .conv import CONV_GEOMETRY, QuantizedConv2d
 from .linear import QuantizedLinear
 from .plan import PLAN_ATTR, plan_of, quantized_layers, supported_class
 
@@ -330,30 +331,44 @@ def load_quantized(
         model = model_cls.from_config(config)
     supported_class(model)
     for name, layout in plan["layers"].items():
-        linear = model.get_submodule(name)
-        if not isinstance(linear, nn.Linear):
-            raise ValueError(f"{directory}: plan names {name!r}, which is a {type(linear).__name__}, not a Linear")
-        layer = QuantizedLinear(
-            linear.in_features,
-            linear.out_features,
-            layout["precision"],
-            residual=layout["residual"],
-            bias=linear.bias is not None,
-            device="meta",
-            impl=plan["config"]["impl"],
-        )
-        if layout.get("act_scale"):
-            layer.act_scale = torch.empty((), device="meta")
-        model.set_submodule(name, layer)
+        model.set_submodule(name, _empty_layer(directory, name, model.get_submodule(name), layout, plan["config"]))
     state = _load_state(directory, plan, model, torch_dtype=torch_dtype, device=device)
     model.load_state_dict(state, strict=True, assign=True)
     for name, layout in plan["layers"].items():
-        model.get_submodule(name).refine = layout["refine"]
-        model.get_submodule(name).fp4_activations = layout.get("fp4_activations", False)  # absent before 2026-12
+        if layout.get("kind", "linear") == "linear":
+            model.get_submodule(name).refine = layout["refine"]
+            model.get_submodule(name).fp4_activations = layout.get("fp4_activations", False)  # absent before 2026-12
     model.to(device)
     model.eval()
     record_plan(model, _saved_config(directory, plan), plan.get("fallbacks"))
     return model
+
+
+def _empty_layer(directory: str, name: str, float_layer: nn.Module, layout: dict[str, Any],
+                 config: dict[str, Any]) -> QuantizedLinear | QuantizedConv2d:
+    """The empty quantized layer (on the meta device) the plan's ``layout`` names for ``float_layer``."""
+    kind = layout.get("kind", "linear")  # plans before 2026-12 hold Linear layers only
+    expected = {"linear": nn.Linear, "conv2d": nn.Conv2d}.get(kind)
+    if expected is None or not isinstance(float_layer, expected):
+        raise ValueError(f"{directory}: plan names {name!r} as a {kind} layer, but it is a {type(float_layer).__name__}")
+    impl = config.get("impl", "auto")
+    if kind == "conv2d":
+        geometry = {key: getattr(float_layer, key) for key in CONV_GEOMETRY}
+        return QuantizedConv2d(geometry, layout["precision"], bias=float_layer.bias is not None, device="meta",
+                               impl=impl, group_size=layout.get("group_size"))
+    layer = QuantizedLinear(
+        float_layer.in_features,
+        float_layer.out_features,
+        layout["precision"],
+        residual=layout["residual"],
+        bias=float_layer.bias is not None,
+        device="meta",
+        impl=impl,
+        group_size=layout.get("group_size"),
+    )
+    if layout.get("act_scale"):
+        layer.act_scale = torch.empty((), device="meta")
+    return layer
 
 
 def _saved_config(directory: str, plan: dict[str, Any]) -> QuantizationConfig:
