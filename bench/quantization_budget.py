@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     torch.set_num_threads(args.threads)
-    out = args.out or REPO / "bench" / "results" / "quantization" / "budget" / args.model
+    out = (args.out or REPO / "bench" / "results" / "quantization" / "budget" / args.model).resolve()
     out.mkdir(parents=True, exist_ok=True)
     pipe, call = load(args.model)
     model = pipe.transformer if hasattr(pipe, "transformer") and pipe.transformer is not None else pipe.unet
