@@ -75,9 +75,9 @@ def int8_quantize_per_group(
     per row and group of consecutive columns, shape ``(N, ceil(K / G))``; group ``g`` covers
     columns ``[g * Ge, min((g + 1) * Ge, K))`` with ``Ge = group_columns(K, ceil(K / G))``, which is
     ``G`` for any power of two (other sizes: see the module docstring): the layout that
-    :func:`int8_dequantize_per_group` and :func:`w8a16_linear` read back from the shapes alone. Each scale is ``amax / 127`` of its
-    group (``1.0`` for an all-zero group) and ``q = round(clamp(w / scale, -127, 127))``, rounding
-    half to even. Non-finite weights raise ``ValueError``.
+    :func:`int8_dequantize_per_group` and :func:`w8a16_linear` read back from the shapes alone.
+    Each scale is ``amax / 127`` of its group (``1.0`` for an all-zero group) and
+    ``q = round(clamp(w / scale, -127, 127))``, rounding half to even. Non-finite weights raise ``ValueError``.
 
     Example:
         >>> import torch
