@@ -23,14 +23,21 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from ..kernels._triton import IMPLS
-from .formats import check_group_size, decode_weight, encode_weight, register_weight, weight_tensors
+from .formats import (
+    QuantizedBuffersModule,
+    check_group_size,
+    decode_weight,
+    encode_weight,
+    register_weight,
+    weight_tensors,
+)
 
 #: Precisions a :class:`QuantizedConv2d` can hold (weight-only).
 CONV_PRECISIONS: tuple[str, ...] = ("nvfp4", "w8a16")
@@ -39,7 +46,7 @@ CONV_PRECISIONS: tuple[str, ...] = ("nvfp4", "w8a16")
 CONV_GEOMETRY = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
 
 
-class QuantizedConv2d(nn.Module):
+class QuantizedConv2d(QuantizedBuffersModule):
     """A ``Conv2d`` whose weight is stored in NVFP4 or INT8 (weight-only).
 
     Build one with :meth:`from_conv`. Attributes: the ``nn.Conv2d`` geometry (``in_channels``,
@@ -137,16 +144,6 @@ class QuantizedConv2d(nn.Module):
     def bits_per_weight(self) -> float:
         """``weight_nbytes * 8 / weight_numel``."""
         return self.weight_nbytes * 8 / self.weight_numel
-
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QuantizedConv2d:
-        # as QuantizedLinear: casts reach the bias only, the quantized buffers follow device moves
-        quantized = {name: buf for name, buf in self._buffers.items() if buf is not None}
-        super()._apply(fn, recurse)
-        for name, old in quantized.items():
-            new = self._buffers[name]
-            if new is not None and new.dtype != old.dtype:
-                self._buffers[name] = old.to(device=new.device)
-        return self
 
     def extra_repr(self) -> str:
         """``in, out, kernel_size=..., stride=..., padding=..., precision=...``."""

@@ -105,6 +105,21 @@ def weight_tensors(module: nn.Module, precision: str, prefixes: tuple[str, ...] 
     return [module.weight_int8, module.weight_scale]
 
 
+class QuantizedBuffersModule(nn.Module):
+    """A module whose quantized buffers keep their dtypes under casts: ``Module.to(dtype)`` / ``.half()``
+    would cast float8 block scales and float32 scales; here they follow only the device moves
+    (parameters, e.g. the bias, are cast as usual). The base of the quantized layers."""
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN201 (nn.Module's signature)
+        quantized = {name: buf for name, buf in self._buffers.items() if buf is not None}
+        super()._apply(fn, recurse)
+        for name, old in quantized.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(device=new.device)
+        return self
+
+
 def planned_nbytes(precision: str, out_features: int, in_features: int, group_size: int | None = None) -> int:
     """Bytes a weight of this shape stores in ``precision`` (``"nvfp4+residual"``: twice NVFP4).
 

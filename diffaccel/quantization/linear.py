@@ -45,7 +45,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -53,6 +53,7 @@ from torch import nn
 from ..kernels import NVFP4Tensor, int8_linear, nvfp4_dequantize, nvfp4_linear, nvfp4_quantize, nvfp4_w4a4_linear, w8a16_linear
 from ..kernels._triton import IMPLS
 from .formats import (
+    QuantizedBuffersModule,
     WEIGHT_FORMATS,
     check_group_size,
     decode_weight,
@@ -72,7 +73,7 @@ def _check_impl(impl: str) -> None:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
 
 
-class QuantizedLinear(nn.Module):
+class QuantizedLinear(QuantizedBuffersModule):
     """A Linear layer whose weight is stored in NVFP4 (optionally nested) or INT8.
 
     Build one with :meth:`from_linear`. Attributes: ``in_features``, ``out_features``,
@@ -263,17 +264,6 @@ class QuantizedLinear(nn.Module):
     def bits_per_weight(self) -> float:
         """``weight_nbytes * 8 / (in_features * out_features)``: 4.5 (+ a little) for nvfp4, 9 nested, 8 (+ scales) for INT8."""
         return self.weight_nbytes * 8 / (self.in_features * self.out_features)
-
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QuantizedLinear:
-        # Module.to(dtype) / .half() would cast float8 block scales and fp32 scales: keep their
-        # dtypes, follow only the device fn moves them to.
-        quantized = {name: buf for name, buf in self._buffers.items() if buf is not None}
-        super()._apply(fn, recurse)
-        for name, old in quantized.items():
-            new = self._buffers[name]
-            if new is not None and new.dtype != old.dtype:
-                self._buffers[name] = old.to(device=new.device)
-        return self
 
     def extra_repr(self) -> str:
         """``in_features=..., out_features=..., precision=..., residual=..., refine=..., bias=...``."""
