@@ -95,6 +95,11 @@ def test_layer_contracts_refuse_bad_combinations():
         QuantizationConfig(scope="everything")
     with pytest.raises(ValueError, match="QuantizationConfig.group_size must be an int >= 1"):
         QuantizationConfig("w8a16", group_size=0)
+    with pytest.warns(UserWarning, match="group_size=64 does nothing"):
+        QuantizationConfig("nvfp4", group_size=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        QuantizationConfig("nvfp4", overrides={"*.ff.*": "w8a16"}, group_size=64)  # used by the ff layers
 
 
 @pytest.mark.parametrize("precision", ["nvfp4", "w8a16"])

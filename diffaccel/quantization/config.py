@@ -57,6 +57,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -125,7 +126,7 @@ class QuantizationConfig(FeatureConfig, attach_order=10):
         scope: ``"blocks"`` (default: a UNet's attention Linears, a transformer's every Linear) or
             ``"all"`` (every Linear and Conv2d of the model).
         group_size: the ``"w8a16"`` layers' scale groups (input columns per scale; None, the
-            default: one scale per output channel); ignored by the other formats.
+            default: one scale per output channel); a config with no ``"w8a16"`` precision warns that it does nothing.
 
     Example:
         >>> QuantizationConfig(precision="fp8")
@@ -179,6 +180,9 @@ class QuantizationConfig(FeatureConfig, attach_order=10):
         check_choice("QuantizationConfig", "fallback", self.fallback, FALLBACKS)
         check_choice("QuantizationConfig", "scope", self.scope, SCOPES)
         check_int("QuantizationConfig", "group_size", self.group_size, minimum=1, optional=True)
+        if self.group_size is not None and "w8a16" not in (self.precision, *(value for _, value in pairs)):
+            warnings.warn(f"QuantizationConfig.group_size={self.group_size} does nothing: no layer of this config is "
+                          "'w8a16', the only format with scale groups", UserWarning, stacklevel=3)
 
     @property
     def quantizes_anything(self) -> bool:
