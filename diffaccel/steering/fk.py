@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -27,6 +28,7 @@ from ..features.checks import check_bool, check_choice, check_int
 from ..rewards.base import Reward, check_scores, nan_to_worst
 from .inputs import particle_kwargs
 from .latents import call_default
+from .lookahead import LookaheadRollout, check_rollout_pipe
 from .media import check_output_type, convert_media, gray_media, pipeline_media
 from .resampling import (
     POTENTIALS,
@@ -63,6 +65,10 @@ class FKSteeringConfig:
         max_batch: run the denoiser, VAE and reward on at most this many particles at once
             (same results, less memory); ``None``: all at once.
         seed: seeds the resampling draws (and the noise of :class:`FlowMatchSDEScheduler`).
+        lookahead_steps: score each particle by the reward of a deterministic rollout of this many
+            denoiser evaluations to t = 0 from its current state (a look-ahead potential, see
+            :mod:`diffaccel.steering.lookahead`) instead of its one-step x0 prediction; 0 keeps
+            the x0 potential. Every rollout evaluation counts in ``stats.nfe``.
 
     Example:
         >>> FKSteeringConfig(num_particles=4, potential="difference").lmbda
@@ -84,6 +90,7 @@ class FKSteeringConfig:
     final_correction: bool = True
     max_batch: int | None = None
     seed: int = 0
+    lookahead_steps: int = 0
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -106,6 +113,10 @@ class FKSteeringConfig:
         check_bool(owner, "final_correction", self.final_correction)
         check_int(owner, "max_batch", self.max_batch, optional=True)
         check_int(owner, "seed", self.seed, minimum=0)
+        check_int(owner, "lookahead_steps", self.lookahead_steps, minimum=0)
+        if self.lookahead_steps and not self.resample_every:
+            warnings.warn(f"{owner}.lookahead_steps does nothing with resample_every=0 (no intermediate scoring)",
+                          UserWarning, stacklevel=3)
 
     def scoring_steps(self, num_steps: int) -> set[int]:
         """The intermediate steps (0-based) at which particles are scored and may be resampled."""
@@ -187,10 +198,13 @@ def call_sizes(pipe: Any, kwargs: Mapping[str, Any]) -> dict[str, Any]:
 class FKSteering:
     """FK steering bound to a pipeline and a reward; call it like the pipeline (see :func:`steer`)."""
 
-    def __init__(self, pipe: Any, config: FKSteeringConfig, reward: Reward) -> None:
+    def __init__(self, pipe: Any, config: FKSteeringConfig, reward: Reward, lookahead_pipe: Any = None) -> None:
         if not isinstance(config, FKSteeringConfig):
             raise TypeError(f"config must be an FKSteeringConfig, got {type(config).__name__}")
+        if lookahead_pipe is not None and not config.lookahead_steps:
+            warnings.warn("lookahead_pipe is ignored: FKSteeringConfig.lookahead_steps is 0", UserWarning, stacklevel=2)
         self.pipe, self.config, self.reward = pipe, config, reward
+        self.lookahead_pipe = pipe if lookahead_pipe is None else lookahead_pipe
 
     def __call__(self, prompt: str | list[str], **kwargs: Any) -> SteeringOutput:
         """Run ``k`` particles per prompt as one batched ``pipe(...)`` call (each prompt repeated ``k``
@@ -215,6 +229,8 @@ class FKSteering:
         probe_reward(self.reward, pipe, prompts)
         if config.resample_every:
             check_stochastic(pipe.scheduler, kwargs)
+        if config.lookahead_steps:
+            check_rollout_pipe(pipe, self.lookahead_pipe, kwargs)
 
         state = PotentialState.start(len(particle_prompts))
         generator = torch.Generator().manual_seed(config.seed)
@@ -245,6 +261,9 @@ class FKSteering:
             state.log_weights = torch.where(resample.repeat_interleave(k), 0.0, state.log_weights)
             return indices
 
+        call = particle_kwargs(kwargs, particle_prompts, k, pipe)
+        lookahead = (LookaheadRollout(pipe, self.lookahead_pipe, config.lookahead_steps, call, config.max_batch)
+                     if config.lookahead_steps and config.resample_every else None)
         session = ParticleSession(
             pipe,
             self.reward,
@@ -254,11 +273,12 @@ class FKSteering:
             call_sizes(pipe, kwargs),
             max_batch=config.max_batch,
             score_last=config.final_correction,
+            lookahead=lookahead,
         )
         begin = time.perf_counter()
         restore_noise = seed_sde_noise(pipe.scheduler, config.seed)
         try:
-            output = session.run(pipe, particle_kwargs(kwargs, particle_prompts, k, pipe))
+            output = session.run(pipe, call)
         finally:
             restore_noise()
         media = pipeline_media(output)
@@ -282,14 +302,20 @@ def final_rewards(
     return scores
 
 
-def steer(pipe: Any, config: FKSteeringConfig, reward: Reward) -> FKSteering:
+def steer(pipe: Any, config: FKSteeringConfig, reward: Reward, lookahead_pipe: Any = None) -> FKSteering:
     """FK steering for ``pipe`` with ``reward``: returns a callable that runs like the pipeline.
 
     Works on any supported diffusers pipeline, accelerated or not (the particles are the batch, so
-    encoder reuse and the other features apply to every particle).
+    encoder reuse and the other features apply to every particle). With
+    ``config.lookahead_steps``, the look-ahead rollouts run on ``lookahead_pipe`` (default: ``pipe``
+    itself; pass a cheaper accelerated copy with its own denoiser to make them cheaper).
 
     Example:
         >>> steering = steer(pipe, FKSteeringConfig(num_particles=4), reward=clip_reward)  # doctest: +SKIP
         >>> best_image = steering("a red circle", num_inference_steps=50, eta=1.0).best[0]  # doctest: +SKIP
+        >>> lookahead = FKSteeringConfig(num_particles=4, lookahead_steps=2)
+        >>> out = steer(pipe, lookahead, reward=clip_reward)("a red circle", eta=1.0)  # doctest: +SKIP
+        >>> out.stats.lookahead_nfe  # included in out.stats.nfe  # doctest: +SKIP
+        32
     """
-    return FKSteering(pipe, config, reward)
+    return FKSteering(pipe, config, reward, lookahead_pipe)

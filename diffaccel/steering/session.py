@@ -21,7 +21,7 @@ import inspect
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.utils._pytree as pytree
@@ -34,6 +34,9 @@ from ..rewards.base import Reward, check_scores, nan_to_worst
 from ..seams import CHUNK_HOOK, add_hook, denoiser, loop_length, remove_hook, wrapped_scheduler_step
 from .latents import call_parameters, decode_latents, predicted_x0
 from .sde import is_flow_matching
+
+if TYPE_CHECKING:
+    from .lookahead import LookaheadRollout
 
 #: Scheduler attributes that hold per-sample multistep history (DPM-Solver, UniPC, DEIS, PNDM, LMS, Heun, KDPM2).
 HISTORY_ATTRIBUTES = (
@@ -123,6 +126,7 @@ class SessionStats:
     intermediate_rewards: list[list[float]] = field(default_factory=list)
     reward_evaluations: int = 0
     nan_scores: int = 0
+    lookahead_nfe: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -186,6 +190,8 @@ class ParticleSession:
         policy: ``(step, is_last, rewards) -> indices | None``.
         sizes: the call's ``height``/``width``/``num_frames`` (for decoding).
         max_batch: particles per denoiser / VAE / reward chunk (``None``: all at once).
+        lookahead: ``(step, num_steps, sample, x0) -> x0`` refines the predicted x0 before scoring
+            (a :class:`~diffaccel.steering.lookahead.LookaheadRollout`; its ``nfe`` is counted).
     """
 
     def __init__(
@@ -198,11 +204,12 @@ class ParticleSession:
         sizes: dict[str, Any],
         max_batch: int | None = None,
         score_last: bool = False,
+        lookahead: LookaheadRollout | None = None,
     ) -> None:
         self.pipe, self.reward, self.prompts = pipe, reward, list(prompts)
         self.num_particles = len(self.prompts)
         self.scoring_steps_fn, self.policy, self.sizes = scoring_steps, policy, sizes
-        self.max_batch, self.score_last = max_batch, score_last
+        self.max_batch, self.score_last, self.lookahead = max_batch, score_last, lookahead
         self.stats = SessionStats(num_particles=self.num_particles)
         self.initial_latents: torch.Tensor | None = None
         self._pending: torch.Tensor | None = None
@@ -283,6 +290,11 @@ class ParticleSession:
         is_last = index == self._num_steps - 1
         if index in self._scoring or (is_last and self.score_last):
             x0 = predicted_x0(self.pipe.scheduler, output, bound.arguments["model_output"], sample)
+            if self.lookahead is not None:
+                before = self.lookahead.nfe
+                x0 = self.lookahead(index, self._num_steps, sample, x0)
+                self.stats.lookahead_nfe += self.lookahead.nfe - before
+                self.stats.nfe += self.lookahead.nfe - before
             rewards = self.score(x0)
             self.stats.scored_steps.append(index)
             self.stats.intermediate_rewards.append(rewards.tolist())
