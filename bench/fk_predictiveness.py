@@ -17,6 +17,7 @@ step and guide:
 Usage:
     python bench/fk_predictiveness.py --image-model micro-sd --split train --prompts 48 --k 4
     python bench/fk_predictiveness.py --split heldout --prompts 64 --guides shapeworld,layout,clip
+    python bench/fk_predictiveness.py --split train --prompts 32 --lookahead 0,1,3   # look-ahead guides
     python bench/fk_predictiveness.py --quick      # tiny random SD: smoke test, numbers meaningless
 
 Writes ``bench/results/steering/fk_predictiveness_<tag>.json``.
@@ -37,6 +38,7 @@ from benchkit import write_report  # noqa: E402
 from diffaccel.rewards import CLIPScoreReward, Reward, ShapeWorldReward  # noqa: E402
 from diffaccel.shapeworld import eval_prompts  # noqa: E402
 from diffaccel.steering.fk import call_sizes, particle_kwargs  # noqa: E402
+from diffaccel.steering.lookahead import LookaheadRollout  # noqa: E402
 from diffaccel.steering.media import pipeline_media  # noqa: E402
 from diffaccel.steering.session import ParticleSession  # noqa: E402
 from steering import load, tiny_clip_folder  # noqa: E402
@@ -74,10 +76,11 @@ def within_prompt_auc(scores: torch.Tensor, passed: torch.Tensor) -> tuple[float
 
 
 def trajectories(pipe: Any, call: dict[str, Any], prompts: list[str], k: int, steps: int, every: int,
-                 guides: dict[str, Reward], verifier: ShapeWorldReward, seed: int
+                 guides: dict[str, Reward], verifier: ShapeWorldReward, seed: int, lookahead: int = 0
                  ) -> tuple[dict[str, dict[int, torch.Tensor]], torch.Tensor]:
     """Intermediate rewards ``{guide: {step: (prompts, k)}}`` and final verifier scores ``(prompts, k)``,
-    with no resampling."""
+    with no resampling; with ``lookahead``, the guides score a deterministic rollout of that many
+    steps from each state instead of its one-step x0 (the trajectories themselves are the same)."""
     intermediate: dict[str, dict[int, list[torch.Tensor]]] = {name: {} for name in guides}
     finals = []
     for prompt in tqdm(prompts, desc=f"k={k} trajectories"):
@@ -85,9 +88,11 @@ def trajectories(pipe: Any, call: dict[str, Any], prompts: list[str], k: int, st
         scorer = GuideScores(guides)
         scored: list[int] = []
         kwargs = dict(call, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed))
+        particle_call = particle_kwargs(kwargs, particles, k)
         session = ParticleSession(pipe, scorer, particles, lambda n: set(range(0, n - 1, every)),
-                                  lambda step, is_last, rewards: scored.append(step), call_sizes(pipe, kwargs))
-        output = session.run(pipe, particle_kwargs(kwargs, particles, k))
+                                  lambda step, is_last, rewards: scored.append(step), call_sizes(pipe, kwargs),
+                                  lookahead=LookaheadRollout(pipe, pipe, lookahead, particle_call) if lookahead else None)
+        output = session.run(pipe, particle_call)
         for name, history in scorer.history.items():
             for step, scores in zip(scored, history):
                 intermediate[name].setdefault(step, []).append(scores)
@@ -121,6 +126,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="DDIM eta (default 1: the stochastic steps FK needs; lower keeps trajectories closer to the ODE)")
     parser.add_argument("--guides", default="shapeworld",
                         help=f"intermediate rewards scored on the predicted x0, comma-separated: {', '.join(GUIDES)}")
+    parser.add_argument("--lookahead", default="0",
+                        help="rollout lengths of the guides, comma-separated (0: the one-step x0; L: a deterministic "
+                             "rollout of L denoiser evaluations from each state, guide named <guide>@L)")
     parser.add_argument("--clip", default=None, help="transformers CLIP folder of the clip guide (default: micro-CLIP)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tag", default=None)
@@ -151,7 +159,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
                 args.clip = tiny_clip_folder() if args.quick else str(micro_model_path("micro-clip"))
             guides[name] = CLIPScoreReward.from_transformers(args.clip, device=args.device)
-    by_guide, finals = trajectories(pipe, call, prompts, args.k, args.steps, args.every, guides, verifier, args.seed)
+    try:
+        lookaheads = [int(v) for v in args.lookahead.split(",")]
+    except ValueError:
+        parser.error(f"--lookahead must be comma-separated integers, got {args.lookahead!r}")
+    if any(v < 0 for v in lookaheads):
+        parser.error("--lookahead values must be >= 0")
+    by_guide: dict[str, dict[int, torch.Tensor]] = {}
+    finals = None
+    for lookahead in lookaheads:
+        scores, run_finals = trajectories(pipe, call, prompts, args.k, args.steps, args.every, guides, verifier,
+                                          args.seed, lookahead)
+        if finals is not None and not torch.equal(finals, run_finals):
+            raise RuntimeError("the look-ahead rollouts changed the trajectories; they must be side trips")
+        finals = run_finals
+        by_guide.update({name if not lookahead else f"{name}@{lookahead}": steps for name, steps in scores.items()})
     passed = finals >= 1.0
     top_final = finals.argmax(1, keepdim=True)
     report = {

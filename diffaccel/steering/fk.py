@@ -30,6 +30,7 @@ from .inputs import particle_kwargs
 from .latents import call_default
 from .lookahead import LookaheadRollout, check_rollout_pipe
 from .media import check_output_type, convert_media, gray_media, pipeline_media
+from .replay import NoiseTape, check_explore_pipe, render_exact
 from .resampling import (
     POTENTIALS,
     RESAMPLING_METHODS,
@@ -69,6 +70,11 @@ class FKSteeringConfig:
             denoiser evaluations to t = 0 from its current state (a look-ahead potential, see
             :mod:`diffaccel.steering.lookahead`) instead of its one-step x0 prediction; 0 keeps
             the x0 potential. Every rollout evaluation counts in ``stats.nfe``.
+        record_noise: draw each particle slot's per-step noise from its own seeded generator and
+            return the noise tape (``out.tape``) that replays any particle on another pipeline
+            (:func:`~diffaccel.steering.replay.render_exact`); always on with an ``explore_pipe``.
+            Off, the step noise comes from the call's ``generator`` (one particle is then exactly
+            the untouched pipeline's sample).
 
     Example:
         >>> FKSteeringConfig(num_particles=4, potential="difference").lmbda
@@ -91,6 +97,7 @@ class FKSteeringConfig:
     max_batch: int | None = None
     seed: int = 0
     lookahead_steps: int = 0
+    record_noise: bool = False
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -114,6 +121,7 @@ class FKSteeringConfig:
         check_int(owner, "max_batch", self.max_batch, optional=True)
         check_int(owner, "seed", self.seed, minimum=0)
         check_int(owner, "lookahead_steps", self.lookahead_steps, minimum=0)
+        check_bool(owner, "record_noise", self.record_noise)
         if self.lookahead_steps and not self.resample_every:
             warnings.warn(f"{owner}.lookahead_steps does nothing with resample_every=0 (no intermediate scoring)",
                           UserWarning, stacklevel=3)
@@ -137,6 +145,7 @@ class SteeringStats(SessionStats):
     num_prompts: int = 0
     ess: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    render_nfe: int = 0
 
     def summary(self) -> str:
         """The particles per prompt, the resampling steps and the NFE (and the NaN rewards, if any), as
@@ -154,12 +163,17 @@ class SteeringStats(SessionStats):
 @dataclass
 class SteeringOutput:
     """All particles (``samples`` in the requested ``output_type``), their final ``rewards``, the index
-    of the best particle of each prompt (``best_indices``) and the call's ``stats``."""
+    of the best particle of each prompt (``best_indices``) and the call's ``stats``. Explored on a
+    cheaper pipeline: each prompt's best particle rendered on the exact one (``exact``, with its
+    ``exact_rewards``) and the ``tape`` that replays any particle (:func:`~diffaccel.steering.replay.render_exact`)."""
 
     samples: Any
     rewards: torch.Tensor
     best_indices: list[int]
     stats: SteeringStats
+    tape: NoiseTape | None = None
+    exact: Any = None
+    exact_rewards: torch.Tensor | None = None
 
     @property
     def images(self) -> Any:
@@ -198,22 +212,27 @@ def call_sizes(pipe: Any, kwargs: Mapping[str, Any]) -> dict[str, Any]:
 class FKSteering:
     """FK steering bound to a pipeline and a reward; call it like the pipeline (see :func:`steer`)."""
 
-    def __init__(self, pipe: Any, config: FKSteeringConfig, reward: Reward, lookahead_pipe: Any = None) -> None:
+    def __init__(self, pipe: Any, config: FKSteeringConfig, reward: Reward, lookahead_pipe: Any = None,
+                 explore_pipe: Any = None) -> None:
         if not isinstance(config, FKSteeringConfig):
             raise TypeError(f"config must be an FKSteeringConfig, got {type(config).__name__}")
         if lookahead_pipe is not None and not config.lookahead_steps:
             warnings.warn("lookahead_pipe is ignored: FKSteeringConfig.lookahead_steps is 0", UserWarning, stacklevel=2)
         self.pipe, self.config, self.reward = pipe, config, reward
-        self.lookahead_pipe = pipe if lookahead_pipe is None else lookahead_pipe
+        self.explore_pipe = explore_pipe
+        self.sampler = pipe if explore_pipe is None else explore_pipe
+        self.lookahead_pipe = self.sampler if lookahead_pipe is None else lookahead_pipe
 
     def __call__(self, prompt: str | list[str], **kwargs: Any) -> SteeringOutput:
         """Run ``k`` particles per prompt as one batched ``pipe(...)`` call (each prompt repeated ``k``
         times, which batches like ``num_images_per_prompt=k``).
 
         ``output_type`` may be ``"pil"`` (default), ``"np"`` or ``"pt"``; ``generator`` seeds the
-        initial noise as usual, ``config.seed`` the resampling.
+        initial noise as usual, ``config.seed`` the resampling. With an ``explore_pipe``, the
+        particles run there and each prompt's best one is rendered on ``pipe`` from its noise tape
+        (``exact``, ``exact_rewards``).
         """
-        config, pipe = self.config, self.pipe
+        config, pipe = self.config, self.sampler
         prompts = prompt_list(prompt)
         for name in ("num_images_per_prompt", "num_videos_per_prompt"):
             if name in kwargs:
@@ -231,6 +250,9 @@ class FKSteering:
             check_stochastic(pipe.scheduler, kwargs)
         if config.lookahead_steps:
             check_rollout_pipe(pipe, self.lookahead_pipe, kwargs)
+        if self.explore_pipe is not None:
+            check_explore_pipe(self.pipe, self.explore_pipe, kwargs)
+        tape = NoiseTape(seed=config.seed) if config.record_noise or self.explore_pipe is not None else None
 
         state = PotentialState.start(len(particle_prompts))
         generator = torch.Generator().manual_seed(config.seed)
@@ -274,6 +296,7 @@ class FKSteering:
             max_batch=config.max_batch,
             score_last=config.final_correction,
             lookahead=lookahead,
+            step_seeds=None if tape is None else tape.step_seed,
         )
         begin = time.perf_counter()
         restore_noise = seed_sde_noise(pipe.scheduler, config.seed)
@@ -287,7 +310,16 @@ class FKSteering:
             setattr(stats, name, value)
         stats.seconds = time.perf_counter() - begin
         best = [int(g * k + torch.argmax(rewards[g * k : (g + 1) * k])) for g in range(len(prompts))]
-        return SteeringOutput(convert_media(media, output_type), rewards, best, stats)
+        result = SteeringOutput(convert_media(media, output_type), rewards, best, stats, tape=tape)
+        if tape is not None:
+            tape.record(session)
+        if self.explore_pipe is not None:
+            exact = render_exact(self.pipe, prompts, [tape] * len(prompts), best, kwargs)
+            result.exact_rewards = final_rewards(self.reward, exact, prompts, config.max_batch, stats)
+            result.exact = convert_media(exact, output_type)
+            stats.render_nfe = len(prompts) * tape.num_steps
+            stats.seconds = time.perf_counter() - begin
+        return result
 
 
 def final_rewards(
@@ -302,13 +334,17 @@ def final_rewards(
     return scores
 
 
-def steer(pipe: Any, config: FKSteeringConfig, reward: Reward, lookahead_pipe: Any = None) -> FKSteering:
+def steer(pipe: Any, config: FKSteeringConfig, reward: Reward, lookahead_pipe: Any = None,
+          explore_pipe: Any = None) -> FKSteering:
     """FK steering for ``pipe`` with ``reward``: returns a callable that runs like the pipeline.
 
     Works on any supported diffusers pipeline, accelerated or not (the particles are the batch, so
     encoder reuse and the other features apply to every particle). With
     ``config.lookahead_steps``, the look-ahead rollouts run on ``lookahead_pipe`` (default: ``pipe``
-    itself; pass a cheaper accelerated copy with its own denoiser to make them cheaper).
+    itself; pass a cheaper accelerated copy with its own denoiser to make them cheaper). With
+    ``explore_pipe`` (e.g. :func:`~diffaccel.steering.replay.cheap_copy`), the particles run on that
+    cheaper pipeline and each prompt's winner is rendered on ``pipe`` from the same initial noise,
+    per-step noise and ancestry (``out.exact``).
 
     Example:
         >>> steering = steer(pipe, FKSteeringConfig(num_particles=4), reward=clip_reward)  # doctest: +SKIP
@@ -318,4 +354,4 @@ def steer(pipe: Any, config: FKSteeringConfig, reward: Reward, lookahead_pipe: A
         >>> out.stats.lookahead_nfe  # included in out.stats.nfe  # doctest: +SKIP
         32
     """
-    return FKSteering(pipe, config, reward, lookahead_pipe)
+    return FKSteering(pipe, config, reward, lookahead_pipe, explore_pipe)

@@ -38,12 +38,14 @@ from typing import Any
 
 import torch
 
+from ..errors import UnsupportedCombinationError
 from ..rewards.base import Reward
 from ..seams import count_loop_steps
 from .fk import final_rewards, probe_reward
 from .inputs import particle_kwargs
 from .media import check_output_type, convert_media, pipeline_media
 from .rbf import check_rbf_pipeline, rollover_budget_forcing
+from .replay import NoiseTape, check_explore_pipe, render_exact
 from .sde import seed_sde_noise
 from .searcher import NoiseSearchConfig, SearchCandidate, Searcher
 from .session import ParticleSession, SessionStats, check_stochastic
@@ -53,7 +55,10 @@ from .session import ParticleSession, SessionStats, check_stochastic
 class SearchOutput:
     """The best ``sample`` (in the requested ``output_type``), its ``reward`` and initial noise
     (``latents``, reusable as ``latents=``; ``None`` for paths), the ``trace`` of every candidate,
-    the ``nfe`` spent, reward evaluations, NaN scores and seconds."""
+    the ``nfe`` spent, reward evaluations, NaN scores and seconds. Explored on a cheaper pipeline: the
+    winner rendered on the exact one (``exact_sample``, ``exact_reward``), every call's noise ``tapes``
+    and the winner's place in them (``winner``: call index, slot), which replay any candidate
+    (:func:`~diffaccel.steering.replay.render_exact`)."""
 
     sample: Any
     reward: float
@@ -64,6 +69,10 @@ class SearchOutput:
     nan_scores: int = 0
     seconds: float = 0.0
     stats: list[SessionStats] = field(default_factory=list)
+    exact_sample: Any = None
+    exact_reward: float | None = None
+    tapes: list[NoiseTape] | None = None
+    winner: tuple[int, int] | None = None
 
     @property
     def image(self) -> Any:
@@ -97,8 +106,13 @@ class SearchOutput:
         }
 
 
-def _random(searcher: Searcher, total: int) -> tuple[torch.Tensor, float, torch.Tensor | None]:
-    best: tuple[torch.Tensor, float, torch.Tensor | None] | None = None
+#: A method's result: the best media, its reward, its initial noise (``None`` for paths) and where it
+#: was sampled (the index of the search's call, the slot in it).
+Found = tuple[torch.Tensor, float, "torch.Tensor | None", tuple[int, int]]
+
+
+def _random(searcher: Searcher, total: int) -> Found:
+    best: Found | None = None
     done, round_index = 0, 0
     while done < total:
         count = min(searcher.config.batch_size, total - done)
@@ -107,7 +121,7 @@ def _random(searcher: Searcher, total: int) -> tuple[torch.Tensor, float, torch.
             searcher.trace.append(SearchCandidate(round_index, float(rewards[i]), searcher.nfe))
         top = int(torch.argmax(rewards))
         if best is None or float(rewards[top]) > best[1]:
-            best = (media[top], float(rewards[top]), latents[top : top + 1])
+            best = (media[top], float(rewards[top]), latents[top : top + 1], (len(searcher.sessions) - 1, top))
         done, round_index = done + count, round_index + 1
     for candidate in searcher.trace:
         candidate.accepted = candidate.reward == best[1]
@@ -123,9 +137,9 @@ def _neighbours(pivot: torch.Tensor, count: int, step_size: float, generator: to
     return (moved / moved.flatten(1).norm(dim=1).view(-1, *[1] * (pivot.ndim - 1)) * radius).to(pivot)
 
 
-def _zero_order(searcher: Searcher, total: int) -> tuple[torch.Tensor, float, torch.Tensor | None]:
+def _zero_order(searcher: Searcher, total: int) -> Found:
     media, rewards, latents = searcher.run_batch(1)
-    pivot = (media[0], float(rewards[0]), latents[:1])
+    pivot = (media[0], float(rewards[0]), latents[:1], (0, 0))
     searcher.trace.append(SearchCandidate(0, pivot[1], searcher.nfe, accepted=True))
     generator = torch.Generator().manual_seed(searcher.config.seed)
     done, round_index = 1, 1
@@ -138,12 +152,12 @@ def _zero_order(searcher: Searcher, total: int) -> tuple[torch.Tensor, float, to
         for i in range(count):
             searcher.trace.append(SearchCandidate(round_index, float(rewards[i]), searcher.nfe, improved and i == top))
         if improved:
-            pivot = (media[top], float(rewards[top]), candidates[top : top + 1])
+            pivot = (media[top], float(rewards[top]), candidates[top : top + 1], (len(searcher.sessions) - 1, top))
         done, round_index = done + count, round_index + 1
     return pivot
 
 
-def _paths(searcher: Searcher, total: int) -> tuple[torch.Tensor, float, torch.Tensor | None]:
+def _paths(searcher: Searcher, total: int) -> Found:
     config, pipe = searcher.config, searcher.pipe
     if total < 2:
         raise ValueError("NoiseSearchConfig(method='paths') needs a budget of at least 2 samples (2 x steps NFE)")
@@ -161,8 +175,10 @@ def _paths(searcher: Searcher, total: int) -> tuple[torch.Tensor, float, torch.T
             trace.append(SearchCandidate(step, float(rewards[i]), spent, bool((order == i).any())))
         return order[torch.arange(total) % keep]
 
+    tape = searcher.new_tape()
     session = ParticleSession(
-        pipe, searcher.reward, [searcher.prompt] * total, scoring_steps, policy, searcher.sizes, config.batch_size
+        pipe, searcher.reward, [searcher.prompt] * total, scoring_steps, policy, searcher.sizes, config.batch_size,
+        step_seeds=None if tape is None else tape.step_seed,
     )
     restore = seed_sde_noise(pipe.scheduler, config.seed)
     try:
@@ -170,17 +186,19 @@ def _paths(searcher: Searcher, total: int) -> tuple[torch.Tensor, float, torch.T
     finally:
         restore()
     media = pipeline_media(output)
+    if tape is not None:
+        tape.record(session)
     rewards = final_rewards(searcher.reward, media, [searcher.prompt] * total, config.batch_size, session.stats)
     searcher._account(session.stats)
     top = int(torch.argmax(rewards))
     last_round = session.stats.num_steps - 1
     for i in range(total):
         trace.append(SearchCandidate(last_round, float(rewards[i]), searcher.nfe, i == top))
-    return media[top], float(rewards[top]), None
+    return media[top], float(rewards[top]), None, (len(searcher.sessions) - 1, top)
 
 
-def _rbf(searcher: Searcher, total: int) -> tuple[torch.Tensor, float, torch.Tensor | None]:
-    return rollover_budget_forcing(searcher)
+def _rbf(searcher: Searcher, total: int) -> Found:
+    return (*rollover_budget_forcing(searcher), (-1, 0))
 
 
 _METHODS = {"random": _random, "zero-order": _zero_order, "paths": _paths, "rbf": _rbf}
@@ -196,11 +214,16 @@ def _loop_steps(pipe: Any, prompt: str, kwargs: dict[str, Any]) -> int:
     return steps
 
 
-def search(pipe: Any, prompt: str, config: NoiseSearchConfig, reward: Reward, **kwargs: Any) -> SearchOutput:
+def search(pipe: Any, prompt: str, config: NoiseSearchConfig, reward: Reward, *, explore_pipe: Any = None,
+           **kwargs: Any) -> SearchOutput:
     """Search for the sample of ``prompt`` that ``reward`` prefers, within ``config.budget_nfe``.
 
     ``kwargs`` go to the pipeline call (``num_inference_steps``, ``generator``, sizes, ``output_type``
     ``"pil"``/``"np"``/``"pt"``); works on accelerated pipelines and video pipelines alike.
+
+    With ``explore_pipe`` (a cheaper copy of ``pipe``, e.g. :func:`~diffaccel.steering.replay.cheap_copy`),
+    the search runs there, within the budget, and only the winner is rendered on ``pipe`` from the
+    same initial noise and per-step noise (``exact_sample``; its ``steps`` NFE are not in ``nfe``).
 
     Example:
         >>> out = search(pipe, "a cat", NoiseSearchConfig("random", budget_nfe=400), reward=clip)  # doctest: +SKIP
@@ -214,8 +237,16 @@ def search(pipe: Any, prompt: str, config: NoiseSearchConfig, reward: Reward, **
         if name in kwargs:
             raise ValueError(f"search sets {name} itself; do not pass it")
     output_type = check_output_type(kwargs.pop("output_type", "pil"))
+    exact_pipe, pipe = pipe, pipe if explore_pipe is None else explore_pipe
     if config.method == "rbf":
         check_rbf_pipeline(pipe)
+    if explore_pipe is not None or config.record_noise:
+        if config.method == "rbf":
+            raise UnsupportedCombinationError("RBF picks among look-ahead candidates at every step: its noise is not "
+                                              "recorded, so it cannot explore on a cheaper pipeline and replay; use "
+                                              "random, zero-order or paths")
+    if explore_pipe is not None:
+        check_explore_pipe(exact_pipe, explore_pipe, kwargs)
     probe_reward(reward, pipe, [prompt])
     begin = time.perf_counter()
     steps = _loop_steps(pipe, prompt, kwargs)
@@ -225,7 +256,14 @@ def search(pipe: Any, prompt: str, config: NoiseSearchConfig, reward: Reward, **
         )
     total = config.budget_nfe // steps
     searcher = Searcher(pipe, prompt, config, reward, kwargs, steps)
-    media, best_reward, latents = _METHODS[config.method](searcher, total)
+    if explore_pipe is not None or config.record_noise:
+        searcher.tapes = []
+    media, best_reward, latents, winner = _METHODS[config.method](searcher, total)
+    exact: dict[str, Any] = {"tapes": searcher.tapes, "winner": winner if searcher.tapes is not None else None}
+    if explore_pipe is not None:
+        rendered = render_exact(exact_pipe, [prompt], [searcher.tapes[winner[0]]], [winner[1]], kwargs)
+        exact_reward = final_rewards(reward, rendered, [prompt], None, SessionStats())
+        exact.update(exact_sample=convert_media(rendered, output_type)[0], exact_reward=float(exact_reward[0]))
     return SearchOutput(
         sample=convert_media(media.unsqueeze(0), output_type)[0],
         reward=best_reward,
@@ -236,4 +274,5 @@ def search(pipe: Any, prompt: str, config: NoiseSearchConfig, reward: Reward, **
         nan_scores=searcher.nan_scores,
         seconds=time.perf_counter() - begin,
         stats=searcher.sessions,
+        **exact,
     )

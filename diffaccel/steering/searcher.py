@@ -13,12 +13,13 @@ from typing import Any
 
 import torch
 
-from ..features.checks import check_choice, check_int
+from ..features.checks import check_bool, check_choice, check_int
 from ..rewards.base import Reward
 from .fk import call_sizes, final_rewards
 from .inputs import particle_kwargs
 from .media import pipeline_media
 from .sde import seed_sde_noise
+from .replay import NoiseTape
 from .session import ParticleSession, SessionStats
 
 SEARCH_METHODS = ("random", "zero-order", "paths", "rbf")
@@ -38,6 +39,9 @@ class NoiseSearchConfig:
         branch_every: paths: steps between branchings.
         seed: zero-order neighbour directions and the step noise of :class:`FlowMatchSDEScheduler`
             (the initial noise comes from the call's ``generator``).
+        record_noise: draw every candidate's per-step noise from its own seeded generator and return
+            the noise tapes that replay any candidate on another pipeline (``SearchOutput.tapes``);
+            always on when the search explores on a cheaper pipeline.
 
     Example:
         >>> NoiseSearchConfig("random", budget_nfe=100).batch_size
@@ -55,6 +59,7 @@ class NoiseSearchConfig:
     num_paths: int = 2
     branch_every: int = 1
     seed: int = 0
+    record_noise: bool = False
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -62,6 +67,7 @@ class NoiseSearchConfig:
         for name in ("budget_nfe", "batch_size", "num_paths", "branch_every"):
             check_int(owner, name, getattr(self, name))
         check_int(owner, "seed", self.seed, minimum=0)
+        check_bool(owner, "record_noise", self.record_noise)
         if not isinstance(self.step_size, (int, float)) or not 0 < self.step_size <= 2:
             raise ValueError(f"{owner}.step_size must be in (0, 2], got {self.step_size!r}")
 
@@ -96,10 +102,21 @@ class Searcher:
         self.nfe, self.evaluations, self.nan_scores = 0, 0, 0
         self.trace: list[SearchCandidate] = []
         self.sessions: list[SessionStats] = []
+        #: with ``record_noise``, the noise tape of each call (candidates replayable elsewhere).
+        self.tapes: list[NoiseTape] | None = None
+
+    def new_tape(self) -> NoiseTape | None:
+        """A tape for the next call when recording noise (seeded by the search seed and the call's index)."""
+        if self.tapes is None:
+            return None
+        self.tapes.append(NoiseTape(seed=self.config.seed * 100_003 + len(self.tapes)))
+        return self.tapes[-1]
 
     def run_batch(self, count: int, latents: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``count`` full samples (from ``latents`` if given): (media, rewards, initial latents)."""
-        session = ParticleSession(self.pipe, self.reward, [self.prompt] * count, lambda n: set(), lambda *a: None, self.sizes)
+        tape = self.new_tape()
+        session = ParticleSession(self.pipe, self.reward, [self.prompt] * count, lambda n: set(), lambda *a: None,
+                                  self.sizes, step_seeds=None if tape is None else tape.step_seed)
         call = particle_kwargs(self.kwargs, [self.prompt] * count, count, self.pipe)
         if latents is not None:
             call["latents"] = latents
@@ -108,6 +125,8 @@ class Searcher:
             media = pipeline_media(session.run(self.pipe, call))
         finally:
             restore()
+        if tape is not None:
+            tape.record(session)
         rewards = final_rewards(self.reward, media, [self.prompt] * count, None, session.stats)
         self._account(session.stats)
         return media, rewards, session.initial_latents

@@ -192,6 +192,9 @@ class ParticleSession:
         max_batch: particles per denoiser / VAE / reward chunk (``None``: all at once).
         lookahead: ``(step, num_steps, sample, x0) -> x0`` refines the predicted x0 before scoring
             (a :class:`~diffaccel.steering.lookahead.LookaheadRollout`; its ``nfe`` is counted).
+        step_seeds: ``(slot, step) -> seed``: the fresh noise a stochastic scheduler adds at each step
+            is drawn per particle slot from a generator with that seed (a replayable noise tape, see
+            :mod:`diffaccel.steering.replay`); ``None``: the call's own generator.
     """
 
     def __init__(
@@ -205,11 +208,13 @@ class ParticleSession:
         max_batch: int | None = None,
         score_last: bool = False,
         lookahead: LookaheadRollout | None = None,
+        step_seeds: Callable[[int, int], int] | None = None,
     ) -> None:
         self.pipe, self.reward, self.prompts = pipe, reward, list(prompts)
         self.num_particles = len(self.prompts)
         self.scoring_steps_fn, self.policy, self.sizes = scoring_steps, policy, sizes
         self.max_batch, self.score_last, self.lookahead = max_batch, score_last, lookahead
+        self.step_seeds = step_seeds
         self.stats = SessionStats(num_particles=self.num_particles)
         self.initial_latents: torch.Tensor | None = None
         self._pending: torch.Tensor | None = None
@@ -284,6 +289,9 @@ class ParticleSession:
             sigma = float(getattr(pipe.scheduler, "init_noise_sigma", 1.0))
             self.initial_latents = (sample.detach() / sigma).clone()
         self.stats.nfe += self.num_particles
+        if self.step_seeds is not None and "generator" in signature.parameters:
+            bound.arguments["generator"] = [torch.Generator().manual_seed(self.step_seeds(slot, index))
+                                            for slot in range(self.num_particles)]
         output = original(*bound.args, **bound.kwargs)
         if isinstance(output, tuple):  # some schedulers (CogVideoX's DPM) return tuples whatever return_dict says
             output = _TupleOutput(output)
