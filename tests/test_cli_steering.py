@@ -16,10 +16,11 @@ PROMPT = "a red circle to the left of a blue square"  # a ShapeWorld caption: th
 def test_particles_write_the_best_image_and_steering_stats(tmp_path, capsys):
     out, stats_path = tmp_path / "fk.png", tmp_path / "stats.json"
     main(["generate", PROMPT, "--steps", "3", "--height", "32", "--width", "32", "--particles", "2",
-          "--resample-every", "1", "--out", str(out), "--stats-json", str(stats_path)])
+          "--resample-every", "1", "--resample-start", "0", "--ess-threshold", "off", "--out", str(out),
+          "--stats-json", str(stats_path)])
     printed = capsys.readouterr().out
     assert Image.open(out).size == (32, 32)
-    assert "FK steering: 2 particles, resampled at steps [0, 1, 2], NFE 6" in printed
+    assert "FK steering: 2 particles, resampled at steps [0, 1], NFE 6" in printed
     steering = json.loads(stats_path.read_text())["steering"]
     assert steering["method"] == "fk" and len(steering["rewards"]) == 2
     assert all(0.0 <= r <= 1.0 for r in steering["rewards"])  # verifier scores
@@ -27,8 +28,18 @@ def test_particles_write_the_best_image_and_steering_stats(tmp_path, capsys):
 
 def test_particles_resample_only_from_the_start_step(tmp_path, capsys):
     main(["generate", PROMPT, "--steps", "4", "--height", "32", "--width", "32", "--particles", "2",
-          "--resample-every", "1", "--resample-start", "2", "--out", str(tmp_path / "fk.png")])
-    assert "resampled at steps [2, 3]" in capsys.readouterr().out
+          "--resample-every", "1", "--resample-start", "2", "--ess-threshold", "off", "--out", str(tmp_path / "fk.png")])
+    assert "resampled at steps [2]" in capsys.readouterr().out
+
+
+def test_particles_default_to_the_measured_settings(tmp_path):
+    stats_path = tmp_path / "stats.json"
+    main(["generate", PROMPT, "--steps", "5", "--height", "32", "--width", "32", "--particles", "2",
+          "--out", str(tmp_path / "fk.png"), "--stats-json", str(stats_path)])
+    from diffaccel.steering import FKSteeringConfig
+
+    config = json.loads(stats_path.read_text())["steering"]["config"]
+    assert config == FKSteeringConfig.measured(2, 5).to_dict() and config["resample_start"] == 3
 
 
 def test_search_spends_the_budget(tmp_path, capsys):

@@ -3,8 +3,8 @@ no torch) and what they run.
 
 Example:
     >>> import argparse
-    >>> args = argparse.Namespace(particles=4, search=None, potential="max", lmbda=10.0, resample_every=5,
-    ...                           resample_start=0, ess_threshold=None, reward="shapeworld")
+    >>> args = argparse.Namespace(particles=4, search=None, potential="max", lmbda=10.0, resample_every=2,
+    ...                           resample_start=12, ess_threshold=0.5, reward="shapeworld", steps=20)
     >>> config, reward = make_steering(args, "cpu")
     >>> config.num_particles, reward.name
     (4, 'shapeworld')
@@ -24,9 +24,11 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 SEARCH_METHODS = ("random", "zero-order", "paths", "rbf")
 #: Search methods for flow-matching models only.
 FLOW_SEARCH_METHODS = ("rbf",)
-#: The steering options' defaults; they are None when not given, so an ignored one can be told.
-STEERING_DEFAULTS = {"reward": "shapeworld", "potential": "max", "lmbda": 10.0, "resample_every": 5,
-                     "resample_start": 0}
+#: The steering options' defaults; they are None when not given, so an ignored one can be told. FK's
+#: are :meth:`~diffaccel.FKSteeringConfig.measured` (the settings measured best on micro-SD), whose
+#: first resampling step is 60% of ``--steps`` (filled in by :func:`fill_steering_defaults`).
+STEERING_DEFAULTS = {"reward": "shapeworld", "potential": "max", "lmbda": 10.0, "resample_every": 2,
+                     "ess_threshold": 0.5}
 #: Steering options that only act with another one: option -> (the flags that enable it).
 STEERING_NEEDS = {
     "reward": ("particles", "search"),
@@ -57,19 +59,33 @@ def add_steering_arguments(parser: argparse.ArgumentParser) -> None:
                         help="FK potential (default: max)")
     parser.add_argument("--lmbda", type=float, default=None, help="FK potential inverse temperature (default: 10)")
     parser.add_argument("--resample-every", type=non_negative_int, default=None,
-                        help="FK: steps between resamplings (default: 5; 0: off)")
+                        help="FK: steps between resamplings (default: 2; 0: off)")
     parser.add_argument("--resample-start", type=non_negative_int, default=None, metavar="STEP",
-                        help="FK: first step (0-based) that may resample (default: 0); start where the reward of x0 "
-                             "becomes predictive (bench/fk_predictiveness.py)")
-    parser.add_argument("--ess-threshold", type=fraction, default=None, metavar="F",
-                        help="FK: resample only when the effective sample size falls below F x K")
+                        help="FK: first step (0-based) that may resample (default: 60%% of --steps, where the reward "
+                             "of x0 becomes predictive: bench/fk_predictiveness.py)")
+    parser.add_argument("--ess-threshold", type=fraction_or_off, default=None, metavar="F",
+                        help="FK: resample only when the effective sample size falls below F x K (default: 0.5; "
+                             "off: at every resampling step)")
+
+
+def fraction_or_off(text: str) -> float | str:
+    """``--ess-threshold``: a float in (0, 1], or ``off``.
+
+    Example:
+        >>> fraction_or_off("0.5"), fraction_or_off("off")
+        (0.5, 'off')
+    """
+    return "off" if text == "off" else fraction(text)
 
 
 def fill_steering_defaults(args: argparse.Namespace) -> None:
-    """Set the steering options not given to :data:`STEERING_DEFAULTS`."""
+    """Set the steering options not given to :data:`STEERING_DEFAULTS` (and ``--resample-start`` to
+    60% of ``--steps``)."""
     for name, value in STEERING_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.resample_start is None:
+        args.resample_start = round(0.6 * args.steps)
 
 
 def check_search(args: argparse.Namespace) -> None:
@@ -115,10 +131,10 @@ def make_steering(args: argparse.Namespace, device: str) -> tuple[Any, Reward]:
 
     try:
         if args.particles is not None:
-            config: Any = FKSteeringConfig(
-                num_particles=args.particles, potential=args.potential, lmbda=args.lmbda,
+            config: Any = FKSteeringConfig.measured(
+                args.particles, args.steps, potential=args.potential, lmbda=args.lmbda,
                 resample_every=args.resample_every, resample_start=args.resample_start,
-                ess_threshold=args.ess_threshold,
+                ess_threshold=None if args.ess_threshold == "off" else args.ess_threshold,
             )
         else:
             config = NoiseSearchConfig(args.search, budget_nfe=args.budget)
