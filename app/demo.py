@@ -1,6 +1,7 @@
 """Gradio demo: text-to-image with and without diffaccel's UNet acceleration (a preset, or encoder
 reuse on a key-step schedule; optionally NVFP4 or INT8 weights), and text-to-video with and without
-the temporal delta cache, side by side, each side judged by the ShapeWorld verifier.
+the temporal delta cache, side by side, each side judged by the ShapeWorld verifier; and steering
+(FK, best-of-N, noise search) toward a reward, showing every candidate with its reward.
 
     pip install -e ".[app]"
     python app/demo.py [--model PATH] [--video-model PATH] [--preset fast] [--port PORT]
@@ -33,6 +34,7 @@ from diffaccel.loading import (
 )
 from diffaccel.micro_models import models_dir
 from diffaccel.presets import unet_preset
+from diffaccel.rewards import Reward
 from diffaccel.shapeworld import Verifier, parse_prompt
 
 SCHEDULES = ("faster-diffusion", "uniform:2", "uniform:3", "uniform:5")
@@ -54,6 +56,14 @@ SEED_RANGE = (0, 2**32 - 1)
 #: Gradio's cached copies of outputs: checked every hour, deleted when older than an hour.
 DELETE_CACHE = (3600, 3600)
 _QUANTIZED: dict[tuple[int, str], Any] = {}  # (id of the float denoiser, format) -> its quantized copy
+#: The steering tab's methods: FK particles, best-of-N (independent samples, the best kept) and the
+#: noise searches (RBF: flow-matching models only).
+STEERING_METHODS = ("fk", "best-of-n", "zero-order", "paths", "rbf")
+#: Caps of one steering request, so that one user cannot hold the server: candidates (FK particles,
+#: best-of-N samples, the search budget in samples) and steps.
+MAX_CANDIDATES = 8
+MAX_STEERING_STEPS = 50
+_STEERING_PIPES: dict[int, tuple[Any, dict[str, Any]]] = {}  # id of a pipeline -> (stochastic copy, call)
 
 
 def _quantized_copy(denoiser: Any, weights: str) -> Any:
@@ -226,6 +236,106 @@ def compare_video(
     return base_frames, fast_frames, summary
 
 
+def steering_config(prompt: str, method: str, candidates: int, steps: int) -> Any:
+    """The FK or noise-search config of the steering tab's inputs, checked (caps included) before
+    any model work. FK uses :meth:`diffaccel.FKSteeringConfig.measured`, the settings measured best.
+
+    Example:
+        >>> steering_config("a red circle", "fk", 4, 20).resample_start
+        12
+        >>> steering_config("a red circle", "zero-order", 4, 20).budget_nfe
+        80
+        >>> steering_config("a red circle", "fk", 64, 20)
+        Traceback (most recent call last):
+        ...
+        ValueError: candidates must be between 1 and 8 (a cap of this demo), got 64
+    """
+    from diffaccel.steering import FKSteeringConfig, NoiseSearchConfig
+
+    _check_common(prompt, "none")
+    if method not in STEERING_METHODS:
+        raise ValueError(f"method must be one of {STEERING_METHODS}, got {method!r}")
+    if not 1 <= candidates <= MAX_CANDIDATES:
+        raise ValueError(f"candidates must be between 1 and {MAX_CANDIDATES} (a cap of this demo), got {candidates}")
+    if not 1 <= steps <= MAX_STEERING_STEPS:
+        raise ValueError(f"steps must be between 1 and {MAX_STEERING_STEPS} for steering (a cap of this demo), got {steps}")
+    if method == "fk":
+        return FKSteeringConfig.measured(candidates, steps)
+    if method == "best-of-n":
+        return FKSteeringConfig(num_particles=candidates, resample_every=0, final_correction=False)
+    if method == "paths" and candidates < 2:
+        raise ValueError("paths search needs at least 2 candidates")
+    return NoiseSearchConfig(method, budget_nfe=candidates * steps, batch_size=min(4, candidates))
+
+
+class _Recording(Reward):
+    """A reward that keeps every batch it scores (the search's candidates, as they are scored)."""
+
+    def __init__(self, reward: Any) -> None:
+        self.reward, self.name, self.worst = reward, reward.name, reward.worst
+        self.batches: list[tuple[Any, Any]] = []
+
+    def __call__(self, media: Any, prompts: Any) -> Any:
+        scores = self.reward(media, prompts)
+        self.batches.append((media, scores))
+        return scores
+
+
+def _steering_pipe(pipe: Any) -> tuple[Any, dict[str, Any]]:
+    """A copy of ``pipe`` sharing its modules, with a stochastic sampler (made once per pipeline)."""
+    from diffaccel.steering.stochastic import stochastic_call
+
+    if id(pipe) not in _STEERING_PIPES:
+        steered = type(pipe).from_pipe(pipe, dtype=pipe.dtype, scheduler=copy.deepcopy(pipe.scheduler))
+        steered.set_progress_bar_config(disable=True)
+        _STEERING_PIPES[id(pipe)] = (steered, stochastic_call(steered))
+    return _STEERING_PIPES[id(pipe)]
+
+
+def steer_candidates(pipe: Any, prompt: str, steps: int, seed: int, method: str, candidates: int, reward: Any
+                     ) -> tuple[list[tuple[Any, str]], Any, str]:
+    """Steer ``prompt`` with ``method`` over ``candidates`` samples' worth of compute by ``reward``;
+    returns the candidates (PIL image, caption with its reward), the winner and a summary (NFE, seconds).
+    The pipeline itself is not modified (a stochastic copy sharing its modules samples).
+
+    Example:
+        >>> from diffaccel.rewards import ShapeWorldReward
+        >>> from diffaccel.testing import tiny_pipeline
+        >>> shown, best, text = steer_candidates(tiny_pipeline("sd"), "a red circle", 4, 0, "best-of-n", 2,
+        ...                                      ShapeWorldReward())
+        >>> len(shown), text.splitlines()[0]
+        (2, 'best-of-n: 2 candidates, NFE 8')
+    """
+    import time
+
+    from diffaccel.steering import FKSteeringConfig, search, steer
+    from diffaccel.steering.media import convert_media
+
+    config = steering_config(prompt, method, int(candidates), int(steps))
+    steered, call = _steering_pipe(pipe)
+    call = dict(call, num_inference_steps=int(steps), generator=torch.Generator("cpu").manual_seed(int(seed)))
+    begin = time.perf_counter()
+    if isinstance(config, FKSteeringConfig):
+        out = steer(steered, config, reward)(prompt, output_type="pt", **call)
+        images, scores, nfe, best = out.samples, out.rewards, out.stats.nfe, out.best_indices[0]
+        detail = f"resampled at steps {out.stats.resampled_steps}" if config.resample_every else "no resampling"
+    else:
+        recording = _Recording(reward)
+        out = search(steered, prompt, config, recording, output_type="pt", **call)
+        finals = recording.batches[1:] if method in ("random", "zero-order") else recording.batches[-1:]
+        images = torch.cat([media for media, _ in finals])
+        scores = torch.cat([torch.as_tensor(s).float() for _, s in finals])
+        nfe, best = out.nfe, int(torch.argmax(scores))
+        detail = f"{len(out.trace)} candidates scored"
+    seconds = time.perf_counter() - begin
+    pictures = convert_media(images, "pil")
+    shown = [(enlarge(image), f"{reward.name} {float(score):.2f}" + (" (winner)" if i == best else ""))
+             for i, (image, score) in enumerate(zip(pictures, scores))]
+    summary = (f"{method}: {len(shown)} candidates, NFE {nfe}\n{detail}; {seconds:.2f} s\n"
+               f"winner: candidate {best}, {reward.name} {float(scores[best]):.3f}")
+    return shown, enlarge(pictures[best]), summary
+
+
 def enlarge(image: Any, size: int = DISPLAY_SIZE) -> Any:
     """``image`` enlarged by the largest whole factor that keeps its longer side within ``size``
     (nearest-neighbour: every pixel stays a sharp square); images already that large are kept.
@@ -292,17 +402,56 @@ class GifStore:
         return str(path)
 
 
+def steering_rewards(aesthetic: str | None = None) -> dict[str, str]:
+    """The steering tab's rewards: label -> reward spec (``diffaccel.rewards.reward_from_spec``);
+    the aesthetic predictor only when its head's weights are given.
+
+    Example:
+        >>> list(steering_rewards()), steering_rewards("head.safetensors")["aesthetic"]
+        (['verifier', 'micro-CLIP'], 'aesthetic:head.safetensors')
+    """
+    rewards = {"verifier": "shapeworld", "micro-CLIP": "transformers-clip:micro-clip"}
+    if aesthetic is not None:
+        rewards["aesthetic"] = f"aesthetic:{aesthetic}"
+    return rewards
+
+
+_REWARDS: dict[str, Any] = {}  # reward spec -> the loaded reward
+
+
+def _reward(spec: str) -> Any:
+    from diffaccel.rewards import reward_from_spec
+
+    if spec not in _REWARDS:
+        _REWARDS[spec] = reward_from_spec(spec, "cuda" if torch.cuda.is_available() else "cpu")
+    return _REWARDS[spec]
+
+
 def build_demo(pipe: Any, model_label: str, video: tuple[Any, str, dict[str, Any]] | None = None,
-               gifs: GifStore | None = None, preset: str = "fast") -> Any:
+               gifs: GifStore | None = None, preset: str = "fast", aesthetic: str | None = None) -> Any:
     """The Gradio Blocks app around :func:`compare` (and :func:`compare_video` when ``video`` is
-    ``(pipeline, label, call arguments)``), queued (at most :data:`QUEUE_SIZE` waiting). The image
-    tab starts on ``preset`` (one of :data:`ACCELERATIONS`). Clips are written to ``gifs`` (default:
-    a new :class:`GifStore`)."""
+    ``(pipeline, label, call arguments)``) and :func:`steer_candidates`, queued (at most
+    :data:`QUEUE_SIZE` waiting). The image tab starts on ``preset`` (one of :data:`ACCELERATIONS`).
+    Clips are written to ``gifs`` (default: a new :class:`GifStore`). ``aesthetic``: the aesthetic
+    predictor head's weights, which add it to the steering rewards."""
     if preset not in ACCELERATIONS:
         raise ValueError(f"preset must be one of {ACCELERATIONS}, got {preset!r}")
     import gradio as gr
 
     gifs = gifs if gifs is not None else GifStore()
+    rewards = steering_rewards(aesthetic)
+
+    def run_steering(prompt: str, steps: float, seed: float, method: str, reward: str, candidates: float,
+                     progress: Any = gr.Progress(track_tqdm=True)):
+        try:
+            steering_config(prompt, method, int(candidates), int(steps))
+            if reward not in rewards:
+                raise ValueError(f"reward must be one of {tuple(rewards)}, got {reward!r}")
+            shown, best, text = steer_candidates(pipe, prompt, int(steps), int(seed), method, int(candidates),
+                                                 _reward(rewards[reward]))
+        except ValueError as err:
+            raise gr.Error(str(err)) from None
+        return shown, best, text
 
     def run(prompt: str, steps: float, seed: float, acceleration: str, parallel: bool, weights: str,
             progress: Any = gr.Progress(track_tqdm=True)):
@@ -350,6 +499,20 @@ def build_demo(pipe: Any, model_label: str, video: tuple[Any, str, dict[str, Any
                 v_fast = gr.Image(label="diffaccel", type="filepath", elem_id="clip-diffaccel")
             v_summary = gr.Textbox(label="what it did", lines=5, elem_id="clip-summary")
             v_button.click(run_video, [v_prompt, v_steps, v_seed, v_threshold, v_weights], [v_base, v_fast, v_summary])
+        gr.Markdown("# steering: FK particles and noise search toward a reward\n"
+                    f"at most {MAX_CANDIDATES} candidates and {MAX_STEERING_STEPS} steps per request")
+        s_prompt, s_steps, s_seed = _prompt_row(gr, "a red circle to the left of a blue square", 20)
+        with gr.Row():
+            s_method = gr.Dropdown(list(STEERING_METHODS), value="fk", label="method")
+            s_reward = gr.Dropdown(list(rewards), value="verifier", label="reward")
+            s_candidates = gr.Slider(1, MAX_CANDIDATES, value=4, step=1, label="candidates (particles or samples)")
+            s_button = gr.Button("steer", variant="primary")
+        with gr.Row():
+            s_gallery = gr.Gallery(label="candidates", elem_id="steering-candidates", columns=4)
+            s_best = gr.Image(label="winner", format="png", elem_id="steering-winner")
+        s_summary = gr.Textbox(label="what it did", lines=3, elem_id="steering-summary")
+        s_button.click(run_steering, [s_prompt, s_steps, s_seed, s_method, s_reward, s_candidates],
+                       [s_gallery, s_best, s_summary])
     return demo.queue(max_size=QUEUE_SIZE)
 
 
@@ -381,6 +544,8 @@ def main() -> None:
                         help=f"text-to-video model (default: {MICRO_VIDEO} when trained, else {RANDOM_VIDEO_MODEL})")
     parser.add_argument("--preset", choices=ACCELERATIONS, default="fast",
                         help="the image tab's starting choice: a preset or a key-step schedule (default: fast)")
+    parser.add_argument("--aesthetic", default=None, metavar="HEAD",
+                        help="aesthetic predictor head weights (.safetensors): adds it to the steering rewards")
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=7860)
     args = parser.parse_args()
@@ -388,7 +553,7 @@ def main() -> None:
         models = load_models(args.model, args.video_model)
     except ModelLoadError as err:
         parser.error(str(err))
-    build_demo(*models, preset=args.preset).launch(server_name=args.host, server_port=args.port)
+    build_demo(*models, preset=args.preset, aesthetic=args.aesthetic).launch(server_name=args.host, server_port=args.port)
 
 
 if __name__ == "__main__":

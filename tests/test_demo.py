@@ -116,7 +116,7 @@ def test_queue_seed_and_cache_are_bounded(demo, gr):
     blocks = demo.build_demo(None, "micro-sd", (None, "micro-video", {}))
     assert blocks._queue.max_size == demo.QUEUE_SIZE and demo.QUEUE_SIZE > 0
     seeds = [b for b in blocks.blocks.values() if isinstance(b, gr.Number) and b.label == "seed"]
-    assert len(seeds) == 2
+    assert len(seeds) == 3  # image, video and steering tabs
     for seed in seeds:
         assert (seed.minimum, seed.maximum, seed.precision) == (*demo.SEED_RANGE, 0)
     assert blocks.delete_cache == demo.DELETE_CACHE
@@ -154,3 +154,36 @@ def test_demo_docstring_examples(demo):
     for test in finder.find(demo, "demo"):
         runner.run(test)
     assert runner.summarize(verbose=False).failed == 0
+
+
+def test_steering_tab_with_its_defaults_shows_every_candidate_and_the_winner(demo, gr, models):
+    blocks = demo.build_demo(*models)
+    fn = _handler(blocks, "steering-candidates")
+    values = {c.label: c.value for c in fn.inputs}
+    assert values["method"] == "fk" and values["reward"] == "verifier" and values["candidates (particles or samples)"] == 4
+    shown, best, summary = fn.fn(*[4 if c.label == "steps" else c.value for c in fn.inputs])
+    assert len(shown) == 4 and sum("(winner)" in caption for _, caption in shown) == 1
+    assert best.size == (demo.DISPLAY_SIZE, demo.DISPLAY_SIZE)
+    assert summary.startswith("fk: 4 candidates, NFE 16") and " s\nwinner: candidate " in summary
+
+
+@pytest.mark.parametrize("method", ["best-of-n", "zero-order", "paths"])
+def test_steering_methods_show_scored_candidates(demo, method):
+    from diffaccel.rewards import ShapeWorldReward
+    from diffaccel.testing import tiny_pipeline
+
+    shown, best, summary = demo.steer_candidates(tiny_pipeline("sd"), "a red circle", 3, 0, method, 2, ShapeWorldReward())
+    assert len(shown) >= 2 and all(caption.startswith("shapeworld ") for _, caption in shown)
+    assert f"{method}: " in summary and "NFE 6" in summary
+
+
+def test_steering_caps_and_bad_input_fail_before_model_work(demo, gr):
+    blocks = demo.build_demo(None, "micro-sd")
+    fn = _handler(blocks, "steering-candidates")
+    base = {c.label: c.value for c in fn.inputs}
+    for label, value, message in (("prompt", " ", "the prompt is empty"),
+                                  ("candidates (particles or samples)", demo.MAX_CANDIDATES + 1, "a cap of this demo"),
+                                  ("steps", demo.MAX_STEERING_STEPS + 1, "a cap of this demo"),
+                                  ("reward", "hps", "reward must be one of")):
+        with pytest.raises(gr.Error, match=message):
+            fn.fn(*[value if c.label == label else base[c.label] for c in fn.inputs])
