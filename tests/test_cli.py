@@ -107,12 +107,12 @@ def test_demo_compare_reports_and_restores():
     assert base_again.tobytes() == base.tobytes()
 
 
-def test_demo_builds_both_tabs_with_their_inputs():
+def test_demo_builds_every_tab_with_its_inputs():
     gr = pytest.importorskip("gradio")
     spec = importlib.util.spec_from_file_location("diffaccel_demo", ROOT / "app" / "demo.py")
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
-    for video, prompts in ((None, 1), ((None, "micro-video", {}), 2)):
+    for video, prompts in ((None, 2), ((None, "micro-video", {}), 3)):  # image (+ video) + steering
         blocks = demo.build_demo(None, "micro-sd", video)
         boxes = [b for b in blocks.blocks.values() if isinstance(b, gr.Textbox) and b.label == "prompt"]
         assert len(boxes) == prompts

@@ -138,8 +138,8 @@ def test_options_that_do_nothing_warn(tmp_path, capsys, no_loading):
 def test_steering_options_keep_their_defaults_when_not_given():
     args = build_parser().parse_args(["generate", PROMPT, "--out", "x.png", "--particles", "2"])
     image.preflight(args)
-    assert (args.reward, args.potential, args.lmbda, args.resample_every, args.resample_start) == (
-        "shapeworld", "max", 10.0, 5, 0)
+    assert (args.reward, args.potential, args.lmbda, args.resample_every, args.resample_start, args.ess_threshold) == (
+        "shapeworld", "max", 10.0, 2, round(0.6 * args.steps), 0.5)  # FKSteeringConfig.measured's
 
 
 def test_generate_video_refuses_bad_input_before_loading(tmp_path, capsys, no_loading):
