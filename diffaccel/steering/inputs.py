@@ -30,6 +30,10 @@ TEXT_INPUTS = ("negative_prompt", "prompt_2", "negative_prompt_2", "prompt_3", "
 #: Image arguments: one image for every prompt, or one per prompt (a list, or a 4-D batch).
 IMAGE_INPUTS = ("image", "mask_image", "control_image", "masked_image_latents")
 
+#: Arguments that start a call from an image (img2img, inpainting): such a call cannot be rolled out
+#: or replayed from an intermediate or recorded state.
+IMAGE_START_INPUTS = ("image", "strength", "denoising_start", "mask_image")
+
 #: Batch-first tensors with one row per prompt.
 TENSOR_INPUTS = (
     "latents",

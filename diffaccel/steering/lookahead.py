@@ -33,7 +33,8 @@ import torch
 from diffusers.utils import BaseOutput
 
 from ..errors import UnsupportedCombinationError, UnsupportedPipelineError
-from .inputs import IMAGE_INPUTS, TENSOR_INPUTS, TEXT_INPUTS
+from ..seams import denoiser
+from .inputs import IMAGE_INPUTS, IMAGE_START_INPUTS, TENSOR_INPUTS, TEXT_INPUTS
 from .media import pipeline_media
 from .sde import is_flow_matching
 
@@ -43,8 +44,6 @@ _OUTER_ONLY = frozenset({
     "callback_on_step_end_tensor_inputs", "output_type", "return_dict", "eta", "denoising_end",
 })
 
-#: Call arguments that start a pipeline from an image; a rollout from an intermediate state cannot use them.
-_IMAGE_START = frozenset({"image", "strength", "denoising_start", "mask_image"})
 
 
 def schedule_family(scheduler: Any) -> str:
@@ -184,11 +183,9 @@ def _rollout_state(pipe: Any, scheduler: RolloutScheduler) -> Iterator[None]:
 def check_rollout_pipe(pipe: Any, rollout_pipe: Any, call_kwargs: dict[str, Any]) -> None:
     """Refuse, before any model work, rollouts that would disturb the steered call or cannot start mid-way."""
     schedule_family(pipe.scheduler)
-    if image := sorted(name for name in _IMAGE_START if call_kwargs.get(name) is not None):
+    if image := sorted(name for name in IMAGE_START_INPUTS if call_kwargs.get(name) is not None):
         raise UnsupportedCombinationError(
             f"look-ahead rollouts run text-to-image/video calls from an intermediate state; {image} start from an image")
-    from ..seams import denoiser
-
     shared = denoiser(rollout_pipe) is denoiser(pipe)
     accelerated = [p for p in {id(pipe): pipe, id(rollout_pipe): rollout_pipe}.values()
                    if getattr(p, "_diffaccel_configs", None)]

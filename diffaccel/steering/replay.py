@@ -27,7 +27,8 @@ import torch
 from diffusers.utils import logging as diffusers_logging
 
 from ..errors import UnsupportedCombinationError
-from .inputs import particle_kwargs
+from ..seams import denoiser, denoiser_name
+from .inputs import IMAGE_START_INPUTS, particle_kwargs
 from .media import pipeline_media
 from .session import ParticleSession
 
@@ -86,15 +87,13 @@ def check_explore_pipe(pipe: Any, explore_pipe: Any, call_kwargs: Mapping[str, A
         raise UnsupportedCombinationError(
             f"the exploring pipeline samples with {type(explore_pipe.scheduler).__name__}, the exact one with "
             f"{type(pipe.scheduler).__name__}: a winner replays only on the same sampler")
-    from ..seams import denoiser
-
     if getattr(pipe, "_diffaccel_configs", None):
         raise UnsupportedCombinationError("the exact pipeline carries diffaccel features; render on a plain pipeline")
     if denoiser(explore_pipe) is denoiser(pipe) and getattr(explore_pipe, "_diffaccel_configs", None):
         raise UnsupportedCombinationError(
             "the exploring pipeline's features sit on the exact pipeline's denoiser; give it a denoiser of its own "
             "(diffaccel.steering.replay.cheap_copy)")
-    if started := sorted(n for n in ("image", "strength", "denoising_start", "mask_image") if call_kwargs.get(n) is not None):
+    if started := sorted(n for n in IMAGE_START_INPUTS if call_kwargs.get(n) is not None):
         raise UnsupportedCombinationError(f"explore-cheap replays text-to-image/video calls; {started} start from an image")
 
 
@@ -132,7 +131,6 @@ def cheap_copy(pipe: Any, *configs: Any) -> Any:
     """
     from ..acceleration import accelerate
     from ..quantization import QuantizationConfig, quantize_
-    from ..seams import denoiser_name
 
     name = denoiser_name(pipe)
     base = getattr(pipe, "_diffaccel_original_class", type(pipe))
