@@ -17,6 +17,7 @@ from diffaccel.shapeworld import (
     ShapeObject,
     ShapeWorldClips,
     ShapeWorldImages,
+    Verifier,
     eval_prompts,
     parse_prompt,
     render,
@@ -86,19 +87,20 @@ def test_scene_geometry_is_unambiguous():
                     a, b = boxes[i], boxes[j]
                     gap = max(b[0] - a[2], a[0] - b[2], b[1] - a[3], a[1] - b[3])
                     assert gap >= 0.08 - 1e-9
-            if kind == "relation":
+            if kind in ("relation", "relation-motion"):
                 a, b = scene.objects
                 axis = 0 if scene.relation in ("left of", "right of") else 1
                 sign = 1 if scene.relation in ("left of", "above") else -1
                 along = sign * ((b.x - a.x, b.y - a.y)[axis])
                 across = abs((b.x - a.x, b.y - a.y)[1 - axis])
                 assert along >= (a.size + b.size) / 2 + 0.08 and across <= along / 2
-            if kind == "motion":
+            if kind in ("motion", "relation-motion"):
                 step = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[
                     scene.motion
                 ]
-                x0, y0, x1, y1 = _box(scene.objects[0], *(MOTION_DISTANCE * s for s in step))
-                assert 0 < x0 and x1 < 1 and 0 < y0 and y1 < 1  # still inside at the last frame
+                for obj in scene.objects:
+                    x0, y0, x1, y1 = _box(obj, *(MOTION_DISTANCE * s for s in step))
+                    assert 0 < x0 and x1 < 1 and 0 < y0 and y1 < 1  # still inside at the last frame
 
 
 def test_render_draws_the_scene():
@@ -181,8 +183,8 @@ def test_eval_prompts():
         for prompt in prompts:
             spec = parse_prompt(prompt)
             assert set(spec.objects) & HELDOUT_PAIRS  # held-out split by default
-            assert (spec.relation is not None) == (kind == "relation")
-            assert (spec.motion is not None) == (kind == "motion")
+            assert (spec.relation is not None) == (kind in ("relation", "relation-motion"))
+            assert (spec.motion is not None) == (kind in ("motion", "relation-motion"))
             assert (spec.count > 1) == (kind == "count")
         assert not any(
             set(parse_prompt(p).objects) & HELDOUT_PAIRS
@@ -210,3 +212,17 @@ def test_scene_validation():
         sample_scene(np.random.default_rng(0), "val")
     with pytest.raises(ValueError, match="kind"):
         sample_scene(np.random.default_rng(0), kind="pairs")
+
+
+def test_relation_motion_clips_keep_the_relation_in_every_frame():
+    """The harder clip prompts: two objects moving together; the renders pass the clip verifier
+    (relation in every frame, object 0's motion), and a clip of one object alone fails."""
+    rng = np.random.default_rng(5)
+    verifier = Verifier()
+    scenes = [sample_scene(rng, "heldout", "relation-motion") for _ in range(6)]
+    assert {s.kind for s in scenes} == {"relation"} and all(s.motion in MOTIONS for s in scenes)
+    clips = [[render(s, 64, f, 9) for f in range(9)] for s in scenes]
+    assert all(v.passed for v in verifier.verify_clips(clips, [s.caption for s in scenes]))
+    alone = Scene(scenes[0].objects[:1], motion=scenes[0].motion)
+    lonely = verifier.verify_clips([[render(alone, 64, f, 9) for f in range(9)]], [scenes[0].caption])[0]
+    assert not lonely.passed and lonely.criteria["motion"]

@@ -42,7 +42,7 @@ def add_parser(commands: Any) -> None:
                         help="a diffusers folder or hub id, micro-sd (default), micro-dit, micro-video, diffaccel/tiny-random-sd")
     parser.add_argument("--prompts", required=True,
                         help="a .txt/.jsonl/.csv/.tsv prompt file or shapeworld:KIND[:SPLIT][:N] "
-                             "(KIND single, count, relation, motion; SPLIT train or heldout)")
+                             "(KIND single, count, relation, motion, relation-motion; SPLIT train or heldout)")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=SPEC",
                         help="a variant (repeatable): none, diffaccel parts joined by + (encoder-reuse:uniform:2, "
                              "delta-cache:0.1, int8, nvfp4, quantized-attention) or a peer (deepcache:interval=3, "

@@ -10,7 +10,8 @@ Sources (:func:`load_prompts`):
   ``Prompt`` too), an optional ``seed`` column, the other non-empty cells as metadata under their
   lower-cased column names (``category``);
 * a built-in set ``shapeworld:KIND[+KIND...][:SPLIT][:N]``: ``N`` (default 64) ShapeWorld prompts of each ``KIND``
-  (``single``, ``count``, ``relation``, ``motion``) from ``SPLIT`` (``train`` or ``heldout``, the
+  (``single``, ``count``, ``relation``, ``motion``, ``relation-motion``: two objects moving together, the
+  harder clip prompts) from ``SPLIT`` (``train`` or ``heldout``, the
   default), the same on every run.
 
 Everything is checked before any model work: a malformed input raises :class:`PromptFileError`

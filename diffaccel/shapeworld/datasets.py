@@ -109,8 +109,8 @@ class ShapeWorldClips(_ShapeWorld):
 
 
 def eval_prompts(kind: str, n: int, seed: int = 0, split: str = "heldout") -> list[str]:
-    """``n`` evaluation prompts of ``kind`` (``"single"``, ``"count"``, ``"relation"`` or
-    ``"motion"``) from ``split``, deterministic per (kind, n, seed, split).
+    """``n`` evaluation prompts of ``kind`` (``"single"``, ``"count"``, ``"relation"``,
+    ``"motion"`` or ``"relation-motion"``) from ``split``, deterministic per (kind, n, seed, split).
 
     Example:
         >>> eval_prompts("relation", 2, seed=0) == eval_prompts("relation", 2, seed=0)

@@ -48,7 +48,7 @@ BACKGROUNDS: dict[str, tuple[tuple[int, int, int], str | None]] = {
 
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 MOTIONS: tuple[str, ...] = ("left", "right", "up", "down")
-KINDS: tuple[str, ...] = ("single", "count", "relation", "motion")
+KINDS: tuple[str, ...] = ("single", "count", "relation", "motion", "relation-motion")
 SPLITS: tuple[str, ...] = ("train", "heldout")
 
 HELDOUT_PAIRS: frozenset[tuple[str, str]] = frozenset(
@@ -218,13 +218,16 @@ def _place_count(rng: np.random.Generator, n: int) -> list[tuple[float, float, f
             return boxes
 
 
-def _place_relation(rng: np.random.Generator, relation: str) -> list[tuple[float, float, float]]:
+def _place_relation(rng: np.random.Generator, relation: str, motion: str | None = None
+                    ) -> list[tuple[float, float, float]]:
     """Boxes for objects 0 and 1 such that object 0 is ``relation`` object 1: separated along the
     relation's axis by at least ``_GAP``, and offset along the other axis by at most half their
-    distance along the relation's axis."""
-    sizes = rng.uniform(0.2, 0.3, size=2)
+    distance along the relation's axis; with ``motion``, first-frame boxes that stay inside the
+    image all clip long (both objects move together, so the relation holds in every frame)."""
+    sizes = rng.uniform(0.2, 0.215, size=2) if motion is not None else rng.uniform(0.2, 0.3, size=2)
+    (x_lo, x_hi), (y_lo, y_hi) = _MOTION_BOUNDS[motion]
     while True:
-        boxes = [(_center(rng, s), _center(rng, s), float(s)) for s in sizes]
+        boxes = [(_center(rng, s, x_lo, x_hi), _center(rng, s, y_lo, y_hi), float(s)) for s in sizes]
         (xa, ya, sa), (xb, yb, sb) = boxes
         along, across = (
             (xb - xa, yb - ya) if relation in ("left of", "right of") else (yb - ya, xb - xa)
@@ -278,8 +281,10 @@ def sample_scene(rng: np.random.Generator, split: str = "train", kind: str | Non
     """Sample a scene of ``split`` (``"train"`` or ``"heldout"``).
 
     ``kind``: ``"single"`` (one object), ``"count"`` (two or three identical objects),
-    ``"relation"`` (two different objects and a relation), ``"motion"`` (one moving object), or
-    ``None`` for a still scene of a random kind (single 40%, count 25%, relation 35%).
+    ``"relation"`` (two different objects and a relation), ``"motion"`` (one moving object),
+    ``"relation-motion"`` (a relation whose two objects move together: the harder clip prompts,
+    "a red circle above a blue square moving left"), or ``None`` for a still scene of a random
+    kind (single 40%, count 25%, relation 35%).
 
     Example:
         >>> import numpy as np
@@ -292,9 +297,11 @@ def sample_scene(rng: np.random.Generator, split: str = "train", kind: str | Non
         kind = ("single", "count", "relation")[rng.choice(3, p=[0.4, 0.25, 0.35])]
     heldout = split == "heldout"
     relation = motion = None
-    if kind == "relation":
+    if kind in ("relation", "relation-motion"):
         relation = RELATIONS[rng.integers(len(RELATIONS))]
-        boxes = _place_relation(rng, relation)
+        if kind == "relation-motion":
+            motion = MOTIONS[rng.integers(len(MOTIONS))]
+        boxes = _place_relation(rng, relation, motion)
         first = _pair(rng, heldout)
         while True:  # in "heldout", the second object may come from either set
             second = _pair(rng, heldout and bool(rng.integers(2)))
@@ -319,5 +326,5 @@ def sample_scene(rng: np.random.Generator, split: str = "train", kind: str | Non
         ShapeObject(shape, color, x, y, s) for (color, shape), (x, y, s) in zip(pairs, boxes)
     )
     background = tuple(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
-    template = int(rng.integers(len(_TEMPLATES[kind])))
+    template = int(rng.integers(len(_TEMPLATES["relation" if kind == "relation-motion" else kind])))
     return Scene(objects, relation, background, motion, template)
