@@ -77,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bits", type=float, nargs="+", default=[5.0, 5.5, 6.0, 7.0, 8.0])
     parser.add_argument("--formats", nargs="+", default=["nvfp4", "w8a16", "int8"])
     parser.add_argument("--steps-per-prompt", type=int, default=3)
+    parser.add_argument("--measure", choices=("step", "trajectory"), default="step",
+                        help="sensitivity on the denoiser's output at recorded steps, or on the final latents of whole "
+                             "runs (a pipeline call per layer, format and prompt)")
+    parser.add_argument("--calibration-prompts", type=int, default=None, metavar="N",
+                        help="use the first N calibration prompts (default: all)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--default-exclude", action="store_true",
                         help="keep QuantizationConfig's default exclude (embeddings, time projections, conv_in/out) out "
@@ -107,15 +112,16 @@ def main(argv: list[str] | None = None) -> int:
         seconds = None
         print(f"reusing {sensitivity_file} ({len(data.layers)} layers)")
     else:
-        prompts = [record.prompt for record in load_prompts(PROMPTS[args.model])]
+        prompts = [record.prompt for record in load_prompts(PROMPTS[args.model])][:args.calibration_prompts]
         start = time.perf_counter()
         config = QuantizationConfig(scope="all", min_weight_numel=0)
         config = config if args.default_exclude else dataclasses.replace(config, exclude=())
         data = measure_sensitivity(pipe, prompts, formats=args.formats, config=config,
-                                   steps_per_prompt=args.steps_per_prompt, **call)
+                                   steps_per_prompt=args.steps_per_prompt, measure=args.measure, **call)
         seconds = time.perf_counter() - start
         sensitivity_file.write_text(json.dumps({**data.to_dict(), "prompts": prompts, "call": call,
-                                                "seconds": seconds, "threads": args.threads}))
+                                                "seconds": seconds, "threads": args.threads,
+                                                "measure": args.measure}))
     smallest = planned_memory(model, dataclasses.replace(data.config, precision="nvfp4"))
     summary: dict[str, Any] = {"model": args.model, "layers": len(data.layers), "formats": list(data.formats),
                                "smallest_bits_per_weight": smallest.bits_per_weight, "allocations": {}}

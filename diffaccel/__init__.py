@@ -44,7 +44,7 @@ _LAZY_NAMES: dict[str, str] = {
     ),
     "quantized_sdpa": ".kernels.quantized_attention",
     "evaluate": ".evaluation.driver",
-    **dict.fromkeys(("PRESETS", "preset_configs"), ".presets"),
+    **dict.fromkeys(("PRESETS", "dit_preset", "preset_configs"), ".presets"),
 }
 
 #: Modules that need no torch: loading a name from them does not load the drop-in pipelines.
@@ -79,6 +79,7 @@ __all__ = [
     "allocate_dynamic",
     "allocate_static",
     "calibrate",
+    "dit_preset",
     "evaluate",
     "load_quantized",
     "measure_sensitivity",

@@ -10,9 +10,16 @@ PSNR by well under 1 dB and shifted small objects' colors (the verifier's color 
 often). The explicit configs stay for those who want to tune.
 
 Presets exist for pipelines whose denoiser is a ``UNet2DConditionModel`` (Stable Diffusion and SDXL
-with their img2img, inpaint and ControlNet variants). Transformer (DiT) pipelines have none yet and
-are refused with an error that names the configs to use instead. Importing this module imports
-neither torch nor diffusers (the command line reads :data:`PRESETS` before any model work).
+with their img2img, inpaint and ControlNet variants) and for transformer (DiT) pipelines whose blocks
+the delta cache knows (SD3, Flux, PixArt, Wan, CogVideoX, LTX). A DiT preset is the delta cache
+deciding per block (:func:`dit_preset`), measured on micro-DiT (SD3, 28 steps) and micro-video (Wan,
+20 steps) against FirstBlockCache, TaylorSeer, MagCache and cache-dit in the same ``diffaccel eval``
+runs (``bench/results/eval/micro-dit-presets``, ``micro-video-presets``): ``"balanced"`` computes every
+block for the first 4 steps, then skips a block whose input moved less than 10% since it last ran;
+``"fast"`` starts skipping after the first step; ``"quality"`` allows 5%. The CFG branches of
+pipelines that call the denoiser once per branch (Wan) share each decision. Other pipelines are
+refused with an error that names the configs to use instead. Importing this module imports neither
+torch nor diffusers (the command line reads :data:`PRESETS` before any model work).
 
 Example:
     >>> import diffaccel
@@ -20,10 +27,8 @@ Example:
     >>> pipe = diffaccel.accelerate(tiny_pipeline("sd"), "fast")
     >>> pipe.acceleration[0].schedule
     AdaptiveSchedule(threshold=0.6, max_interval=6, min_key_steps=2)
-    >>> preset_configs(tiny_pipeline("pixart-sigma"), "fast")
-    Traceback (most recent call last):
-    ...
-    diffaccel.errors.UnsupportedPipelineError: no preset for PixArtSigmaPipeline yet: presets exist for UNet pipelines (Stable Diffusion, SDXL and their variants); configure a transformer pipeline explicitly, e.g. diffaccel.accelerate(pipe, diffaccel.DeltaCacheConfig(threshold=0.1))
+    >>> preset_configs(tiny_pipeline("pixart-sigma"), "balanced")
+    (DeltaCacheConfig(threshold=0.1, max_consecutive_skips=2, first_steps=4, last_steps=1, blocks=None, forecast=0, front_blocks=0, back_blocks=0, share_branches=True),)
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from .errors import UnsupportedPipelineError
 
 if TYPE_CHECKING:
     from .features.base import FeatureConfig
+    from .features.delta_cache import DeltaCacheConfig
     from .features.encoder_reuse import EncoderReuseConfig
 
 #: The preset names, fastest first.
@@ -59,6 +65,26 @@ def unet_preset(name: str) -> EncoderReuseConfig:
     )
 
 
+#: The delta-cache settings of each DiT preset (threshold, and the first steps computed in full),
+#: chosen on micro-DiT and micro-video (see the module docs).
+_DIT_SETTINGS = {"fast": (0.1, 1), "balanced": (0.1, 4), "quality": (0.05, 4)}
+
+
+def dit_preset(name: str) -> DeltaCacheConfig:
+    """The delta-cache config of the transformer (DiT) preset ``name``.
+
+    Example:
+        >>> config = dit_preset("fast")
+        >>> config.threshold, config.first_steps, config.share_branches
+        (0.1, 1, True)
+    """
+    from .features.delta_cache import DeltaCacheConfig
+
+    check_preset(name)
+    threshold, first_steps = _DIT_SETTINGS[name]
+    return DeltaCacheConfig(threshold=threshold, first_steps=first_steps, share_branches=True)
+
+
 def check_preset(name: Any) -> str:
     """``name`` if it is a preset; a ``ValueError`` listing the presets otherwise.
 
@@ -79,13 +105,19 @@ def preset_configs(pipe: Any, name: str) -> tuple[FeatureConfig, ...]:
     Raises ``ValueError`` for an unknown name and
     :class:`~diffaccel.errors.UnsupportedPipelineError` for a pipeline without presets.
     """
+    import torch
     from diffusers import UNet2DConditionModel
+
+    from .seams import block_lists
 
     check_preset(name)
     if isinstance(getattr(pipe, "unet", None), UNet2DConditionModel):
         return (unet_preset(name),)
+    transformer = getattr(pipe, "transformer", None)
+    if isinstance(transformer, torch.nn.Module) and block_lists(transformer):
+        return (dit_preset(name),)
     raise UnsupportedPipelineError(
-        f"no preset for {type(pipe).__name__} yet: presets exist for UNet pipelines (Stable Diffusion, SDXL and "
-        "their variants); configure a transformer pipeline explicitly, e.g. "
-        "diffaccel.accelerate(pipe, diffaccel.DeltaCacheConfig(threshold=0.1))"
+        f"no preset for {type(pipe).__name__}: presets exist for UNet pipelines (Stable Diffusion, SDXL and "
+        "their variants) and transformer pipelines whose blocks the delta cache knows; configure this one "
+        "with feature configs instead (README: the features)"
     )

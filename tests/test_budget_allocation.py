@@ -141,3 +141,25 @@ def test_bad_budgets_raise_before_any_work(sd_sensitivity):
         measure_sensitivity(tiny_pipeline("sd"), ["a"], formats=("nvfp4", "nvfp4"))
     with pytest.raises(ValueError, match="steps_per_prompt must be an int >= 1"):
         measure_sensitivity(tiny_pipeline("sd"), ["a"], steps_per_prompt=0)
+
+
+def test_trajectory_sensitivity_is_the_final_latents_error_of_one_quantized_layer():
+    """measure="trajectory": each error is the relative error of a whole run's final latents with that one layer
+    quantized, exactly as quantize_ quantizes it (checked against doing so by hand on a twin pipeline)."""
+    inputs = {**tiny_call_inputs("pixart-sigma"), "num_inference_steps": 2}
+    data = measure_sensitivity(tiny_pipeline("pixart-sigma"), ["a red circle"], formats=("nvfp4", "w8a16"),
+                               measure="trajectory", progress=False, **inputs)
+    assert np.isfinite(data.error).all() and (data.error[:, 0] > data.error[:, 1]).mean() > 0.8
+
+    def latents(pipe):
+        return pipe("a red circle", output_type="latent", generator=torch.Generator().manual_seed(0), **inputs).images
+
+    twin = tiny_pipeline("pixart-sigma")
+    reference = latents(twin)
+    worst = int(np.argmax(data.error[:, 0]))
+    quantize_(twin.transformer, QuantizationConfig(precision="bf16", scope="all", min_weight_numel=0,
+                                                   overrides=((data.layers[worst], "nvfp4"),)))
+    by_hand = float((latents(twin) - reference).pow(2).sum() / reference.pow(2).sum())
+    assert data.error[worst, 0] == pytest.approx(by_hand, rel=1e-5)
+    with pytest.raises(ValueError, match="measure must be one of"):
+        measure_sensitivity(tiny_pipeline("pixart-sigma"), ["a red circle"], measure="final")

@@ -170,6 +170,16 @@ def test_default_generate_video_draws_the_prompt_with_micro_video(tmp_path, caps
     assert "verifier: score" in capsys.readouterr().out
 
 
+def test_generate_video_preset_is_the_delta_cache(tmp_path):
+    from diffaccel.cli.models import RANDOM_VIDEO_MODEL
+
+    stats_path = tmp_path / "stats.json"
+    main(["generate-video", "a red circle moving to the left", "--model", RANDOM_VIDEO_MODEL, "--steps", "6",
+          "--preset", "balanced", "--out", str(tmp_path / "clip.gif"), "--stats-json", str(stats_path)])
+    cache = json.loads(stats_path.read_text())["features"]["delta_cache"]
+    assert cache["skipped_per_step"][:4] == [0, 0, 0, 0]  # "balanced" computes the first 4 steps in full
+
+
 def test_generate_video_refuses_bad_input_before_model_work(tmp_path):
     from diffaccel.micro_models import models_dir
 

@@ -206,8 +206,8 @@ def test_a_hub_model_is_checked_once_loaded_before_generating(tmp_path, capsys, 
     base = ["generate", PROMPT, "--model", "org/sd3", "--steps", "2", "--out", str(tmp_path / "x.png")]
     assert "--encoder-reuse needs a UNet pipeline (Stable Diffusion, SDXL); org/sd3 has a transformer" in _error(
         [*base, "--encoder-reuse", "uniform:2"], capsys)
-    assert "--preset: presets exist for UNet pipelines (Stable Diffusion, SDXL) only so far; org/sd3 has a transformer" in (
-        _error([*base, "--preset", "fast"], capsys))
+    assert "--preset fast and --delta-cache both configure org/sd3's delta cache: give one" in (
+        _error([*base, "--preset", "fast", "--delta-cache", "0.1"], capsys))
     assert "--height 40: org/sd3 needs a multiple of 16" in _error([*base, "--height", "40"], capsys)
     assert not (tmp_path / "x.png").exists()
 

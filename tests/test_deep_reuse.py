@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import diffaccel
-from diffaccel import AdaptiveSchedule, EncoderReuseConfig, UnsupportedCombinationError, UnsupportedPipelineError
+from diffaccel import AdaptiveSchedule, DeltaCacheConfig, EncoderReuseConfig, UnsupportedCombinationError, UnsupportedPipelineError
 from diffaccel.features.unet_depth import max_shallow_layers, reuse_plan
 from diffaccel.testing import UNET_PIPELINE_NAMES, sd15_layout_pipeline, tiny_call_inputs, tiny_pipeline
 
@@ -231,12 +231,33 @@ def test_preset_thresholds_order_the_speed(sd):
     assert thresholds == sorted(thresholds, reverse=True)  # fast allows the most drift
 
 
-@pytest.mark.parametrize("name", ["pixart-sigma", "flux", "wan"])
-def test_presets_are_refused_for_transformer_pipelines(name):
+@pytest.mark.parametrize("preset", diffaccel.PRESETS)
+@pytest.mark.parametrize("name", ["pixart-sigma", "sd3", "flux", "cogvideox", "wan", "ltx"])
+def test_transformer_presets_are_the_delta_cache(name, preset):
     pipe = tiny_pipeline(name)
-    with pytest.raises(UnsupportedPipelineError, match=r"no preset for \w+Pipeline yet: .*DeltaCacheConfig"):
-        diffaccel.accelerate(pipe, "fast")
-    assert type(pipe).__name__ == type(tiny_pipeline(name)).__name__  # nothing attached
+    (config,) = diffaccel.preset_configs(pipe, preset)
+    assert isinstance(config, DeltaCacheConfig) and config.share_branches and config.forecast == 0
+    diffaccel.accelerate(pipe, preset)
+    assert pipe.acceleration == (config,)
+
+
+def test_transformer_presets_order_the_speed():
+    configs = [diffaccel.dit_preset(p) for p in diffaccel.PRESETS]  # fastest first
+    assert [c.threshold for c in configs] == sorted((c.threshold for c in configs), reverse=True)
+    assert [c.first_steps for c in configs] == sorted(c.first_steps for c in configs)
+
+
+def test_balanced_transformer_preset_computes_the_first_steps_and_skips_after():
+    pipe = diffaccel.accelerate(tiny_pipeline("wan"), "balanced")
+    pipe("a red circle", num_inference_steps=8, output_type="latent", **tiny_call_inputs("wan"))
+    skipped = pipe.acceleration_stats.features["delta_cache"].skipped_per_step
+    assert skipped[:4] == [0, 0, 0, 0] and skipped[-1] == 0
+
+
+def test_presets_are_refused_for_other_pipelines():
+    other = type("KandinskyLikePipeline", (), {"unet": None, "transformer": torch.nn.Linear(2, 2)})()
+    with pytest.raises(UnsupportedPipelineError, match=r"no preset for KandinskyLikePipeline: .*feature configs"):
+        diffaccel.preset_configs(other, "fast")
 
 
 def test_unknown_preset_is_refused(sd):
@@ -284,5 +305,8 @@ def test_presets_as_eval_variants():
     from diffaccel.presets import unet_preset
 
     assert parse_variant("f=preset:fast").configs == (unet_preset("fast"),)
+    assert parse_variant("b=dit-preset:balanced").configs == (diffaccel.dit_preset("balanced"),)
     with pytest.raises(VariantSpecError, match="unknown preset 'fastest'"):
         parse_variant("f=preset:fastest")
+    with pytest.raises(VariantSpecError, match="unknown preset 'fastest'"):
+        parse_variant("f=dit-preset:fastest")

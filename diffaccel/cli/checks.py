@@ -187,3 +187,9 @@ def check_kind(info: ModelInfo, model: str, *, video: bool) -> None:
         fail(f"--model {model} is a text-to-video pipeline ({info.pipeline}): use `diffaccel generate-video`")
     if video and not info.video:
         fail(f"--model {model} is not a text-to-video pipeline ({info.pipeline}): use `diffaccel generate`")
+
+
+def check_preset_alone(args: argparse.Namespace, info: ModelInfo) -> None:
+    """``--preset`` on a DiT is the delta cache: refuse ``--delta-cache`` beside it."""
+    if getattr(args, "preset", None) is not None and info.denoiser == "transformer" and args.delta_cache is not None:
+        fail(f"--preset {args.preset} and --delta-cache both configure {args.model}'s delta cache: give one")

@@ -22,6 +22,7 @@ from .checks import (
     check_cap,
     check_kind,
     check_output_path,
+    check_preset_alone,
     check_size,
     check_steps,
     describe_model,
@@ -66,8 +67,9 @@ def add_parser(commands: Any) -> None:
                          out_help="output image file (.png, .jpg, .webp)", steps=50, size_step="SD: 8")
     gen.add_argument("--guidance-scale", type=float, default=None, help="default: 5 for micro-sd, else 7.5")
     gen.add_argument("--preset", choices=PRESETS, default=None,
-                     help="one knob for UNet models (deep reuse, adaptive key steps, guidance reuse; docs/encoder-reuse.md); "
-                          "not with --encoder-reuse")
+                     help="one knob: on UNet models deep reuse, adaptive key steps and guidance reuse "
+                          "(docs/encoder-reuse.md; not with --encoder-reuse), on DiTs the delta cache "
+                          "(docs/delta-cache.md; not with --delta-cache)")
     gen.add_argument(
         "--encoder-reuse",
         type=_schedule,
@@ -117,9 +119,10 @@ def check_model(info: ModelInfo, args: argparse.Namespace) -> None:
     if args.encoder_reuse is not None and info.denoiser != "unet":
         fail(f"--encoder-reuse needs a UNet pipeline (Stable Diffusion, SDXL); {args.model} has a "
              f"{info.denoiser or 'different denoiser'}: try --delta-cache")
-    if args.preset is not None and info.denoiser != "unet":
-        fail(f"--preset: presets exist for UNet pipelines (Stable Diffusion, SDXL) only so far; {args.model} has a "
-             f"{info.denoiser or 'different denoiser'}: try --delta-cache")
+    if args.preset is not None and info.denoiser not in ("unet", "transformer"):
+        fail(f"--preset: presets exist for UNet and transformer (DiT) pipelines; {args.model} has a "
+             f"{info.denoiser or 'different denoiser'}")
+    check_preset_alone(args, info)
     if args.search in FLOW_SEARCH_METHODS and not info.flow:
         fail(f"--search {args.search} is for flow-matching models (Flux, SD3, LTX, Wan); "
              f"{args.model}'s scheduler is {info.scheduler}")

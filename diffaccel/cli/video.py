@@ -25,12 +25,14 @@ from .checks import (
     check_frames,
     check_kind,
     check_output_path,
+    check_preset_alone,
     check_size,
     check_steps,
     describe_model,
     positive_int,
     warn,
 )
+from ..presets import PRESETS
 from .options import add_common_arguments, feature_configs
 from .report import print_verdict, warn_if_resized, write_stats_json
 
@@ -47,6 +49,8 @@ def add_parser(commands: Any) -> None:
                        help="number of frames: k x t + 1 when the VAE compresses time t-fold (Wan: 4k + 1)")
     video.add_argument("--guidance-scale", type=float, default=5.0)
     video.add_argument("--fps", type=positive_int, default=8)
+    video.add_argument("--preset", choices=PRESETS, default=None,
+                       help="one knob for the delta cache (docs/delta-cache.md); not with --delta-cache")
 
 
 def preflight_video(args: argparse.Namespace) -> ModelInfo | None:
@@ -70,6 +74,7 @@ def check_video_model(info: ModelInfo, args: argparse.Namespace) -> None:
     check_steps(info, args.model, args.steps)
     check_size(info, args.model, args.height, args.width)
     check_frames(info, args.model, args.frames)
+    check_preset_alone(args, info)
 
 
 def generate_video(args: argparse.Namespace) -> dict[str, Any]:

@@ -5,7 +5,7 @@ A SPEC is ``none`` (the untouched pipeline), diffaccel parts joined by ``+``, or
 * diffaccel parts (built with the real config classes, so their own checks run):
   ``encoder-reuse:SCHEDULE`` (``faster-diffusion``, ``uniform:N``, ``adaptive:T``, ``all``, ``0,1,5``;
   deep reuse with ``,shallow_layers=1``), ``preset:fast|balanced|quality`` (the UNet presets of
-  :mod:`diffaccel.presets`),
+  :mod:`diffaccel.presets`), ``dit-preset:fast|balanced|quality`` (its transformer presets),
   ``delta-cache:THRESHOLD``, a :class:`~diffaccel.QuantizationConfig` precision (``nvfp4``,
   ``nvfp4+residual``, ``int8``, ``w8a16``), ``quantization-file:PATH`` (a ``QuantizationConfig``
   saved as JSON, e.g. a budget allocation's), ``quantized-attention``; e.g.
@@ -55,7 +55,7 @@ from ..errors import DiffaccelError
 from ..features.base import FeatureConfig
 from ..features.delta_cache import DeltaCacheConfig
 from ..features.encoder_reuse import EncoderReuseConfig
-from ..presets import unet_preset
+from ..presets import dit_preset, unet_preset
 from ..features.quantized_attention import QuantizedAttentionConfig
 from ..quantization.config import CONFIG_PRECISIONS, QuantizationConfig
 from ..steering.fk import FKSteeringConfig
@@ -75,6 +75,7 @@ DIFFACCEL_PARTS: tuple[str, ...] = (
     "quantization-file:PATH",
     "quantized-attention",
     "preset:NAME",
+    "dit-preset:NAME",
 )
 
 #: The steering parts of a spec (at most one, joinable with diffaccel parts), as written.
@@ -293,6 +294,7 @@ _BUILDERS: dict[str, tuple[bool, Callable[..., FeatureConfig]]] = {
     "delta-cache": (True, lambda arg, **options: DeltaCacheConfig(threshold=_number(arg), **options)),
     "quantized-attention": (False, lambda arg, **options: QuantizedAttentionConfig(**options)),
     "preset": (True, lambda arg, **options: unet_preset(arg)),
+    "dit-preset": (True, lambda arg, **options: dit_preset(arg)),
     "quantization-file": (True, lambda arg, **options: _quantization_file(arg)),
     **{p: (False, lambda arg, p=p, **options: QuantizationConfig(precision=p, **options)) for p in PRECISIONS},
 }

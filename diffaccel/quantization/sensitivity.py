@@ -13,6 +13,13 @@ of the denoiser's output ``y``, the quantity PSNR is the log of. Errors of diffe
 treated as additive (independent small perturbations), which is what lets a greedy allocation
 compare "this layer in INT8" with "that one in bf16" by error saved per byte spent.
 
+With ``measure="trajectory"`` the error is instead that of the *final latents* of whole sampling
+runs (each calibration prompt, same seed, the layer swapped in for every step):
+``mean over prompts of ||z_q - z||^2 / ||z||^2``. It costs a full pipeline call per layer, format
+and prompt, and sees what one step cannot: a layer whose error is the same at every step (one on
+the text-conditioning path, such as a cross-attention key projection, reads the same input at every
+step) adds up along the trajectory instead of averaging out.
+
 A format whose quantization would fall back (it would zero most of the layer's weights; see
 :mod:`~diffaccel.quantization.safety`) is recorded as unavailable (NaN) for that layer.
 
@@ -45,6 +52,10 @@ from .safety import check_weights, quantize_layer
 
 #: Formats :func:`measure_sensitivity` can try on a layer (``"int8"``, W8A8, on Linear layers only).
 SENSITIVITY_FORMATS: tuple[str, ...] = ("nvfp4", "w8a16", "int8")
+
+#: What :func:`measure_sensitivity` measures the error on: the denoiser's output at recorded steps,
+#: or the final latents of whole sampling runs.
+SENSITIVITY_MEASURES: tuple[str, ...] = ("step", "trajectory")
 
 _RECORD_HOOK = "diffaccel.sensitivity.record"
 
@@ -125,6 +136,7 @@ def measure_sensitivity(
     num_inference_steps: int = 20,
     steps_per_prompt: int = 3,
     seed: int = 0,
+    measure: str = "step",
     progress: bool = True,
     **call_kwargs: Any,
 ) -> LayerSensitivity:
@@ -139,7 +151,10 @@ def measure_sensitivity(
             min_weight_numel=0)``: every Linear and Conv2d the default ``exclude`` leaves); its
             ``group_size``, ``impl`` and ``fallback`` are used as :func:`quantize_` would.
         num_inference_steps: of each calibration call.
-        steps_per_prompt: denoising steps recorded per prompt, evenly spaced from first to last.
+        steps_per_prompt: denoising steps recorded per prompt, evenly spaced from first to last
+            (``measure="step"``).
+        measure: ``"step"`` (the denoiser's output on the recorded calls) or ``"trajectory"`` (the
+            final latents of a whole run per prompt; see the module docs).
         progress: show progress bars.
         call_kwargs: more pipeline arguments (``guidance_scale``, ``height``...).
     """
@@ -149,6 +164,8 @@ def measure_sensitivity(
     for name, value in (("num_inference_steps", num_inference_steps), ("steps_per_prompt", steps_per_prompt)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if measure not in SENSITIVITY_MEASURES:
+        raise ValueError(f"measure must be one of {SENSITIVITY_MEASURES}, got {measure!r}")
     config = config or QuantizationConfig(scope="all", min_weight_numel=0)
     model = denoiser(pipe)
     plan = quantization_plan(model, replace(config, precision="nvfp4", overrides=()))
@@ -156,20 +173,27 @@ def measure_sensitivity(
     if not layers:
         raise ValueError(f"the config leaves no layer of {type(model).__name__} to quantize (check exclude and scope)")
     check_weights(model, layers)
-    steps = set(np.linspace(0, num_inference_steps - 1, min(steps_per_prompt, num_inference_steps)).round().astype(int).tolist())
-    recorder = _CallRecorder(steps)
-    add_hook(model, recorder, _RECORD_HOOK)
-    try:
-        for index, prompt in enumerate(tqdm(prompts, desc="sensitivity: record", disable=not progress)):
-            recorder.reset()
+    if measure == "trajectory":
+        def latents(index: int, prompt: str) -> torch.Tensor:
             with torch.no_grad():
-                pipe(prompt, num_inference_steps=num_inference_steps, output_type="latent",
-                     generator=torch.Generator().manual_seed(seed + index), **call_kwargs)
-    finally:
-        remove_hook(model, _RECORD_HOOK)
-    calls = recorder.calls
-    with torch.no_grad():
-        references = [_output(model(*args, **kwargs)).float() for args, kwargs in calls]
+                out = pipe(prompt, num_inference_steps=num_inference_steps, output_type="latent",
+                           generator=torch.Generator().manual_seed(seed + index), **call_kwargs)
+            return _latents(out).float()
+
+        references = [latents(i, p) for i, p in enumerate(prompts)]
+
+        def output_error() -> float:
+            return float(np.mean([_relative_error(latents(i, p), ref)
+                                  for (i, p), ref in zip(enumerate(prompts), references)]))
+    else:
+        calls = _record_calls(pipe, model, prompts, num_inference_steps, steps_per_prompt, seed, progress, call_kwargs)
+        with torch.no_grad():
+            references = [_output(model(*args, **kwargs)).float() for args, kwargs in calls]
+
+        def output_error() -> float:
+            with torch.no_grad():
+                return float(np.mean([_relative_error(_output(model(*args, **kwargs)).float(), ref)
+                                      for (args, kwargs), ref in zip(calls, references)]))
     error = np.full((len(layers), len(formats)), np.nan)
     nbytes = np.zeros((len(layers), len(formats)), dtype=np.int64)
     numel = np.zeros(len(layers), dtype=np.int64)
@@ -187,12 +211,39 @@ def measure_sensitivity(
                 continue
             model.set_submodule(name, layer)
             try:
-                with torch.no_grad():
-                    error[i, j] = float(np.mean([
-                        float((_output(model(*args, **kwargs)).float() - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30))
-                        for (args, kwargs), ref in zip(calls, references)
-                    ]))
+                error[i, j] = output_error()
             finally:
                 model.set_submodule(name, original)
     return LayerSensitivity(tuple(layers), formats, error, nbytes, numel,
                             sum(p.numel() for p in model.parameters()), config)
+
+
+def _record_calls(pipe: Any, model: torch.nn.Module, prompts: Sequence[str], num_inference_steps: int,
+                  steps_per_prompt: int, seed: int, progress: bool, call_kwargs: dict[str, Any]) -> list[tuple]:
+    """The denoiser's inputs at ``steps_per_prompt`` evenly spaced steps of each calibration run."""
+    steps = set(np.linspace(0, num_inference_steps - 1, min(steps_per_prompt, num_inference_steps)).round().astype(int).tolist())
+    recorder = _CallRecorder(steps)
+    add_hook(model, recorder, _RECORD_HOOK)
+    try:
+        for index, prompt in enumerate(tqdm(prompts, desc="sensitivity: record", disable=not progress)):
+            recorder.reset()
+            with torch.no_grad():
+                pipe(prompt, num_inference_steps=num_inference_steps, output_type="latent",
+                     generator=torch.Generator().manual_seed(seed + index), **call_kwargs)
+    finally:
+        remove_hook(model, _RECORD_HOOK)
+    return recorder.calls
+
+
+def _latents(output: Any) -> torch.Tensor:
+    """The final latents of a pipeline call with ``output_type="latent"`` (images or frames)."""
+    for name in ("images", "frames"):
+        value = getattr(output, name, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    return _output(output)
+
+
+def _relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    """``||value - reference||^2 / ||reference||^2``."""
+    return float((value - reference).pow(2).sum() / reference.pow(2).sum().clamp_min(1e-30))
