@@ -5,7 +5,9 @@ text dim 4096) with **random weights** (no download); the text encoder and VAE a
 only the denoising loop is timed (``output_type="latent"``). Variants, on the same prompt and seed:
 
 * ``baseline``: bf16;
-* ``delta cache``: the temporal delta cache (``DeltaCacheConfig``);
+* ``delta cache``: the temporal delta cache (``DeltaCacheConfig``); ``preset fast`` / ``preset balanced``:
+  the DiT presets (:func:`diffaccel.dit_preset`);
+* ``FirstBlockCache 0.1`` / ``0.2``: diffusers' own cache hook (``transformer.enable_cache``), the peer;
 * ``nvfp4`` / ``int8``: every eligible Linear in NVFP4 (W4A16) / INT8 (W8A8); on GPUs with FP4
   tensor cores (Blackwell) also ``nvfp4 w4a4 native`` (``fp4_activations=True``);
 * ``static mixed``: INT8 for the quarter of the blocks the calibrated predictor ranks most sensitive,
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import pathlib
 import platform
 import re
@@ -62,6 +65,8 @@ def call_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def variants(pipe: Any, args: argparse.Namespace) -> dict[str, tuple[Any, list]]:
     """name -> (QuantizationConfig or None, feature configs)."""
+    from diffusers.hooks import FirstBlockCacheConfig
+
     import diffaccel
     from diffaccel.kernels import native_fp4_supported
     from diffaccel.quantization import QuantizationConfig, calibrate
@@ -76,6 +81,9 @@ def variants(pipe: Any, args: argparse.Namespace) -> dict[str, tuple[Any, list]]
     table = {
         "baseline": (None, []),
         f"delta cache {args.delta_threshold}": (None, [cache]),
+        "preset fast": (None, [diffaccel.dit_preset("fast")]),
+        "preset balanced": (None, [diffaccel.dit_preset("balanced")]),
+        **{f"FirstBlockCache {t}": (None, [DiffusersCache(FirstBlockCacheConfig(threshold=t))]) for t in (0.1, 0.2)},
         "nvfp4": (QuantizationConfig("nvfp4", min_weight_numel=base.min_weight_numel), []),
         "int8": (QuantizationConfig("int8", min_weight_numel=base.min_weight_numel), []),
         "static mixed 25% int8": (static, []),
@@ -86,6 +94,13 @@ def variants(pipe: Any, args: argparse.Namespace) -> dict[str, tuple[Any, list]]
         table["nvfp4 w4a4 native"] = (
             QuantizationConfig("nvfp4", min_weight_numel=base.min_weight_numel, fp4_activations=True), [])
     return table
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusersCache:
+    """A diffusers cache hook config, enabled on the transformer for one call (the peer variants)."""
+
+    config: Any
 
 
 def _sync(device: str) -> None:
@@ -113,7 +128,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def one_call(name: str) -> float:
         config, features = table[name]
         pipe.transformer = models.get(name, float_model)
-        diffaccel.accelerate(pipe, *features)
+        peers = [f.config for f in features if isinstance(f, DiffusersCache)]
+        diffaccel.accelerate(pipe, *(f for f in features if not isinstance(f, DiffusersCache)))
+        for peer in peers:
+            pipe.transformer.enable_cache(peer)
         try:
             if args.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
@@ -131,6 +149,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 rows[name]["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
             return seconds
         finally:
+            if peers:
+                pipe.transformer.disable_cache()
             diffaccel.restore(pipe)
             pipe.transformer = float_model
 

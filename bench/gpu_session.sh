@@ -1,7 +1,8 @@
 #!/bin/bash
 # Every GPU check of the kernels and DiT features in one call of a lent GPU machine (the project's
 # device tool): the kernel tests compiled on the GPU (against their plain-torch references), then
-# bench/kernel_speed.py (the full shape list), bench/dit_gpu.py (a short Wan 1.3B-shaped run) and
+# bench/kernel_speed.py (the full shape list), bench/dit_gpu.py (a short Wan 1.3B-shaped run: the delta cache,
+# the DiT presets and diffusers' FirstBlockCache side by side, the quantized formats) and
 # bench/encoder_reuse.py (SD1.5's full UNet, fp16, 512x512, random weights: deep reuse and the
 # presets against DeepCache 2-5, then the presets inside the UNet compiled in place with torch.compile;
 # unmeasured until a GPU is lent).
@@ -19,7 +20,7 @@
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 DEVICE=${DEVICE:-cuda} OUT=${OUT:-out/gpu-session}
-TESTS_S=${TESTS_S:-150} KERNELS_S=${KERNELS_S:-200} DIT_S=${DIT_S:-180} UNET_S=${UNET_S:-150} UNET_COMPILE_S=${UNET_COMPILE_S:-120}
+TESTS_S=${TESTS_S:-120} KERNELS_S=${KERNELS_S:-170} DIT_S=${DIT_S:-240} UNET_S=${UNET_S:-150} UNET_COMPILE_S=${UNET_COMPILE_S:-120}
 DIT_FRAMES=${DIT_FRAMES:-17} DIT_STEPS=${DIT_STEPS:-10}
 mkdir -p "$OUT"
 source train/device_env.sh  # $PY, the carried wheels, PYTHONPATH, diffaccel installed from this tree
