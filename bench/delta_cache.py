@@ -66,11 +66,14 @@ MODELS: dict[str, dict[bool, tuple[str, dict[str, Any], dict[str, Any]]]] = {
     },
 }
 
-def make_variants(thresholds: list[float], max_skips: int, fbc_thresholds: list[float]) -> dict[str, Any]:
+def make_variants(thresholds: list[float], max_skips: int, fbc_thresholds: list[float],
+                  presets: list[str] = ()) -> dict[str, Any]:
     """name -> what ``diffaccel.evaluate`` attaches (a delta cache config, or the peer's spec)."""
     variants: dict[str, Any] = {}
     for threshold in thresholds:
         variants[f"delta-cache-{threshold:g}"] = DeltaCacheConfig(threshold=threshold, max_consecutive_skips=max_skips)
+    for preset in presets:
+        variants[f"preset-{preset}"] = diffaccel.dit_preset(preset)
     for threshold in fbc_thresholds:
         variants[f"diffusers-fbc-{threshold:g}"] = f"diffusers-cache:FirstBlockCache:threshold={threshold}"
     return variants
@@ -80,7 +83,7 @@ def bench_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
     """Every variant on one model through ``diffaccel.evaluate`` (each seed one interleaved round)."""
     name, overrides, call = MODELS[model][args.quick]
     pipe = tiny_pipeline(name, **overrides)
-    variants = make_variants(args.thresholds, args.max_consecutive_skips, args.fbc_thresholds)
+    variants = make_variants(args.thresholds, args.max_consecutive_skips, args.fbc_thresholds, args.presets)
     out_dir = run_folder("delta_cache", f"{model}_quick" if args.quick else model)
     call = {"num_inference_steps": args.steps, **call}
     summary = diffaccel.evaluate(pipe, [PROMPT], variants, out_dir=out_dir, seeds=args.seeds, metrics=["psnr"],
@@ -119,6 +122,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--fbc-thresholds", type=float, nargs="*", default=[0.05, 0.2], help="diffusers First Block Cache (the peer)"
     )
+    parser.add_argument("--presets", nargs="*", default=[], choices=diffaccel.PRESETS,
+                        help="the DiT presets too (diffaccel.dit_preset)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 (--quick: 0)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="timing rounds (default 5, --quick 1): --seeds is extended with the next seeds to this "
@@ -135,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     models = {model: bench_model(model, args) for model in args.models}
     report = {
         "benchmark": "delta_cache",
-        "command": "python bench/delta_cache.py" + (" --quick" if args.quick else ""),
+        "command": ("python bench/delta_cache.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip(),
         "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"{args.threads} torch threads)",
         "weights": "random (diffaccel.testing tiny pipelines, widened)",
