@@ -163,3 +163,6 @@ def test_trajectory_sensitivity_is_the_final_latents_error_of_one_quantized_laye
     assert data.error[worst, 0] == pytest.approx(by_hand, rel=1e-5)
     with pytest.raises(ValueError, match="measure must be one of"):
         measure_sensitivity(tiny_pipeline("pixart-sigma"), ["a red circle"], measure="final")
+    with pytest.warns(UserWarning, match="steps_per_prompt has no effect"):
+        measure_sensitivity(tiny_pipeline("pixart-sigma"), ["a red circle"], formats=("w8a16",), measure="trajectory",
+                            steps_per_prompt=5, progress=False, **inputs)

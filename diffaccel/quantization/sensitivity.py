@@ -36,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
@@ -166,6 +167,9 @@ def measure_sensitivity(
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     if measure not in SENSITIVITY_MEASURES:
         raise ValueError(f"measure must be one of {SENSITIVITY_MEASURES}, got {measure!r}")
+    if measure == "trajectory" and steps_per_prompt != 3:
+        warnings.warn("measure_sensitivity: steps_per_prompt has no effect with measure='trajectory' (whole runs "
+                      "are measured); ignored", stacklevel=2)
     config = config or QuantizationConfig(scope="all", min_weight_numel=0)
     model = denoiser(pipe)
     plan = quantization_plan(model, replace(config, precision="nvfp4", overrides=()))
