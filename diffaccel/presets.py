@@ -105,16 +105,18 @@ def preset_configs(pipe: Any, name: str) -> tuple[FeatureConfig, ...]:
     Raises ``ValueError`` for an unknown name and
     :class:`~diffaccel.errors.UnsupportedPipelineError` for a pipeline without presets.
     """
-    import torch
     from diffusers import UNet2DConditionModel
 
-    from .seams import block_lists
+    from .seams import block_lists, denoiser
 
     check_preset(name)
-    if isinstance(getattr(pipe, "unet", None), UNet2DConditionModel):
+    try:
+        model = denoiser(pipe)
+    except UnsupportedPipelineError:
+        model = None
+    if isinstance(model, UNet2DConditionModel):
         return (unet_preset(name),)
-    transformer = getattr(pipe, "transformer", None)
-    if isinstance(transformer, torch.nn.Module) and block_lists(transformer):
+    if model is not None and block_lists(model):
         return (dit_preset(name),)
     raise UnsupportedPipelineError(
         f"no preset for {type(pipe).__name__}: presets exist for UNet pipelines (Stable Diffusion, SDXL and "

@@ -60,6 +60,9 @@ SENSITIVITY_MEASURES: tuple[str, ...] = ("step", "trajectory")
 
 _RECORD_HOOK = "diffaccel.sensitivity.record"
 
+#: Denoising steps recorded per calibration prompt unless asked otherwise (``measure="step"``).
+DEFAULT_STEPS_PER_PROMPT = 3
+
 
 class _CallRecorder(ModelHook):
     """Keeps copies of the denoiser's inputs at the chosen steps (a new timestep is a new step)."""
@@ -135,7 +138,7 @@ def measure_sensitivity(
     formats: Sequence[str] = ("nvfp4", "w8a16"),
     config: QuantizationConfig | None = None,
     num_inference_steps: int = 20,
-    steps_per_prompt: int = 3,
+    steps_per_prompt: int = DEFAULT_STEPS_PER_PROMPT,
     seed: int = 0,
     measure: str = "step",
     progress: bool = True,
@@ -167,7 +170,7 @@ def measure_sensitivity(
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     if measure not in SENSITIVITY_MEASURES:
         raise ValueError(f"measure must be one of {SENSITIVITY_MEASURES}, got {measure!r}")
-    if measure == "trajectory" and steps_per_prompt != 3:
+    if measure == "trajectory" and steps_per_prompt != DEFAULT_STEPS_PER_PROMPT:
         warnings.warn("measure_sensitivity: steps_per_prompt has no effect with measure='trajectory' (whole runs "
                       "are measured); ignored", stacklevel=2)
     config = config or QuantizationConfig(scope="all", min_weight_numel=0)
